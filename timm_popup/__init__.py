@@ -1,0 +1,17 @@
+"""timm-popup: edge-popup (Ramanujan et al., CVPR 2020) for timm models.
+
+``import timm_popup`` registers the ``popup_*`` models with timm; ``timm_popup.convert`` turns any model
+into its edge-popup version. ``k`` is always the fraction of weights KEPT.
+"""
+
+from . import models  # noqa: F401  (registers popup_* with timm)
+from .convert import convert, popup_layers
+from .init import DEFAULT_WEIGHT_INIT, WEIGHT_INITS, random_weight
+from .layers import PopupConv2d, PopupLayer, PopupLinear, topk_mask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "convert", "popup_layers", "random_weight", "topk_mask", "PopupConv2d", "PopupLinear", "PopupLayer",
+    "WEIGHT_INITS", "DEFAULT_WEIGHT_INIT", "__version__",
+]

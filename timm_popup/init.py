@@ -1,0 +1,198 @@
+"""Seeded, counter-based weight distributions.
+
+A popup layer's weight is never stored: it is regenerated from (seed, the layer's qualified name, shape,
+distribution, k). This module is that function, and its output must stay bit-identical forever, on any
+device, process, platform and torch version, because every published mask is valid only on these exact
+weights. Hence:
+
+* Random bits come from our own counter-based generator, not torch's RNG. Element ``i`` (row-major, C
+  order) of a layer draws ``z_i = mix64(key + (i + 1) * 0x9E3779B97F4A7C15 mod 2**64)``, where ``mix64`` is
+  SplitMix64's output function and ``key`` is the first 8 bytes (little-endian) of
+  ``sha256(f"timm-popup/v1|{seed}|{name}")``. This is exactly the stream of a SplitMix64 generator seeded
+  with ``key``, so it can be reproduced in any language. Arithmetic is numpy ``uint64``, which wraps
+  modulo 2**64 by definition.
+* Real numbers are made from the bits with IEEE-754 float64 operations that are correctly rounded on
+  every conforming platform (+, -, *, /, sqrt, frexp); we avoid libm's transcendental functions (their
+  last bit differs between implementations) by computing the one logarithm we need from a series.
+  The result is rounded once to float32.
+
+Bit layout of ``z`` (bit 63 is the most significant):
+    bit 63        sign of the weight (1 = negative) for every distribution but ``kaiming_uniform``
+    bits 11..62   52-bit integer m, giving p = (m + 0.5) / 2**53 in (0, 1/2)
+
+* normal distributions: ``|x| = -Phi^-1(p)`` with Acklam's rational approximation of the normal
+  quantile (relative error < 1.2e-9), weight = sign * |x| * std.
+* signed constants: weight = sign * std.
+* ``kaiming_uniform``: u = (z >> 11 + 0.5) / 2**53 in (0, 1), weight = (2u - 1) * bound.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["WEIGHT_INITS", "DEFAULT_WEIGHT_INIT", "fans", "init_std", "stream_key", "random_weight"]
+
+GENERATOR_VERSION = 1
+
+#: name -> (family, scaled by sqrt(1/k)).  std is Kaiming's sqrt(2 / fan_in) (ReLU gain, fan_in mode)
+#: unless the name says xavier (Glorot: sqrt(2 / (fan_in + fan_out))).
+WEIGHT_INITS: dict[str, tuple[str, bool]] = {
+    "kaiming_normal": ("normal", False),  # the paper's N_k
+    "signed_constant": ("signed", False),  # the paper's U_k: +-std of N_k
+    "scaled_kaiming_normal": ("normal", True),  # N_k with std * sqrt(1/k) (paper section 4.5)
+    "scaled_signed_constant": ("signed", True),
+    "kaiming_uniform": ("uniform", False),  # U(-sqrt(3) std, sqrt(3) std), same variance as N_k
+    "xavier_normal": ("normal", False),  # Zhou et al.'s N_x
+    "signed_xavier_constant": ("signed", False),  # Zhou et al.'s U_x (their "signed constant")
+}
+# Table 2 of the paper: the signed Kaiming constant gives the best subnetworks on ImageNet and CIFAR.
+DEFAULT_WEIGHT_INIT = "signed_constant"
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MUL1 = np.uint64(0xBF58476D1CE4E5B9)
+_MUL2 = np.uint64(0x94D049BB133111EB)
+_CHUNK = 1 << 20  # elements per block: bounds float64 temporaries to a few MB
+
+# Acklam's approximation of the standard normal quantile function.
+_A = (-3.969683028665376e01, 2.209460984245205e02, -2.759285104469687e02,
+      1.383577518672690e02, -3.066479806614716e01, 2.506628277459239e00)
+_B = (-5.447609879822406e01, 1.615858368580409e02, -1.556989798598866e02,
+      6.680131188771972e01, -1.328068155288572e01)
+_C = (-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e00,
+      -2.549732539343734e00, 4.374664141464968e00, 2.938163982698783e00)
+_D = (7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e00, 3.754408661907416e00)
+_P_LOW = 0.02425
+_LN2 = 0.6931471805599453
+_SQRT_HALF = 0.7071067811865476
+
+
+def check_weight_init(weight_init: str) -> str:
+    if weight_init not in WEIGHT_INITS:
+        raise ValueError(
+            f"unknown weight_init {weight_init!r}; choose one of: {', '.join(WEIGHT_INITS)}")
+    return weight_init
+
+
+def check_k(k: float) -> float:
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0.0 < float(k) <= 1.0:
+        raise ValueError(
+            f"k={k!r} is outside (0, 1]: k is the fraction of weights KEPT (e.g. 0.5 keeps half)")
+    return float(k)
+
+
+def fans(shape: Sequence[int]) -> tuple[int, int]:
+    """(fan_in, fan_out) of a conv/linear weight shape, as ``torch.nn.init`` computes them."""
+    if len(shape) < 2:
+        raise ValueError(f"weight shape {tuple(shape)} has fewer than 2 dimensions")
+    receptive = math.prod(shape[2:])
+    return shape[1] * receptive, shape[0] * receptive
+
+
+def init_std(weight_init: str, shape: Sequence[int], k: float = 1.0) -> float:
+    """The standard deviation of ``weight_init`` for a weight of ``shape`` in a layer keeping ``k``."""
+    family, scaled = WEIGHT_INITS[check_weight_init(weight_init)]
+    fan_in, fan_out = fans(shape)
+    if "xavier" in weight_init:
+        std = math.sqrt(2.0 / (fan_in + fan_out))
+    else:
+        std = math.sqrt(2.0 / fan_in)
+    if scaled:
+        std = std * math.sqrt(1.0 / check_k(k))
+    return std
+
+
+def stream_key(seed: int, name: str) -> int:
+    """The 64-bit SplitMix64 seed of layer ``name`` under model seed ``seed``."""
+    digest = hashlib.sha256(f"timm-popup/v{GENERATOR_VERSION}|{int(seed)}|{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def _bits(key: int, start: int, stop: int) -> np.ndarray:
+    """SplitMix64 outputs number start+1 .. stop of the generator seeded with ``key``."""
+    z = np.arange(start + 1, stop + 1, dtype=np.uint64)
+    z *= _GOLDEN
+    z += np.uint64(key)
+    z ^= z >> np.uint64(30)
+    z *= _MUL1
+    z ^= z >> np.uint64(27)
+    z *= _MUL2
+    z ^= z >> np.uint64(31)
+    return z
+
+
+def _horner(x: np.ndarray, coeffs: Sequence[float]) -> np.ndarray:
+    out = np.full_like(x, coeffs[0])
+    for c in coeffs[1:]:
+        out *= x
+        out += c
+    return out
+
+
+def _log(x: np.ndarray) -> np.ndarray:
+    """Natural log of positive finite x from IEEE-exact operations only (frexp, +, -, *, /)."""
+    m, e = np.frexp(x)  # x = m * 2**e, m in [0.5, 1)
+    low = m < _SQRT_HALF
+    m = np.where(low, m * 2.0, m)
+    e = np.where(low, e - 1, e).astype(np.float64)
+    s = (m - 1.0) / (m + 1.0)  # |s| <= 0.1716: log(m) = 2 atanh(s), 11 odd terms reach 1e-17
+    s2 = s * s
+    acc = np.full_like(s, 1.0 / 21.0)
+    for j in range(9, -1, -1):
+        acc *= s2
+        acc += 1.0 / (2 * j + 1)
+    return 2.0 * s * acc + e * _LN2
+
+
+def _half_normal(p: np.ndarray) -> np.ndarray:
+    """-Phi^-1(p) for p in (0, 1/2): the magnitude of a standard normal draw."""
+    q = p - 0.5
+    r = q * q
+    out = _horner(r, _A)
+    out *= q
+    out /= _horner(r, _B) * r + 1.0
+    np.negative(out, out=out)
+    tail = np.flatnonzero(p < _P_LOW)  # about 5% of draws take the tail formula instead
+    qt = np.sqrt(-2.0 * _log(p[tail]))
+    out[tail] = -_horner(qt, _C) / (_horner(qt, _D) * qt + 1.0)
+    return out
+
+
+def random_weight(
+    shape: Sequence[int],
+    *,
+    seed: int,
+    name: str,
+    weight_init: str,
+    k: float = 1.0,
+) -> torch.Tensor:
+    """The frozen random float32 weight of layer ``name`` (a pure function of its arguments).
+
+    Computed on the CPU; move it wherever it is needed (the values do not depend on where).
+    """
+    family, _ = WEIGHT_INITS[check_weight_init(weight_init)]
+    shape = tuple(int(s) for s in shape)
+    std = init_std(weight_init, shape, k)
+    key = stream_key(seed, name)
+    n = math.prod(shape)
+    out = np.empty(n, dtype=np.float32)
+    for start in range(0, n, _CHUNK):
+        stop = min(n, start + _CHUNK)
+        z = _bits(key, start, stop)
+        if family == "uniform":
+            u = ((z >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
+            vals = (2.0 * u - 1.0) * (math.sqrt(3.0) * std)
+        else:
+            negative = (z >> np.uint64(63)).astype(bool)
+            if family == "signed":
+                vals = np.full(stop - start, std)
+            else:
+                m = (z >> np.uint64(11)) & np.uint64((1 << 52) - 1)
+                vals = _half_normal((m.astype(np.float64) + 0.5) * 2.0**-53) * std
+            np.negative(vals, out=vals, where=negative)
+        out[start:stop] = vals  # the one rounding to float32
+    return torch.from_numpy(out).reshape(shape)

@@ -1,0 +1,208 @@
+"""Score-masked conv/linear layers: edge-popup's forward pass and straight-through gradient.
+
+A popup layer computes with ``weight * h(|scores|)``, where ``h`` keeps exactly ``round(k * n)`` entries
+of the layer (the largest |score|s; ties go to the lowest flat index) and the gradient passes straight
+through ``h`` to the scores (paper eq. 5, with the sign of the score from ``abs``). ``weight`` is a
+frozen, non-persistent buffer regenerated from the seed (``timm_popup.init``); ``scores`` is the only
+parameter.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.layers.padding import pad_same
+from torch import nn
+
+from .init import DEFAULT_WEIGHT_INIT, check_k, check_weight_init, fans, random_weight, stream_key
+
+__all__ = ["PopupConv2d", "PopupLinear", "PopupLayer", "num_kept", "topk_mask"]
+
+_SAMPLE = 4096  # scores sampled to bracket the threshold; the bracket holds ~4% of a layer
+_SMALL = 1 << 16  # below this many weights a plain kthvalue is as fast
+
+
+def num_kept(n: int, k: float) -> int:
+    """Number of weights a layer of ``n`` keeps at fraction ``k`` (Python's ``round``)."""
+    return round(k * n)
+
+
+def _kth_largest(a: torch.Tensor, keep: int) -> torch.Tensor:
+    """Exact value of the ``keep``-th largest element of 1-D ``a`` without sorting all of it.
+
+    A strided sample brackets the value; one pass counts what lies above the bracket and gathers the
+    thin band inside it, and ``kthvalue`` runs on the band only. Falls back to a full ``kthvalue`` if
+    the bracket missed (the result is exact either way, and deterministic).
+    """
+    n = a.numel()
+    rank = n - keep + 1  # ascending rank of the threshold
+    if n > _SMALL:
+        sample = a[:: n // _SAMPLE].sort().values
+        m = sample.numel()
+        q = (n - keep) / n
+        margin = 4.0 * math.sqrt(m * q * (1 - q)) + 8
+        j_lo, j_hi = int(q * m - margin), int(q * m + margin)
+        lo = sample[j_lo] if j_lo >= 0 else None
+        hi = sample[j_hi] if j_hi < m else None
+        inside = torch.ones_like(a, dtype=torch.bool) if lo is None else a >= lo
+        if hi is not None:
+            above = a > hi
+            inside &= ~above
+            n_above = int(torch.count_nonzero(above))
+        else:
+            n_above = 0
+        band = a[inside]
+        need = keep - n_above  # how many of the band are kept
+        if 0 < need <= band.numel():
+            return band.kthvalue(band.numel() - need + 1).values
+    return a.kthvalue(rank).values
+
+
+def topk_mask(scores: torch.Tensor, k: float) -> torch.Tensor:
+    """Boolean mask of the ``round(k * n)`` largest ``|scores|``; ties broken by lowest flat index."""
+    a = scores.detach().abs().flatten()
+    n = a.numel()
+    keep = num_kept(n, k)
+    if keep >= n:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if keep <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    threshold = _kth_largest(a, keep)
+    mask = a >= threshold
+    extra = int(torch.count_nonzero(mask)) - keep
+    if extra > 0:  # ties at the threshold: drop the tied entries with the highest indices
+        tied = (a == threshold).nonzero().flatten()
+        mask[tied[tied.numel() - extra:]] = False
+    return mask.view_as(scores)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """weight * mask forward; d(loss)/d(scores) = grad * weight * sign(scores) backward."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(scores, weight)
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        scores, weight = ctx.saved_tensors
+        return grad * weight * scores.sign(), None, None
+
+
+class PopupLayer:
+    """What PopupConv2d and PopupLinear share: frozen seeded weight, scores, top-k mask."""
+
+    weight: torch.Tensor
+    scores: nn.Parameter
+    k: float
+    weight_init: str
+    seed: int
+    popup_name: str
+
+    def _make_popup(self, *, k: float, weight_init: str, seed: int, name: str) -> None:
+        shape, device = self.weight.shape, self.weight.device
+        if device.type == "meta":
+            device = torch.device("cpu")
+        has_bias = self.bias is not None
+        del self.weight, self.bias
+        self.k = check_k(k)
+        self.weight_init = check_weight_init(weight_init)
+        self.seed = int(seed)
+        self.popup_name = name
+        weight = random_weight(shape, seed=seed, name=name, weight_init=weight_init, k=k)
+        self.register_buffer("weight", weight.to(device), persistent=False)
+        if has_bias:  # the paper's layers have no bias: keep the slot, pinned at zero
+            self.register_buffer("bias", torch.zeros(shape[0], device=device), persistent=False)
+        else:
+            self.bias = None
+        # Kaiming uniform as torch initialises a conv/linear weight (a=sqrt(5): bound 1/sqrt(fan_in)).
+        # Scores are trained, not published, so torch's RNG (seeded per layer) is fine here.
+        bound = 1.0 / math.sqrt(fans(shape)[0])
+        gen = torch.Generator().manual_seed(stream_key(seed, name + "#scores") >> 1)
+        scores = torch.empty(shape).uniform_(-bound, bound, generator=gen)
+        self.scores = nn.Parameter(scores.to(device))
+        self._cache: tuple | None = None
+
+    def get_mask(self) -> torch.Tensor:
+        """The current boolean mask (shape of ``weight``): True where the weight is kept."""
+        if self.training:
+            return topk_mask(self.scores, self.k)
+        return self._cached()[1]
+
+    def masked_weight(self) -> torch.Tensor:
+        """``weight * mask``; differentiable (straight-through) with respect to the scores."""
+        if self.training or (torch.is_grad_enabled() and self.scores.requires_grad):
+            mask = topk_mask(self.scores, self.k) if self.training else self._cached()[1]
+            return _StraightThrough.apply(self.scores, self.weight, mask)
+        return self._cached()[2]
+
+    def _cached(self) -> tuple:
+        # Eval mode: mask once, reuse until the scores change (in-place updates bump _version).
+        s = self.scores
+        key = (s._version, s.data_ptr(), self.k, self.weight.data_ptr())
+        if self._cache is None or self._cache[0] != key:
+            mask = topk_mask(s, self.k)
+            self._cache = (key, mask, self.weight * mask)
+        return self._cache
+
+    def popup_repr(self) -> str:
+        return f"k={self.k}, weight_init={self.weight_init}, seed={self.seed}"
+
+
+class PopupConv2d(nn.Conv2d, PopupLayer):
+    """An ``nn.Conv2d`` whose frozen random weight is masked by learned scores."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = False, padding_mode: str = "zeros", *,
+                 k: float = 0.5, weight_init: str = DEFAULT_WEIGHT_INIT, seed: int = 0,
+                 name: str = "", same_pad: bool = False, device=None) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                         bias, padding_mode, device="meta")
+        self.same_pad = same_pad  # timm's Conv2dSame: TF-style padding computed from the input size
+        self._make_popup(k=k, weight_init=weight_init, seed=seed, name=name)
+        if device is not None:
+            self.to(device)
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, *, k: float, weight_init: str, seed: int, name: str,
+                   same_pad: bool = False) -> PopupConv2d:
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, k=k,
+                    weight_init=weight_init, seed=seed, name=name, same_pad=same_pad)
+        return layer.to(conv.weight.device) if conv.weight.device.type != "meta" else layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.same_pad:
+            x = pad_same(x, self.kernel_size, self.stride, self.dilation)
+        return self._conv_forward(x, self.masked_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", " + self.popup_repr()
+
+
+class PopupLinear(nn.Linear, PopupLayer):
+    """An ``nn.Linear`` whose frozen random weight is masked by learned scores."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, k: float = 0.5,
+                 weight_init: str = DEFAULT_WEIGHT_INIT, seed: int = 0, name: str = "",
+                 device=None) -> None:
+        super().__init__(in_features, out_features, bias, device="meta")
+        self._make_popup(k=k, weight_init=weight_init, seed=seed, name=name)
+        if device is not None:
+            self.to(device)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, *, k: float, weight_init: str, seed: int,
+                   name: str) -> PopupLinear:
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, k=k,
+                    weight_init=weight_init, seed=seed, name=name)
+        return layer.to(linear.weight.device) if linear.weight.device.type != "meta" else layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.masked_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", " + self.popup_repr()

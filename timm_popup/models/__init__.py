@@ -1,0 +1,6 @@
+"""popup_* entries of timm's registry (importing this package registers them)."""
+
+from . import popup_convnets, popup_resnet, popup_vit_convnext  # noqa: F401
+from .popup_convnets import MLP, ConvNet
+
+__all__ = ["ConvNet", "MLP"]

@@ -1,0 +1,84 @@
+"""Popup ResNets and Wide ResNets (the paper's ImageNet networks) and the CIFAR ResNet-18 of appendix C.1."""
+
+from __future__ import annotations
+
+from timm.models import generate_default_cfgs, register_model
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+from torch import nn
+
+from ._builder import CIFAR_K, IMAGENET_K, build_popup, popup_cfg
+
+
+def _resnet_cifar(**kwargs) -> ResNet:
+    """ResNet with the CIFAR stem: one 3x3 stride-1 conv and no max-pool (32x32 inputs)."""
+    model = ResNet(**kwargs)
+    model.conv1 = nn.Conv2d(kwargs.get("in_chans", 3), 64, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    for info in model.feature_info:
+        info["reduction"] //= 4
+    return model
+
+
+default_cfgs = generate_default_cfgs({
+    "popup_resnet18_cifar": popup_cfg(cifar=True),
+    "popup_resnet18": popup_cfg(),
+    "popup_resnet34": popup_cfg(),
+    "popup_resnet50": popup_cfg(),
+    "popup_resnet101": popup_cfg(),
+    "popup_wide_resnet50_2": popup_cfg(),
+    "popup_wide_resnet101_2": popup_cfg(),
+})
+
+
+def _resnet(variant: str, pretrained: bool, **kwargs) -> ResNet:
+    kwargs.setdefault("k", IMAGENET_K)
+    return build_popup(ResNet, variant, pretrained, feature_cfg=dict(flatten_sequential=True), **kwargs)
+
+
+@register_model
+def popup_resnet18_cifar(pretrained: bool = False, **kwargs) -> ResNet:
+    """ResNet-18 for 32x32 inputs (3x3 stem, no max-pool), as in the paper's appendix C.1."""
+    model_args = dict(block=BasicBlock, layers=(2, 2, 2, 2), k=CIFAR_K)
+    return build_popup(_resnet_cifar, "popup_resnet18_cifar", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def popup_resnet18(pretrained: bool = False, **kwargs) -> ResNet:
+    """ResNet-18 with random weights and learned top-k scores."""
+    model_args = dict(block=BasicBlock, layers=(2, 2, 2, 2))
+    return _resnet("popup_resnet18", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def popup_resnet34(pretrained: bool = False, **kwargs) -> ResNet:
+    """ResNet-34 with random weights and learned top-k scores."""
+    model_args = dict(block=BasicBlock, layers=(3, 4, 6, 3))
+    return _resnet("popup_resnet34", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def popup_resnet50(pretrained: bool = False, **kwargs) -> ResNet:
+    """ResNet-50 with random weights; k=0.3 keeps 7.65M of its 25.5M weights (paper Table 2)."""
+    model_args = dict(block=Bottleneck, layers=(3, 4, 6, 3))
+    return _resnet("popup_resnet50", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def popup_resnet101(pretrained: bool = False, **kwargs) -> ResNet:
+    """ResNet-101 with random weights and learned top-k scores (paper Table 2)."""
+    model_args = dict(block=Bottleneck, layers=(3, 4, 23, 3))
+    return _resnet("popup_resnet101", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def popup_wide_resnet50_2(pretrained: bool = False, **kwargs) -> ResNet:
+    """Wide ResNet-50-2 with random weights: at k=0.3 its subnetwork matches a trained ResNet-34."""
+    model_args = dict(block=Bottleneck, layers=(3, 4, 6, 3), base_width=128)
+    return _resnet("popup_wide_resnet50_2", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def popup_wide_resnet101_2(pretrained: bool = False, **kwargs) -> ResNet:
+    """Wide ResNet-101-2 with random weights and learned top-k scores."""
+    model_args = dict(block=Bottleneck, layers=(3, 4, 23, 3), base_width=128)
+    return _resnet("popup_wide_resnet101_2", pretrained, **dict(model_args, **kwargs))
