@@ -1,0 +1,200 @@
+"""The popup_* registry and convert(): counts, timm protocol, training invariants, learning."""
+
+import copy
+import hashlib
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import timm_popup
+from timm_popup import PopupConv2d, PopupLinear, convert, popup_layers
+
+ALL_MODELS = [
+    "popup_conv2", "popup_conv4", "popup_conv6", "popup_conv8", "popup_fc", "popup_resnet18_cifar",
+    "popup_resnet18", "popup_resnet34", "popup_resnet50", "popup_resnet101", "popup_wide_resnet50_2",
+    "popup_wide_resnet101_2", "popup_vit_tiny_patch16_224", "popup_vit_small_patch16_224",
+    "popup_convnext_atto", "popup_convnext_tiny",
+]
+
+
+def _small_input(model: nn.Module, name: str) -> torch.Tensor:
+    c, h, w = model.pretrained_cfg["input_size"]
+    if "vit" in name:
+        return torch.randn(1, c, 32, 32)
+    return torch.randn(1, c, min(h, 64), min(w, 64))
+
+
+def _create(name: str, **kwargs) -> nn.Module:
+    if "vit" in name:
+        kwargs.setdefault("img_size", 32)
+    return timm.create_model(name, **kwargs)
+
+
+def test_registry_lists_every_model():
+    assert set(ALL_MODELS) <= set(timm.list_models("popup_*"))
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_builds_and_runs_batch_size_one(name):
+    model = _create(name).eval()
+    x = _small_input(model, name)
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (1, model.num_classes) and torch.isfinite(out).all()
+    assert [n for n, _ in model.named_parameters() if not n.endswith("scores")] == []
+    assert len(popup_layers(model)) > 0
+
+
+@pytest.mark.parametrize("name", ["popup_conv4", "popup_fc", "popup_resnet18_cifar"])
+def test_batch_size_one_in_training_mode(name):
+    model = _create(name).train()
+    out = model(_small_input(model, name))
+    out.sum().backward()
+    assert out.shape == (1, model.num_classes)
+
+
+@pytest.mark.parametrize("name,count", [
+    ("popup_conv2", 4_300_992), ("popup_conv4", 2_425_024), ("popup_conv6", 2_261_184),
+    ("popup_conv8", 5_275_840), ("popup_resnet50", 25_502_912), ("popup_wide_resnet50_2", 68_814_016),
+])
+def test_masked_weight_counts(name, count):
+    model = _create(name)
+    layers = popup_layers(model)
+    assert sum(layer.weight.numel() for layer in layers.values()) == count
+    if name == "popup_resnet50":
+        kept = sum(int(layer.get_mask().sum()) for layer in layers.values())
+        assert kept == sum(round(0.3 * layer.weight.numel()) for layer in layers.values())
+        assert 7.64e6 < kept < 7.66e6  # the paper's 7.6M subnetwork
+
+
+def test_defaults_follow_the_paper_and_kwargs_pass_through():
+    conv4 = timm.create_model("popup_conv4")
+    assert conv4.popup_cfg == dict(k=0.5, weight_init="signed_constant", seed=0, dense=[])
+    r18 = timm.create_model("popup_resnet18", k=0.7, weight_init="kaiming_normal", seed=4, num_classes=7)
+    assert r18.popup_cfg["k"] == 0.7 and r18.num_classes == 7
+    layer = r18.layer1[0].conv1
+    assert (layer.k, layer.weight_init, layer.seed) == (0.7, "kaiming_normal", 4)
+    assert timm.create_model("popup_resnet18").popup_cfg["k"] == 0.3
+    wide = timm.create_model("popup_conv4", width=2.0, in_chans=1, img_size=28, num_classes=3)
+    assert wide.features[0].out_channels == 128 and wide(torch.randn(2, 1, 28, 28)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("k", [0.1, 0.3, 0.5, 0.7, 1.0])
+def test_every_layer_keeps_round_kn(k):
+    for name in ("popup_conv4", "popup_resnet18_cifar"):
+        model = timm.create_model(name, k=k)
+        for layer in popup_layers(model).values():
+            assert int(layer.get_mask().sum()) == round(k * layer.weight.numel())
+
+
+def test_bad_arguments_are_clear_errors():
+    with pytest.raises(ValueError, match=r"k=1.5 is outside \(0, 1\]"):
+        timm.create_model("popup_conv4", k=1.5)
+    with pytest.raises(ValueError, match=r"k=0.0 is outside"):
+        timm.create_model("popup_resnet18", k=0.0)
+    with pytest.raises(ValueError, match="unknown weight_init 'xavier'; choose one of"):
+        timm.create_model("popup_conv2", weight_init="xavier")
+    with pytest.raises(RuntimeError, match=r"Unknown model \(popup_resnet51\)"):
+        timm.create_model("popup_resnet51")
+
+
+def _state_hash(model: nn.Module) -> dict[str, str]:
+    return {n: hashlib.sha256(b.detach().numpy().tobytes()).hexdigest() for n, b in model.named_buffers()}
+
+
+def test_same_seed_same_network_in_another_process():
+    model = timm.create_model("popup_conv4", seed=3)
+    code = ("import hashlib, json, timm, timm_popup; m = timm.create_model('popup_conv4', seed=3); "
+            "print(json.dumps({n: hashlib.sha256(b.detach().numpy().tobytes()).hexdigest() "
+            "for n, b in m.named_buffers()}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, check=True)
+    import json
+    assert json.loads(out.stdout) == _state_hash(model)
+    other = timm.create_model("popup_conv4", seed=4)
+    assert not torch.equal(other.features[0].weight, model.features[0].weight)
+
+
+def test_twenty_sgd_steps_train_only_scores():
+    torch.manual_seed(0)
+    model = timm.create_model("popup_resnet18_cifar", num_classes=4).train()
+    frozen = {n: b.clone() for n, b in model.named_buffers() if "running" not in n and "num_batches" not in n}
+    scores = {n: p.clone() for n, p in model.named_parameters()}
+    running = model.bn1.running_mean.clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
+    for _ in range(20):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    # weights, norm scale/shift and biases are buffers: bitwise unchanged
+    assert {n for n in frozen if n.endswith("bn1.weight")} and {n for n in frozen if n.endswith("fc.bias")}
+    for n, b in model.named_buffers():
+        if n in frozen:
+            assert torch.equal(b, frozen[n]), n
+    assert torch.equal(model.bn1.weight, torch.ones(64)) and torch.equal(model.bn1.bias, torch.zeros(64))
+    assert all(not torch.equal(p, scores[n]) for n, p in model.named_parameters())
+    assert not torch.equal(model.bn1.running_mean, running)  # running stats still tracked
+
+
+def test_popup_mlp_learns_a_generated_task():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 20, generator=g) * 2
+    y = torch.randint(0, 4, (2048,), generator=g)
+    x = centers[y] + torch.randn(2048, 20, generator=g)
+    model = convert(nn.Sequential(nn.Linear(20, 256), nn.ReLU(), nn.Linear(256, 4)), k=0.5, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        for i in range(0, 1536, 64):
+            opt.zero_grad()
+            F.cross_entropy(model(x[i:i + 64]), y[i:i + 64]).backward()
+            opt.step()
+    model.eval()
+    acc = (model(x[1536:]).argmax(1) == y[1536:]).float().mean().item()
+    assert acc > 0.85, acc  # chance is 0.25; the weights never moved
+
+
+def test_convert_keeps_class_protocol_and_popup_classifier():
+    model = timm.create_model("resnet18", num_classes=10)
+    cls = type(model)
+    convert(model, k=0.5, seed=1).eval()
+    assert type(model) is cls
+    x = torch.randn(2, 3, 32, 32)
+    feats = model.forward_features(x)
+    assert torch.equal(model(x), model.forward_head(feats))
+    assert model.forward_head(feats, pre_logits=True).shape == (2, 512)
+    model.reset_classifier(5)
+    assert isinstance(model.get_classifier(), PopupLinear) and model(x).shape == (2, 5)
+    assert [n for n, _ in model.named_parameters() if not n.endswith("scores")] == []
+    clone = copy.deepcopy(model)
+    clone.reset_classifier(3)
+    assert clone(x).shape == (2, 3) and model(x).shape == (2, 5)
+
+
+def test_convert_can_leave_layers_dense():
+    model = convert(timm.create_model("resnet18", num_classes=10), k=0.5, dense=("conv1", "fc"))
+    assert type(model.conv1) is nn.Conv2d and type(model.fc) is nn.Linear
+    assert isinstance(model.layer1[0].conv1, PopupConv2d)
+    trainable = {n for n, p in model.named_parameters() if not n.endswith("scores")}
+    assert trainable == {"conv1.weight", "fc.weight", "fc.bias"}
+
+
+def test_convert_freezes_other_parameters_deterministically():
+    a = timm.create_model("popup_vit_tiny_patch16_224", img_size=32, seed=2)
+    b = timm.create_model("popup_vit_tiny_patch16_224", img_size=32, seed=2)
+    assert torch.equal(a.pos_embed, b.pos_embed) and torch.equal(a.cls_token, b.cls_token)
+    assert isinstance(a.blocks[0].attn.qkv, PopupLinear)
+    assert torch.equal(a.blocks[0].norm1.weight, torch.ones(192))
+
+
+def test_convert_rejects_multihead_attention():
+    with pytest.raises(ValueError, match="MultiheadAttention"):
+        convert(nn.Sequential(nn.MultiheadAttention(8, 2)))
+
+
+def test_public_api():
+    assert timm_popup.__version__ and callable(timm_popup.convert)
