@@ -29,35 +29,33 @@ def num_kept(n: int, k: float) -> int:
     return round(k * n)
 
 
-def _kth_largest(a: torch.Tensor, keep: int) -> torch.Tensor:
-    """Exact value of the ``keep``-th largest element of 1-D ``a`` without sorting all of it.
+def _kth_largest(a: torch.Tensor, keep: int) -> tuple[torch.Tensor, int]:
+    """Exact value of the ``keep``-th largest element of 1-D ``a``, and how many elements are >= it.
 
     A strided sample brackets the value; one pass counts what lies above the bracket and gathers the
     thin band inside it, and ``kthvalue`` runs on the band only. Falls back to a full ``kthvalue`` if
     the bracket missed (the result is exact either way, and deterministic).
     """
     n = a.numel()
-    rank = n - keep + 1  # ascending rank of the threshold
     if n > _SMALL:
         sample = a[:: n // _SAMPLE].sort().values
         m = sample.numel()
         q = (n - keep) / n
         margin = 4.0 * math.sqrt(m * q * (1 - q)) + 8
         j_lo, j_hi = int(q * m - margin), int(q * m + margin)
-        lo = sample[j_lo] if j_lo >= 0 else None
-        hi = sample[j_hi] if j_hi < m else None
-        inside = torch.ones_like(a, dtype=torch.bool) if lo is None else a >= lo
-        if hi is not None:
-            above = a > hi
+        inside = a >= sample[j_lo] if j_lo >= 0 else torch.ones_like(a, dtype=torch.bool)
+        n_above = 0
+        if j_hi < m:
+            above = a > sample[j_hi]
             inside &= ~above
             n_above = int(torch.count_nonzero(above))
-        else:
-            n_above = 0
         band = a[inside]
         need = keep - n_above  # how many of the band are kept
         if 0 < need <= band.numel():
-            return band.kthvalue(band.numel() - need + 1).values
-    return a.kthvalue(rank).values
+            threshold = band.kthvalue(band.numel() - need + 1).values
+            return threshold, n_above + int(torch.count_nonzero(band >= threshold))
+    threshold = a.kthvalue(n - keep + 1).values
+    return threshold, int(torch.count_nonzero(a >= threshold))
 
 
 def topk_mask(scores: torch.Tensor, k: float) -> torch.Tensor:
@@ -69,12 +67,11 @@ def topk_mask(scores: torch.Tensor, k: float) -> torch.Tensor:
         return torch.ones_like(scores, dtype=torch.bool)
     if keep <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    threshold = _kth_largest(a, keep)
+    threshold, n_ge = _kth_largest(a, keep)
     mask = a >= threshold
-    extra = int(torch.count_nonzero(mask)) - keep
-    if extra > 0:  # ties at the threshold: drop the tied entries with the highest indices
+    if n_ge > keep:  # ties at the threshold: drop the tied entries with the highest indices
         tied = (a == threshold).nonzero().flatten()
-        mask[tied[tied.numel() - extra:]] = False
+        mask[tied[tied.numel() - (n_ge - keep):]] = False
     return mask.view_as(scores)
 
 
@@ -89,7 +86,7 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         scores, weight = ctx.saved_tensors
-        return grad * weight * scores.sign(), None, None
+        return (grad * weight).mul_(scores.sign()), None, None
 
 
 class PopupLayer:
