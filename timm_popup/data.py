@@ -1,0 +1,683 @@
+"""Image-classification data from Hugging Face ``datasets`` for the training scripts.
+
+``load_image_dataset`` accepts a Hub id, a ``save_to_disk`` directory or an image folder, finds the image and label
+columns and the train/eval splits, and fails at load time (one-line ``DataError``) rather than mid-training.
+``build_transforms`` gives timm's ImageNet pipeline or the paper's CIFAR augmentation, converting images to the
+channel count the model expects; ``create_loader`` turns a split into a seeded ``DataLoader`` of
+``(float images, long labels)``. ``fashion_mnist_to_disk`` (also ``python -m timm_popup.data fashion-mnist OUT``)
+converts Debian's ``dataset-fashion-mnist`` idx files into a ``save_to_disk`` dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import inspect
+import io
+import logging
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import timm.data
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+__all__ = [
+    "DataError", "ImageDataset", "load_image_dataset", "build_transforms", "create_loader", "fashion_mnist_to_disk",
+    "FASHION_MNIST_CLASSES", "FASHION_MNIST_APT_DIR",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_COLUMN_NAMES = ("image", "img", "pixel_values", "images", "jpg", "jpeg", "png", "webp")
+LABEL_COLUMN_NAMES = ("label", "labels", "fine_label", "target", "targets", "class", "cls", "category")
+TRAIN_SPLIT_NAMES = ("train", "training")
+EVAL_SPLIT_NAMES = ("validation", "valid", "val", "test", "eval", "evaluation", "dev", "testing")
+# Pillow opens more formats, but these are what image folders realistically hold; used only to tell an image folder
+# apart from a directory of parquet/csv files.
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+FASHION_MNIST_APT_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_APT_HINT = "apt-get update && apt-get install -y dataset-fashion-mnist"
+_FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_IDX_IMAGES_MAGIC = 2051
+_IDX_LABELS_MAGIC = 2049
+
+
+class DataError(ValueError):
+    """A dataset problem the user can fix (bad id/path, split or column); the message is one line."""
+
+    def __init__(self, message: str) -> None:
+        # datasets' own messages span lines; the CLI prints ours as a single line.
+        super().__init__(" ".join(str(message).split()))
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+@dataclass
+class ImageDataset:
+    """Splits of one image-classification dataset plus what ``load_image_dataset`` detected about them.
+
+    ``splits`` maps split name to a ``datasets.Dataset`` (or ``datasets.IterableDataset`` when ``streaming``).
+    ``train_split`` / ``eval_split`` are the detected roles (``None`` when the dataset has no such split).
+    ``num_rows`` holds each split's size where it is known without reading the data (``None`` otherwise).
+    """
+
+    source: str
+    splits: dict[str, Any]
+    image_column: str
+    label_column: str
+    class_names: list[str]
+    train_split: str | None
+    eval_split: str | None
+    streaming: bool = False
+    num_rows: dict[str, int | None] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (length of ``class_names``)."""
+        return len(self.class_names)
+
+    def __getitem__(self, split: str) -> Any:
+        return self.splits[_check_split(self, split)]
+
+    def describe(self) -> str:
+        """One-line summary, for logs."""
+        sizes = ", ".join(f"{s}={'?' if n is None else n}" for s, n in self.num_rows.items())
+        return (f"{self.source}: splits [{sizes}], train={self.train_split!r}, eval={self.eval_split!r}, "
+                f"image={self.image_column!r}, label={self.label_column!r}, {self.num_classes} classes"
+                f"{' (streaming)' if self.streaming else ''}")
+
+
+# ----------------------------------------------------------------------------------------------------------- loading
+
+
+def _looks_like_path(name: str) -> bool:
+    # A Hub id is "name" or "owner/name"; anything else that does not exist locally was meant as a path.
+    return (name.startswith(("/", "./", "../", "~", "\\")) or name.count("/") > 1 or "\\" in name
+            or Path(name).suffix.lower() in _FILE_BUILDERS)
+
+
+def _has_images(directory: Path) -> bool:
+    for _, _, files in os.walk(directory):
+        if any(Path(f).suffix.lower() in IMAGE_EXTENSIONS for f in files):
+            return True
+    return False
+
+
+def _as_split_dict(obj: Any, default_split: str = "train") -> dict[str, Any]:
+    if isinstance(obj, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        return dict(obj)
+    split = getattr(obj, "split", None)
+    return {str(split) if split else default_split: obj}
+
+
+def _hub_error(name: str, exc: BaseException) -> DataError:
+    if isinstance(exc, datasets.exceptions.DatasetNotFoundError):
+        return DataError(
+            f"dataset {name!r} was not found on the Hugging Face Hub and no local directory of that name exists: "
+            f"check the id (e.g. 'uoft-cs/cifar10'), run `hf auth login` and accept the terms for gated datasets "
+            f"such as 'ILSVRC/imagenet-1k', or pass an existing local path")
+    if isinstance(exc, ConnectionError):
+        return DataError(
+            f"could not load dataset {name!r}: no local directory of that name exists and the Hugging Face Hub "
+            f"cannot be reached ({_one_line(exc)}); check the id and your network/HF_HUB_OFFLINE, or pass a local path")
+    return DataError(f"could not load dataset {name!r}: {_one_line(exc)}")
+
+
+def _load_local(path: Path, streaming: bool, cache_dir: str | None) -> dict[str, Any]:
+    if path.is_dir() and ((path / "dataset_dict.json").is_file()
+                          or ((path / "dataset_info.json").is_file() and (path / "state.json").is_file())):
+        try:
+            loaded = _as_split_dict(datasets.load_from_disk(str(path)))
+        except (OSError, ValueError, KeyError) as e:
+            raise DataError(f"{path} looks like a save_to_disk dataset but cannot be read: {_one_line(e)}") from e
+        if streaming:
+            # Several shards let DataLoader workers split the stream and let shuffling reorder shards.
+            loaded = {s: d.to_iterable_dataset(num_shards=max(1, min(len(d), 64))) for s, d in loaded.items()}
+        return loaded
+    if path.is_dir():
+        builder_args: dict[str, Any] = {"path": "imagefolder", "data_dir": str(path)} if _has_images(path) else {
+            "path": str(path)}
+    elif path.suffix.lower() in _FILE_BUILDERS:
+        builder_args = {"path": _FILE_BUILDERS[path.suffix.lower()], "data_files": {"train": str(path)}}
+    else:
+        raise DataError(f"{path} is a file of unsupported type {path.suffix!r}; pass a save_to_disk directory, an "
+                        f"image folder or one of {sorted(_FILE_BUILDERS)}")
+    try:
+        return _as_split_dict(datasets.load_dataset(**builder_args, streaming=streaming, cache_dir=cache_dir))
+    except datasets.data_files.EmptyDatasetError as e:
+        raise DataError(f"directory {path} holds no images or data files and is not a save_to_disk dataset "
+                        f"(no dataset_dict.json / dataset_info.json+state.json); point to the dataset itself") from e
+    except (OSError, ValueError) as e:
+        raise DataError(f"could not load local dataset {path}: {_one_line(e)}") from e
+
+
+def _load_hub(name: str, requested: list[str] | None, streaming: bool, cache_dir: str | None) -> dict[str, Any]:
+    if requested is not None:
+        # Check split names against the Hub metadata first so a typo fails before a (possibly huge) download. Best
+        # effort: offline with a cached copy this lookup fails while loading works, and the check after loading
+        # still catches the typo.
+        try:
+            available = datasets.get_dataset_split_names(name)
+        except datasets.exceptions.DatasetNotFoundError as e:
+            raise _hub_error(name, e) from e
+        except Exception as e:  # any other failure only skips the early check
+            logger.debug("could not list the splits of %s early: %s", name, _one_line(e))
+        else:
+            _check_requested(requested, available, name)
+    try:
+        return _as_split_dict(datasets.load_dataset(name, streaming=streaming, cache_dir=cache_dir))
+    except (OSError, ValueError) as e:  # DatasetNotFoundError, ConnectionError, missing config, ...
+        raise _hub_error(name, e) from e
+
+
+def _parse_split_arg(split: str | Sequence[str] | None) -> list[str] | None:
+    if split is None:
+        return None
+    names = [s.strip() for s in split.split(",")] if isinstance(split, str) else [str(s).strip() for s in split]
+    names = [s for s in names if s]
+    if not names:
+        raise DataError("split is empty; pass a split name such as 'train' or 'train,validation'")
+    return names
+
+
+def _check_requested(requested: list[str], available: Sequence[str], source: str) -> None:
+    missing = [s for s in requested if s not in available]
+    if missing:
+        raise DataError(f"unknown split {missing[0]!r} for dataset {source!r}; available splits: {list(available)}")
+
+
+def _check_split(ds: ImageDataset, split: str) -> str:
+    if split not in ds.splits:
+        raise DataError(f"unknown split {split!r} for dataset {ds.source!r}; available splits: {list(ds.splits)}")
+    return split
+
+
+def _detect_roles(names: list[str], requested: list[str] | None) -> tuple[str | None, str | None]:
+    if requested is not None and len(requested) >= 2:
+        return requested[0], requested[1]  # explicit "train,eval" order wins over name guessing
+
+    def first(candidates: Sequence[str]) -> str | None:
+        lowered = {n.lower(): n for n in names}
+        for c in candidates:
+            if c in lowered:
+                return lowered[c]
+        for c in candidates:  # e.g. "train_clean" or "validation_matched"
+            for n in names:
+                if n.lower().startswith(c):
+                    return n
+        return None
+
+    train, evaluation = first(TRAIN_SPLIT_NAMES), first(EVAL_SPLIT_NAMES)
+    if train is None and requested is not None and evaluation is None:
+        train = requested[0]  # a single split with an unusual name is taken as the one to train on
+    return train, evaluation
+
+
+def _features_and_columns(split_ds: Any) -> tuple[datasets.Features | None, list[str]]:
+    features = split_ds.features
+    if features is not None:
+        return features, list(features)
+    # Some streamed sources carry no schema; the first example still tells us the column names.
+    first = next(iter(split_ds.take(1)), None)
+    return None, list(first) if first else []
+
+
+def _detect_image_column(features: datasets.Features | None, columns: list[str], given: str | None,
+                         source: str) -> str:
+    if given is not None:
+        if given not in columns:
+            raise DataError(f"image column {given!r} not found in dataset {source!r}; columns are {columns}")
+        return given
+    if features is not None:
+        image_cols = [c for c in columns if isinstance(features[c], datasets.Image)]
+        if image_cols:
+            return next((c for c in IMAGE_COLUMN_NAMES if c in image_cols), image_cols[0])
+    lowered = {c.lower(): c for c in columns}
+    for name in IMAGE_COLUMN_NAMES:
+        if name in lowered:
+            return lowered[name]
+    raise DataError(f"no image column found in dataset {source!r} (no datasets.Image feature and none of "
+                    f"{list(IMAGE_COLUMN_NAMES)}); columns are {columns}; pass --image-column")
+
+
+def _detect_label_column(features: datasets.Features | None, columns: list[str], given: str | None,
+                         image_column: str, source: str) -> str:
+    if given is not None:
+        if given not in columns:
+            raise DataError(f"label column {given!r} not found in dataset {source!r}; columns are {columns}")
+        if given == image_column:
+            raise DataError(f"label column {given!r} is also the image column; pass a different --label-column")
+        return given
+    candidates = [c for c in columns if c != image_column]
+    if features is not None:
+        class_cols = [c for c in candidates if isinstance(features[c], datasets.ClassLabel)]
+        if class_cols:
+            # CIFAR-100 has fine_label and coarse_label: the name list decides, fine_label before coarse_label.
+            return next((c for c in LABEL_COLUMN_NAMES if c in class_cols), class_cols[0])
+    lowered = {c.lower(): c for c in candidates}
+    for name in LABEL_COLUMN_NAMES:
+        if name in lowered:
+            return lowered[name]
+    raise DataError(f"no label column found in dataset {source!r} (no ClassLabel feature and none of "
+                    f"{list(LABEL_COLUMN_NAMES)}); columns are {columns}; pass --label-column")
+
+
+def _is_int_dtype(dtype: str) -> bool:
+    return dtype.startswith(("int", "uint"))
+
+
+def _resolve_classes(splits: dict[str, Any], label_column: str, features: datasets.Features | None,
+                     streaming: bool, source: str) -> tuple[dict[str, Any], list[str]]:
+    """Class names for the label column, casting string labels to a shared ClassLabel (map-style only)."""
+    feature = features[label_column] if features is not None else None
+    if isinstance(feature, datasets.ClassLabel):
+        return splits, list(feature.names)
+    dtype = feature.dtype if isinstance(feature, datasets.Value) else None
+    if dtype is None or not (_is_int_dtype(dtype) or dtype in ("string", "large_string")):
+        kind = "unknown" if feature is None else type(feature).__name__ + (f"({dtype})" if dtype else "")
+        raise DataError(f"label column {label_column!r} of dataset {source!r} has type {kind}; expected ClassLabel, "
+                        f"integer class ids or class-name strings; pass another --label-column")
+    if streaming:
+        raise DataError(f"label column {label_column!r} of dataset {source!r} is {dtype}, not ClassLabel, so the "
+                        f"number of classes is unknown without reading the whole stream; load it without streaming")
+    values: set[Any] = set()
+    for split_ds in splits.values():
+        values.update(v for v in split_ds.unique(label_column) if v is not None)
+    if _is_int_dtype(dtype):
+        ids = [int(v) for v in values if int(v) >= 0]  # -1 marks unlabeled rows (e.g. ImageNet test)
+        if not ids:
+            raise DataError(f"label column {label_column!r} of dataset {source!r} holds no class ids >= 0")
+        return splits, [str(i) for i in range(max(ids) + 1)]
+    names = sorted(values)
+    logger.info("encoding string label column %r of %s as ClassLabel with %d classes", label_column, source,
+                len(names))
+    class_label = datasets.ClassLabel(names=names)
+    return {s: d.cast_column(label_column, class_label) for s, d in splits.items()}, names
+
+
+def load_image_dataset(name_or_path: str | os.PathLike, *, split: str | Sequence[str] | None = None,
+                       image_column: str | None = None, label_column: str | None = None, streaming: bool = False,
+                       cache_dir: str | os.PathLike | None = None) -> ImageDataset:
+    """Load an image-classification dataset and detect its image/label columns and train/eval splits.
+
+    Args:
+        name_or_path: a Hub id (``uoft-cs/cifar10``, ``ILSVRC/imagenet-1k``), a ``save_to_disk`` directory, an image
+            folder (class subfolders, optionally under ``train/`` and ``validation|val|test/``), or a local
+            parquet/arrow/csv/json file or directory of such files. An existing local path wins over a Hub id.
+        split: keep only these splits: one name, a comma-separated string or a sequence. With two or more, the first
+            is the train split and the second the eval split; otherwise roles are detected from the names
+            (``train``; ``validation``/``valid``/``val``/``test``...).
+        image_column: image column; default: the first ``datasets.Image`` feature, else a column named like
+            ``image``/``img``/``pixel_values``.
+        label_column: label column; default: a ``ClassLabel`` feature (``label``/``fine_label``... preferred), else a
+            column named ``label``/``labels``/``fine_label``/``target``... holding integer ids or class-name strings.
+        streaming: return ``datasets.IterableDataset`` splits (Hub data is then read lazily).
+        cache_dir: ``datasets`` cache directory for Hub and image-folder/parquet data.
+
+    Raises:
+        DataError: (a ``ValueError``) with a one-line message for a missing path/dataset, unknown split, or a
+            missing/unsuitable image or label column.
+    """
+    source = os.fspath(name_or_path)
+    requested = _parse_split_arg(split)
+    cache = os.fspath(cache_dir) if cache_dir is not None else None
+    local = Path(source).expanduser()
+    if local.exists():
+        splits = _load_local(local, streaming, cache)
+    elif _looks_like_path(source):
+        raise DataError(f"dataset path {source!r} does not exist; pass an existing save_to_disk directory or image "
+                        f"folder, or a Hugging Face Hub id such as 'uoft-cs/cifar10'")
+    else:
+        splits = _load_hub(source, requested, streaming, cache)
+    if requested is not None:
+        _check_requested(requested, list(splits), source)
+        splits = {s: splits[s] for s in requested}
+    if not splits:
+        raise DataError(f"dataset {source!r} has no splits")
+
+    reference_split = next(iter(splits))
+    features, columns = _features_and_columns(splits[reference_split])
+    image_col = _detect_image_column(features, columns, image_column, source)
+    label_col = _detect_label_column(features, columns, label_column, image_col, source)
+    for name, split_ds in splits.items():
+        cols = _features_and_columns(split_ds)[1]
+        for role, col in (("image", image_col), ("label", label_col)):
+            if col not in cols:
+                raise DataError(f"{role} column {col!r} is missing from split {name!r} of dataset {source!r}; "
+                                f"its columns are {cols}")
+    if features is not None and isinstance(features[image_col], datasets.Value) and features[image_col].dtype in (
+            "string", "large_string", "binary", "large_binary"):
+        # File paths or encoded bytes: the Image feature decodes both lazily, like a native image column.
+        splits = {s: d.cast_column(image_col, datasets.Image()) for s, d in splits.items()}
+    splits, class_names = _resolve_classes(splits, label_col, features, streaming, source)
+
+    train_split, eval_split = _detect_roles(list(splits), requested)
+    return ImageDataset(source=source, splits=splits, image_column=image_col, label_column=label_col,
+                        class_names=class_names, train_split=train_split, eval_split=eval_split, streaming=streaming,
+                        num_rows={s: _num_rows(s, d) for s, d in splits.items()})
+
+
+def _num_rows(split: str, split_ds: Any) -> int | None:
+    if isinstance(split_ds, datasets.Dataset):
+        return len(split_ds)
+    info_splits = split_ds.info.splits if split_ds.info is not None else None
+    if info_splits and split in info_splits and info_splits[split].num_examples:
+        return int(info_splits[split].num_examples)
+    return None
+
+
+# -------------------------------------------------------------------------------------------------------- transforms
+
+
+Transform = Callable[[Image.Image], torch.Tensor]
+
+
+class ConvertMode:
+    """Convert a PIL image to ``mode`` ('L' or 'RGB') so any dataset feeds a 1- or 3-channel model."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return img if img.mode == self.mode else img.convert(self.mode)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mode={self.mode!r})"
+
+
+class EnsureSize:
+    """Resize only images whose size differs from ``(height, width)`` (e.g. 28x28 data into a 32x32 model)."""
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        self.size = size
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        height, width = self.size
+        return img if img.size == (width, height) else img.resize((width, height), Image.Resampling.BILINEAR)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size})"
+
+
+def _fit_stats(values: Sequence[float], channels: int, what: str) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    if len(values) == channels:
+        return values
+    if len(values) == 1:
+        return values * channels
+    if channels == 1:
+        return (sum(values) / len(values),)  # RGB statistics for a grayscale model: the average is the best guess
+    raise DataError(f"data_config {what} has {len(values)} values but the model takes {channels} channels")
+
+
+def build_transforms(data_config: dict, *, is_training: bool, cifar_style: bool) -> Transform:
+    """PIL image -> normalized float tensor of shape ``data_config['input_size']``.
+
+    Args:
+        data_config: timm data config, e.g. ``timm.data.resolve_data_config({}, model=model)``; uses
+            ``input_size`` (C, H, W), ``mean``, ``std`` and, for timm transforms, ``interpolation``/``crop_pct``/...
+        is_training: training augmentation instead of the deterministic eval pipeline.
+        cifar_style: for small 32x32/28x28 models: RandomCrop(H, W, padding=4) + RandomHorizontalFlip when training,
+            plain ToTensor + Normalize for eval (images of another size are resized first). Otherwise timm's
+            ``create_transform`` (RandomResizedCrop etc. / resize + center crop).
+
+    Images are converted to 'L' or 'RGB' to match ``input_size[0]`` (1 or 3), so grayscale data trains an RGB model
+    and vice versa.
+    """
+    input_size = tuple(data_config.get("input_size", (3, 224, 224)))
+    if len(input_size) != 3:
+        raise DataError(f"data_config input_size must be (channels, height, width), got {input_size}")
+    channels, height, width = (int(v) for v in input_size)
+    modes = {1: "L", 3: "RGB"}
+    if channels not in modes:
+        raise DataError(f"models with {channels} input channels are not supported; expected 1 or 3")
+    mean = _fit_stats(data_config.get("mean", timm.data.IMAGENET_DEFAULT_MEAN), channels, "mean")
+    std = _fit_stats(data_config.get("std", timm.data.IMAGENET_DEFAULT_STD), channels, "std")
+    convert = ConvertMode(modes[channels])
+    if cifar_style:
+        steps: list[Callable] = [convert, EnsureSize((height, width))]
+        if is_training:
+            steps += [T.RandomCrop((height, width), padding=4), T.RandomHorizontalFlip()]
+        return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
+    accepted = inspect.signature(timm.data.create_transform).parameters
+    config = {k: v for k, v in data_config.items() if k in accepted and k != "is_training"}
+    config.update(input_size=(channels, height, width), mean=mean, std=std)
+    return T.Compose([convert, timm.data.create_transform(**config, is_training=is_training)])
+
+
+# ----------------------------------------------------------------------------------------------------------- loaders
+
+
+def _to_pil(value: Any) -> Image.Image:
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict) and (value.get("bytes") or value.get("path")):  # undecoded datasets.Image value
+        return Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
+    if isinstance(value, (str, os.PathLike)):
+        return Image.open(value)
+    arr = np.asarray(value)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+        arr = arr.transpose(1, 2, 0)  # CHW arrays (pixel_values columns) -> HWC for PIL
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.dtype != np.uint8:
+        scale = 255.0 if np.issubdtype(arr.dtype, np.floating) and arr.max(initial=0) <= 1.0 else 1.0
+        arr = np.clip(arr * scale, 0, 255).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+class _BatchTransform:
+    """``with_transform`` hook: decode + transform only the two used columns, lazily, per fetched batch."""
+
+    def __init__(self, image_column: str, label_column: str, transform: Callable) -> None:
+        self.image_column, self.label_column, self.transform = image_column, label_column, transform
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        return {"image": [self.transform(_to_pil(v)) for v in batch[self.image_column]],
+                "label": [int(v) for v in batch[self.label_column]]}
+
+
+class _StreamingImages(torch.utils.data.IterableDataset):
+    """Transforms a streamed ``datasets.IterableDataset`` example by example.
+
+    Iterating the wrapped dataset inside each DataLoader worker lets ``datasets`` give every worker its own shards;
+    ``set_epoch`` is forwarded so Accelerate's per-epoch call reshuffles the stream (seed + epoch).
+    """
+
+    def __init__(self, stream: datasets.IterableDataset, image_column: str, label_column: str,
+                 transform: Callable) -> None:
+        super().__init__()
+        self.stream, self.transform = stream, transform
+        self.image_column, self.label_column = image_column, label_column
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for example in self.stream:
+            yield {"image": self.transform(_to_pil(example[self.image_column])),
+                   "label": int(example[self.label_column])}
+
+
+def _collate(rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.stack([r["image"] for r in rows]).float()
+    labels = torch.tensor([r["label"] for r in rows], dtype=torch.long)
+    return images, labels
+
+
+def create_loader(ds: ImageDataset, split: str, transform: Callable, *, batch_size: int, shuffle: bool,
+                  num_workers: int = 0, seed: int = 0, drop_last: bool = False, shuffle_buffer: int = 10_000,
+                  pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """DataLoader over one split yielding ``(images float32 [B, C, H, W], labels int64 [B])``.
+
+    Map-style splits decode and transform lazily via ``with_transform`` and shuffle with a ``torch.Generator`` seeded
+    with ``seed``; streaming splits shuffle with a ``shuffle_buffer``-example buffer seeded with ``seed`` (call
+    ``set_epoch`` on the dataset, or Accelerate's ``loader.set_epoch``, to vary the order per epoch). Worker seeds
+    also derive from the generator, so with ``num_workers > 0`` the augmentation is reproducible too; with 0 workers
+    it uses the global torch RNG (seed it, e.g. ``accelerate.utils.set_seed``).
+    """
+    split_ds = ds.splits[_check_split(ds, split)]
+    generator = torch.Generator().manual_seed(seed)
+    common = dict(batch_size=batch_size, num_workers=num_workers, collate_fn=_collate, drop_last=drop_last,
+                  generator=generator, pin_memory=pin_memory)
+    if isinstance(split_ds, datasets.IterableDataset):
+        stream = split_ds.select_columns([ds.image_column, ds.label_column])
+        if shuffle:
+            stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer)
+        return torch.utils.data.DataLoader(_StreamingImages(stream, ds.image_column, ds.label_column, transform),
+                                           **common)
+    mapped = split_ds.with_transform(_BatchTransform(ds.image_column, ds.label_column, transform),
+                                     columns=[ds.image_column, ds.label_column])
+    return torch.utils.data.DataLoader(mapped, shuffle=shuffle, **common)
+
+
+# ------------------------------------------------------------------------------------------------------ Fashion-MNIST
+
+
+def _find_idx_file(directory: Path, stem: str) -> Path | None:
+    for candidate in (directory / stem, directory / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _read_idx(path: Path, magic: int) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or struct.unpack(">I", data[:4])[0] != magic:
+        found = struct.unpack(">I", data[:4])[0] if len(data) >= 4 else None
+        raise DataError(f"{path} is not an idx file with magic {magic} (found {found})")
+    ndim = magic & 0xFF  # low byte = number of dimensions, next byte 0x08 = unsigned bytes
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{path} is truncated: its idx header is incomplete")
+    dims = struct.unpack(f">{ndim}I", data[4:header])
+    array = np.frombuffer(data, dtype=np.uint8, offset=header)
+    if array.size != int(np.prod(dims)):
+        raise DataError(f"{path} holds {array.size} bytes of data but its header says {dims}")
+    return array.reshape(dims)
+
+
+def _png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _fashion_mnist_split(directory: Path, images_stem: str, labels_stem: str) -> datasets.Dataset:
+    images = _read_idx(_find_idx_file(directory, images_stem), _IDX_IMAGES_MAGIC)
+    labels = _read_idx(_find_idx_file(directory, labels_stem), _IDX_LABELS_MAGIC)
+    if len(images) != len(labels):
+        raise DataError(f"{images_stem} has {len(images)} images but {labels_stem} has {len(labels)} labels")
+    if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
+        raise DataError(f"{labels_stem} holds label {int(labels.max())}; Fashion-MNIST labels are 0-9")
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(
+        names=list(FASHION_MNIST_CLASSES))})
+    return datasets.Dataset.from_dict(
+        {"image": [{"bytes": _png_bytes(img), "path": None} for img in images], "label": labels.tolist()},
+        features=features)
+
+
+def fashion_mnist_to_disk(out_dir: str | os.PathLike, idx_dir: str | os.PathLike | None = None, *,
+                          overwrite: bool = False) -> Path:
+    """Convert Fashion-MNIST idx files into a ``save_to_disk`` ``DatasetDict`` (splits train/test).
+
+    Args:
+        out_dir: destination directory; written atomically (temp dir next to it, then renamed). If it already holds
+            a saved dataset it is returned unchanged unless ``overwrite``.
+        idx_dir: directory with ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``; default: where Debian's
+            ``dataset-fashion-mnist`` package puts them (``/usr/share/datasets/fashion-mnist``).
+        overwrite: replace an existing dataset at ``out_dir``.
+
+    Returns:
+        The resolved ``out_dir``, loadable with ``load_image_dataset`` (columns ``image``, ``label`` (ClassLabel)).
+    """
+    out = Path(out_dir).expanduser().resolve()
+    source = Path(idx_dir).expanduser() if idx_dir is not None else Path(FASHION_MNIST_APT_DIR)
+    stems = [stem for pair in _FASHION_MNIST_FILES.values() for stem in pair]
+    missing = [stem for stem in stems if _find_idx_file(source, stem) is None]
+    if missing:
+        raise DataError(f"Fashion-MNIST idx files not found in {source} (missing {', '.join(missing)}[.gz]); install "
+                        f"them with `{FASHION_MNIST_APT_HINT}` or pass the directory holding them")
+    if out.exists() and not overwrite:
+        if (out / "dataset_dict.json").is_file():
+            logger.info("%s already holds a saved dataset; not converting again", out)
+            return out
+        if out.is_file() or any(out.iterdir()):
+            raise DataError(f"{out} exists and is not a saved dataset; remove it or choose another output directory")
+    dataset = datasets.DatasetDict({split: _fashion_mnist_split(source, *files)
+                                    for split, files in _FASHION_MNIST_FILES.items()})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700; the renamed result should look like a plain mkdir
+    old = None
+    try:
+        dataset.save_to_disk(str(staging))
+        if out.exists():
+            # rename() cannot replace a non-empty directory: move the old one aside so the swap is two renames.
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / "dataset")
+        os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if old is not None and (old / "dataset").exists() and not out.exists():
+            os.rename(old / "dataset", out)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m timm_popup.data fashion-mnist OUT_DIR`` / ``python -m timm_popup.data inspect NAME_OR_PATH``."""
+    parser = argparse.ArgumentParser(prog="python -m timm_popup.data", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    fmnist = commands.add_parser("fashion-mnist", help="convert Debian's Fashion-MNIST idx files to save_to_disk")
+    fmnist.add_argument("out_dir")
+    fmnist.add_argument("--idx-dir", default=None, help=f"idx file directory (default {FASHION_MNIST_APT_DIR})")
+    fmnist.add_argument("--overwrite", action="store_true", help="replace an existing dataset in OUT_DIR")
+    show = commands.add_parser("inspect", help="load a dataset and print what was detected")
+    show.add_argument("name_or_path")
+    show.add_argument("--split", default=None)
+    show.add_argument("--image-column", default=None)
+    show.add_argument("--label-column", default=None)
+    show.add_argument("--streaming", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "fashion-mnist":
+            path = fashion_mnist_to_disk(args.out_dir, args.idx_dir, overwrite=args.overwrite)
+            print(load_image_dataset(path).describe())
+        else:
+            print(load_image_dataset(args.name_or_path, split=args.split, image_column=args.image_column,
+                                     label_column=args.label_column, streaming=args.streaming).describe())
+    except DataError as e:
+        parser.exit(2, f"error: {e}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
