@@ -74,7 +74,8 @@ def test_masked_weight_counts(name, count):
 
 def test_defaults_follow_the_paper_and_kwargs_pass_through():
     conv4 = timm.create_model("popup_conv4")
-    assert conv4.popup_cfg == dict(k=0.5, weight_init="signed_constant", seed=0, dense=[])
+    assert {k: conv4.popup_cfg[k] for k in ("k", "weight_init", "seed", "dense")} == dict(
+        k=0.5, weight_init="signed_constant", seed=0, dense=[])
     r18 = timm.create_model("popup_resnet18", k=0.7, weight_init="kaiming_normal", seed=4, num_classes=7)
     assert r18.popup_cfg["k"] == 0.7 and r18.num_classes == 7
     layer = r18.layer1[0].conv1

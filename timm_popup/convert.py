@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Sequence
 
 import torch
@@ -12,7 +13,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from .init import DEFAULT_WEIGHT_INIT, check_k, check_weight_init, random_weight
 from .layers import PopupConv2d, PopupLayer, PopupLinear
 
-__all__ = ["convert", "popup_layers", "EMBED_STD"]
+__all__ = ["convert", "reseed", "popup_layers", "EMBED_STD"]
 
 #: std of the frozen draw that replaces any other randomly initialised parameter (ViT's pos_embed,
 #: cls_token ...); timm initialises such embeddings with std 0.02.
@@ -28,6 +29,12 @@ def _freeze(module: nn.Module, name: str, value: torch.Tensor) -> None:
     """Replace parameter ``name`` of ``module`` by a non-trainable buffer holding ``value``."""
     delattr(module, name)
     module.register_buffer(name, value, persistent=False)
+
+
+def _embedding_draw(shape: torch.Size, seed: int, name: str) -> torch.Tensor:
+    """Frozen N(0, EMBED_STD) values for a non-conv/linear parameter, from the seeded generator."""
+    value = random_weight((1, math.prod(shape)), seed=seed, name=name, weight_init="kaiming_normal")
+    return (value * (EMBED_STD / math.sqrt(2.0))).reshape(shape)  # kaiming std at fan_in 1 is sqrt(2)
 
 
 def _set_child(model: nn.Module, qualname: str, child: nn.Module) -> None:
@@ -91,6 +98,7 @@ def convert(
         elif isinstance(module, nn.Linear):
             _set_child(model, name, PopupLinear.from_dense(module, **args))
 
+    redrawn = list(getattr(model, "popup_cfg", {}).get("redrawn", ()))
     for mod_name, module in model.named_modules():
         if isinstance(module, PopupLayer) or module in dense_modules:
             continue
@@ -104,15 +112,32 @@ def convert(
                 elif p.numel() and bool((p == p.flatten()[0]).all()):
                     value = p.detach().clone()
                 else:
-                    value = random_weight((1, p.numel()), seed=seed, name=qualname,
-                                          weight_init="kaiming_normal").reshape(p.shape)
-                    value = (value * (EMBED_STD / 2**0.5)).to(p.device, p.dtype)  # kaiming std is sqrt(2/1)
+                    value = _embedding_draw(p.shape, seed, qualname).to(p.device, p.dtype)
+                    redrawn.append(qualname)
             _freeze(module, p_name, value)
 
-    model.popup_cfg = dict(k=k, weight_init=weight_init, seed=int(seed), dense=list(dense))
+    old = getattr(model, "popup_cfg", {})
+    model.popup_cfg = dict(old, k=k, weight_init=weight_init, seed=int(seed), dense=list(dense), redrawn=redrawn)
     if hasattr(type(model), "reset_classifier") and not isinstance(
             model.__dict__.get("reset_classifier"), _PopupResetClassifier):
         model.reset_classifier = _PopupResetClassifier(model, type(model).reset_classifier)
+    return model
+
+
+def reseed(model: nn.Module, *, seed: int, k: float, weight_init: str) -> nn.Module:
+    """Regenerate a converted ``model``'s frozen random tensors for another seed / k / distribution."""
+    k, weight_init = check_k(k), check_weight_init(weight_init)
+    for name, layer in popup_layers(model).items():
+        weight = random_weight(layer.weight.shape, seed=seed, name=name, weight_init=weight_init, k=k)
+        layer.weight = weight.to(layer.weight.device)
+        layer.k, layer.weight_init, layer.seed = k, weight_init, int(seed)
+        layer._cache = None
+    for qualname in model.popup_cfg.get("redrawn", ()):
+        mod_name, _, attr = qualname.rpartition(".")
+        module = model.get_submodule(mod_name)
+        old = getattr(module, attr)
+        setattr(module, attr, _embedding_draw(old.shape, seed, qualname).to(old.device, old.dtype))
+    model.popup_cfg.update(k=k, weight_init=weight_init, seed=int(seed))
     return model
 
 

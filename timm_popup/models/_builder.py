@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Callable
 from typing import Any
 
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+from safetensors import SafetensorError
 from timm.models import build_model_with_cfg
 from torch import nn
 
 from ..convert import convert
 from ..init import DEFAULT_WEIGHT_INIT
+from ..masks import MaskError, filter_state_dict
 
-__all__ = ["build_popup", "popup_cfg", "CIFAR_K", "IMAGENET_K"]
+__all__ = ["build_popup", "popup_cfg", "CIFAR_K", "IMAGENET_K", "HUB_ORG"]
+
+#: where the project publishes its masks (registry tags' hf_hub_id)
+HUB_ORG = "timm-popup"
+# build_model_with_cfg's own arguments: not model arguments, never written to config.json
+_BUILDER_KEYS = {"pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "features_only", "out_indices",
+                 "feature_cls", "pretrained_strict", "feature_cfg", "kwargs_filter", "pretrained_model_args"}
+_POPUP_KEYS = ("k", "weight_init", "seed", "dense")
 
 CIFAR_K = 0.5  # the paper's default for its CIFAR-10 networks
 IMAGENET_K = 0.3  # the paper's ImageNet setting (Table 2, Figure 8)
@@ -36,19 +47,48 @@ def build_popup(
     variant: str,
     pretrained: bool = False,
     *,
-    k: float,
-    weight_init: str = DEFAULT_WEIGHT_INIT,
-    seed: int = 0,
-    dense: Sequence[str] = (),
+    default_k: float,
     **kwargs: Any,
 ) -> nn.Module:
     """Build ``model_cls(**kwargs)`` through timm's builder and convert it to edge-popup.
 
-    The conversion happens inside the class timm instantiates, so timm's pretrained loading and
-    features_only wrapping see the popup model.
+    ``k``, ``weight_init``, ``seed`` and ``dense`` in ``kwargs`` go to :func:`timm_popup.convert`; a mask
+    loaded with ``pretrained`` supplies the ones the caller did not give. The conversion happens inside the
+    class timm instantiates, so timm's pretrained loading and features_only wrapping see the popup model.
     """
+    popup = dict(k=default_k, weight_init=DEFAULT_WEIGHT_INIT, seed=0, dense=())
+    explicit = [key for key in _POPUP_KEYS if key in kwargs]
+    popup.update({key: kwargs.pop(key) for key in explicit})
+    model_args = {key: value for key, value in kwargs.items() if key not in _BUILDER_KEYS and _jsonable(value)}
 
     def popup_model_cls(**model_kwargs: Any) -> nn.Module:
-        return convert(model_cls(**model_kwargs), k=k, weight_init=weight_init, seed=seed, dense=dense)
+        model = model_cls(**model_kwargs)
+        model.popup_cfg = dict(explicit=explicit, model_args=model_args)
+        return convert(model, **popup)
 
-    return build_model_with_cfg(popup_model_cls, variant, pretrained, **kwargs)
+    try:
+        return build_model_with_cfg(popup_model_cls, variant, pretrained,
+                                    pretrained_filter_fn=filter_state_dict, **kwargs)
+    except SafetensorError as e:
+        raise MaskError(f"the mask file for {variant} is truncated or corrupt ({e}): download or copy it again") from e
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
+        source = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
+        if isinstance(e, FileNotFoundError) and source and not isinstance(e, LocalEntryNotFoundError):
+            raise MaskError(f"mask file {source} does not exist: pass the model.safetensors written by "
+                            "timm_popup.save_pretrained") from e
+        if not pretrained:
+            raise
+        reason = (str(e).splitlines() or [""])[0]
+        raise RuntimeError(
+            f"could not download the mask for {variant}: {type(e).__name__}: {reason}. "
+            f"The project may not have published it yet (see https://huggingface.co/{HUB_ORG}); load a local "
+            "mask with pretrained_cfg_overlay=dict(file='.../model.safetensors') or another one with "
+            "timm.create_model('hf-hub:org/name', pretrained=True)") from e
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True

@@ -92,8 +92,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _convnet(variant: str, pretrained: bool, stages: Sequence[int], **kwargs) -> nn.Module:
-    kwargs.setdefault("k", CIFAR_K)
-    return build_popup(ConvNet, variant, pretrained, stages=stages, **kwargs)
+    return build_popup(ConvNet, variant, pretrained, default_k=CIFAR_K, stages=stages, **kwargs)
 
 
 @register_model
@@ -127,5 +126,4 @@ def popup_conv8(pretrained: bool = False, **kwargs) -> ConvNet:
 @register_model
 def popup_fc(pretrained: bool = False, **kwargs) -> MLP:
     """LeNet-300-100 on 28x28 grayscale inputs (the official code's FC network)."""
-    model_args = dict(k=CIFAR_K)
-    return build_popup(MLP, "popup_fc", pretrained, **dict(model_args, **kwargs))
+    return build_popup(MLP, "popup_fc", pretrained, default_k=CIFAR_K, **kwargs)

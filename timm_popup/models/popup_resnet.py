@@ -6,7 +6,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
-from ._builder import CIFAR_K, IMAGENET_K, build_popup, popup_cfg
+from ._builder import CIFAR_K, HUB_ORG, IMAGENET_K, build_popup, popup_cfg
 
 
 def _resnet_cifar(**kwargs) -> ResNet:
@@ -20,26 +20,29 @@ def _resnet_cifar(**kwargs) -> ResNet:
 
 
 default_cfgs = generate_default_cfgs({
-    "popup_resnet18_cifar": popup_cfg(cifar=True),
+    "popup_resnet18_cifar.ep_k50_cifar10": popup_cfg(
+        cifar=True, hf_hub_id=f"{HUB_ORG}/popup_resnet18_cifar.ep_k50_cifar10"),
     "popup_resnet18": popup_cfg(),
     "popup_resnet34": popup_cfg(),
-    "popup_resnet50": popup_cfg(),
-    "popup_resnet101": popup_cfg(),
-    "popup_wide_resnet50_2": popup_cfg(),
+    # Tags name where the project publishes masks found at the paper's ImageNet setting (k=0.3, U_k).
+    "popup_resnet50.ep_k30_in1k": popup_cfg(hf_hub_id=f"{HUB_ORG}/popup_resnet50.ep_k30_in1k"),
+    "popup_resnet101.ep_k30_in1k": popup_cfg(hf_hub_id=f"{HUB_ORG}/popup_resnet101.ep_k30_in1k"),
+    "popup_wide_resnet50_2.ep_k30_in1k": popup_cfg(hf_hub_id=f"{HUB_ORG}/popup_wide_resnet50_2.ep_k30_in1k"),
     "popup_wide_resnet101_2": popup_cfg(),
 })
 
 
 def _resnet(variant: str, pretrained: bool, **kwargs) -> ResNet:
-    kwargs.setdefault("k", IMAGENET_K)
-    return build_popup(ResNet, variant, pretrained, feature_cfg=dict(flatten_sequential=True), **kwargs)
+    return build_popup(ResNet, variant, pretrained, default_k=IMAGENET_K, feature_cfg=dict(flatten_sequential=True),
+                       **kwargs)
 
 
 @register_model
 def popup_resnet18_cifar(pretrained: bool = False, **kwargs) -> ResNet:
     """ResNet-18 for 32x32 inputs (3x3 stem, no max-pool), as in the paper's appendix C.1."""
-    model_args = dict(block=BasicBlock, layers=(2, 2, 2, 2), k=CIFAR_K)
-    return build_popup(_resnet_cifar, "popup_resnet18_cifar", pretrained, **dict(model_args, **kwargs))
+    model_args = dict(block=BasicBlock, layers=(2, 2, 2, 2))
+    return build_popup(_resnet_cifar, "popup_resnet18_cifar", pretrained, default_k=CIFAR_K,
+                       **dict(model_args, **kwargs))
 
 
 @register_model

@@ -22,30 +22,31 @@ default_cfgs = generate_default_cfgs({
 @register_model
 def popup_vit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """ViT-Tiny/16: every linear layer score-masked; LayerNorms non-affine; embeddings frozen random."""
-    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, k=IMAGENET_K)
-    return build_popup(VisionTransformer, "popup_vit_tiny_patch16_224", pretrained, **dict(model_args, **kwargs))
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
+    return build_popup(VisionTransformer, "popup_vit_tiny_patch16_224", pretrained, default_k=IMAGENET_K,
+                       **dict(model_args, **kwargs))
 
 
 @register_model
 def popup_vit_small_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """ViT-Small/16 with random weights and learned top-k scores."""
-    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, k=IMAGENET_K)
-    return build_popup(VisionTransformer, "popup_vit_small_patch16_224", pretrained, **dict(model_args, **kwargs))
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    return build_popup(VisionTransformer, "popup_vit_small_patch16_224", pretrained, default_k=IMAGENET_K,
+                       **dict(model_args, **kwargs))
 
 
 # Layer scale off: a frozen layer-scale of 1e-6 would silence every residual branch.
 @register_model
 def popup_convnext_atto(pretrained: bool = False, **kwargs) -> ConvNeXt:
     """ConvNeXt-Atto with random weights and learned top-k scores (no layer scale)."""
-    model_args = dict(depths=(2, 2, 6, 2), dims=(40, 80, 160, 320), conv_mlp=True, ls_init_value=None,
-                      k=IMAGENET_K)
-    return build_popup(ConvNeXt, "popup_convnext_atto", pretrained, feature_cfg=dict(
+    model_args = dict(depths=(2, 2, 6, 2), dims=(40, 80, 160, 320), conv_mlp=True, ls_init_value=None)
+    return build_popup(ConvNeXt, "popup_convnext_atto", pretrained, default_k=IMAGENET_K, feature_cfg=dict(
         out_indices=(0, 1, 2, 3), flatten_sequential=True), **dict(model_args, **kwargs))
 
 
 @register_model
 def popup_convnext_tiny(pretrained: bool = False, **kwargs) -> ConvNeXt:
     """ConvNeXt-Tiny with random weights and learned top-k scores (no layer scale)."""
-    model_args = dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), ls_init_value=None, k=IMAGENET_K)
-    return build_popup(ConvNeXt, "popup_convnext_tiny", pretrained, feature_cfg=dict(
+    model_args = dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), ls_init_value=None)
+    return build_popup(ConvNeXt, "popup_convnext_tiny", pretrained, default_k=IMAGENET_K, feature_cfg=dict(
         out_indices=(0, 1, 2, 3), flatten_sequential=True), **dict(model_args, **kwargs))
