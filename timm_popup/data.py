@@ -242,44 +242,40 @@ def _features_and_columns(split_ds: Any) -> tuple[datasets.Features | None, list
     return None, list(first) if first else []
 
 
-def _detect_image_column(features: datasets.Features | None, columns: list[str], given: str | None,
-                         source: str) -> str:
+def _detect_column(kind: str, feature_type: type, names: tuple[str, ...], features: datasets.Features | None,
+                   candidates: list[str], columns: list[str], given: str | None, source: str) -> str:
+    """The ``kind`` (image/label) column: ``given``, else a ``feature_type`` feature, else a known name.
+
+    Among several typed columns the name list decides (CIFAR-100: fine_label before coarse_label).
+    """
     if given is not None:
         if given not in columns:
-            raise DataError(f"image column {given!r} not found in dataset {source!r}; columns are {columns}")
+            raise DataError(f"{kind} column {given!r} not found in dataset {source!r}; columns are {columns}")
         return given
     if features is not None:
-        image_cols = [c for c in columns if isinstance(features[c], datasets.Image)]
-        if image_cols:
-            return next((c for c in IMAGE_COLUMN_NAMES if c in image_cols), image_cols[0])
-    lowered = {c.lower(): c for c in columns}
-    for name in IMAGE_COLUMN_NAMES:
+        typed = [c for c in candidates if isinstance(features[c], feature_type)]
+        if typed:
+            return next((c for c in names if c in typed), typed[0])
+    lowered = {c.lower(): c for c in candidates}
+    for name in names:
         if name in lowered:
             return lowered[name]
-    raise DataError(f"no image column found in dataset {source!r} (no datasets.Image feature and none of "
-                    f"{list(IMAGE_COLUMN_NAMES)}); columns are {columns}; pass --image-column")
+    raise DataError(f"no {kind} column found in dataset {source!r} (no {feature_type.__name__} feature and none "
+                    f"of {list(names)}); columns are {columns}; pass --{kind}-column")
+
+
+def _detect_image_column(features: datasets.Features | None, columns: list[str], given: str | None,
+                         source: str) -> str:
+    return _detect_column("image", datasets.Image, IMAGE_COLUMN_NAMES, features, columns, columns, given, source)
 
 
 def _detect_label_column(features: datasets.Features | None, columns: list[str], given: str | None,
                          image_column: str, source: str) -> str:
-    if given is not None:
-        if given not in columns:
-            raise DataError(f"label column {given!r} not found in dataset {source!r}; columns are {columns}")
-        if given == image_column:
-            raise DataError(f"label column {given!r} is also the image column; pass a different --label-column")
-        return given
+    if given is not None and given == image_column:
+        raise DataError(f"label column {given!r} is also the image column; pass a different --label-column")
     candidates = [c for c in columns if c != image_column]
-    if features is not None:
-        class_cols = [c for c in candidates if isinstance(features[c], datasets.ClassLabel)]
-        if class_cols:
-            # CIFAR-100 has fine_label and coarse_label: the name list decides, fine_label before coarse_label.
-            return next((c for c in LABEL_COLUMN_NAMES if c in class_cols), class_cols[0])
-    lowered = {c.lower(): c for c in candidates}
-    for name in LABEL_COLUMN_NAMES:
-        if name in lowered:
-            return lowered[name]
-    raise DataError(f"no label column found in dataset {source!r} (no ClassLabel feature and none of "
-                    f"{list(LABEL_COLUMN_NAMES)}); columns are {columns}; pass --label-column")
+    return _detect_column("label", datasets.ClassLabel, LABEL_COLUMN_NAMES, features, candidates, columns, given,
+                          source)
 
 
 def _is_int_dtype(dtype: str) -> bool:
