@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from ._io import atomic_write
 from .convert import popup_layers, reseed
 from .init import GENERATOR_VERSION
 from .layers import num_kept
@@ -109,14 +109,8 @@ def save_masks(model: nn.Module, path: str | os.PathLike) -> Path:
     path = Path(path)
     tensors = mask_state_dict(model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt", "timm_popup_format": str(FORMAT_VERSION)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    metadata = {"format": "pt", "timm_popup_format": str(FORMAT_VERSION)}
+    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
     return path
 
 

@@ -34,7 +34,9 @@ def popup_cfg(url: str = "", *, cifar: bool = False, **kwargs: Any) -> dict[str,
     """A pretrained cfg; ``cifar`` gives the 32x32, 10-class defaults of the paper's small nets."""
     cfg = dict(url=url, num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
                interpolation="bilinear", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-               first_conv="conv1", classifier="fc", license="apache-2.0")
+               first_conv="conv1", classifier="fc", license="apache-2.0",
+               # only the mask file: no fallback to pytorch_model.bin, and one failed lookup instead of two
+               hf_hub_filename="model.safetensors")
     if cifar:
         cfg.update(num_classes=10, input_size=(3, 32, 32), pool_size=None, crop_pct=1.0,
                    mean=_CIFAR_MEAN, std=_CIFAR_STD)

@@ -1,0 +1,289 @@
+"""Artifacts through all four timm loading routes, pushed to and downloaded from a loopback Hub, and model cards.
+
+huggingface_hub reads HF_ENDPOINT / HF_HUB_OFFLINE at import, so every client runs in a fresh subprocess, which
+is also the "fresh process" the round trip must survive: nothing but the artifact files crosses over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+from huggingface_hub import ModelCard
+
+import timm_popup
+from timm_popup.masks import MaskError
+
+try:
+    from hub_server import HubServer
+except ImportError:  # tests/ turned into a package
+    from tests.hub_server import HubServer
+
+TIMEOUT = 240
+ORG = "popup-tests"
+# name -> (architecture, build kwargs, input size, registry name whose hf_hub_id serves it, or None)
+MODELS = {
+    "cifar": ("popup_resnet18_cifar", dict(seed=5), 32, "popup_resnet18_cifar.ep_k50_cifar10"),
+    "resnet": ("popup_resnet18", dict(seed=3, k=0.4, num_classes=10), 32, None),
+    "vit": ("popup_vit_tiny_patch16_224", dict(seed=11, img_size=32, num_classes=10), 32, None),
+}
+METRICS, DATASET = {"top1": 91.25, "top5": 99.5, "loss": 0.31}, "uoft-cs/cifar10"
+RECIPE = {"method": "edge-popup", "epochs": 100, "lr": 0.1, "batch_size": 128}
+
+
+def _trained_looking(arch: str, kwargs: dict, size: int) -> torch.nn.Module:
+    """Scores moved away from their init and BN statistics updated, as after training."""
+    model = timm.create_model(arch, **kwargs)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    model.train()(torch.randn(4, 3, size, size))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """Each model saved with save_pretrained, with an input batch and its logits kept beside it."""
+    root = tmp_path_factory.mktemp("artifacts")
+    torch.manual_seed(0)
+    out = {}
+    for name, (arch, kwargs, size, _) in MODELS.items():
+        model = _trained_looking(arch, kwargs, size)
+        directory = timm_popup.save_pretrained(model, root / name, metrics=METRICS, dataset=DATASET, recipe=RECIPE)
+        x = torch.randn(3, 3, size, size)
+        with torch.no_grad():
+            safetensors.torch.save_file({"x": x, "y": model(x), "features": model.forward_features(x)},
+                                        str(root / f"{name}.io.safetensors"))
+        out[name] = directory
+    return root, out
+
+
+def _client_env(endpoint: str, hf_home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(hf_home), HF_TOKEN="dummy-token", HF_HUB_DISABLE_TELEMETRY="1",
+               HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY="127.0.0.1,localhost",
+               no_proxy="127.0.0.1,localhost", **extra)
+    return env
+
+
+def _run(code: str, env: dict[str, str], spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert proc.returncode == 0, f"client failed (rc={proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# Runs in a fresh process: compare the logits of every route with the saving model's.
+_ROUTES = r"""
+import json, sys
+import safetensors.torch, timm, torch
+import timm_popup
+
+spec = json.loads(sys.argv[1])
+results = {}
+for name, m in spec["models"].items():
+    io = safetensors.torch.load_file(m["io"])
+    kwargs = m["kwargs"]
+    routes = {}
+    for route in spec["routes"]:
+        if route == "registry":
+            if m["registry"]:  # a real pretrained tag of the registry, its hf_hub_id served by the loopback hub
+                model = timm.create_model(m["registry"], pretrained=True, **kwargs)
+            else:  # the same mechanism for a family without a tag: hf_hub_id in the pretrained cfg
+                model = timm.create_model(m["arch"], pretrained=True, **kwargs,
+                                          pretrained_cfg_overlay=dict(hf_hub_id=m["repo"]))
+        elif route == "file":
+            model = timm.create_model(m["arch"], pretrained=True, **kwargs,
+                                      pretrained_cfg_overlay=dict(file=m["dir"] + "/model.safetensors"))
+        elif route == "local-dir":
+            model = timm.create_model("local-dir:" + m["dir"], pretrained=True)
+        elif route == "hf-hub":
+            model = timm.create_model("hf-hub:" + m["repo"], pretrained=True)
+        elif route == "hf-hub-4-classes":
+            model = timm.create_model("hf-hub:" + m["repo"], pretrained=True, num_classes=4)
+        model.eval()
+        with torch.no_grad():
+            if route.endswith("classes"):
+                ok = torch.equal(model.forward_features(io["x"]), io["features"]) and model.num_classes == 4
+            else:
+                ok = torch.equal(model(io["x"]), io["y"])
+        routes[route] = dict(equal=bool(ok), seed=model.popup_cfg["seed"], k=model.popup_cfg["k"])
+    results[name] = routes
+print(json.dumps(results))
+"""
+
+_PUSH = r"""
+import json, sys
+import timm_popup
+from huggingface_hub import HfApi, ModelCard, hf_hub_download
+
+spec = json.loads(sys.argv[1])
+urls, cards = {}, {}
+for name, m in spec["models"].items():
+    urls[name] = timm_popup.push_artifact(m["dir"], m["repo"])
+    files = sorted(HfApi().list_repo_files(m["repo"]))
+    card = ModelCard.load(hf_hub_download(m["repo"], "README.md"))
+    cards[name] = dict(files=files, data=card.data.to_dict(), text=card.text)
+print(json.dumps(dict(urls=urls, cards=cards)))
+"""
+
+
+def _spec(artifacts, repos: dict[str, str]) -> dict:
+    root, dirs = artifacts
+    return {"models": {name: dict(arch=arch, kwargs={k: v for k, v in kw.items() if k in ("num_classes", "img_size")},
+                                  registry=registry, repo=repos[name], dir=str(dirs[name]),
+                                  io=str(root / f"{name}.io.safetensors"))
+                       for name, (arch, kw, _, registry) in MODELS.items()}}
+
+
+def _repos() -> dict[str, str]:
+    from timm.models import get_pretrained_cfg
+
+    return {name: get_pretrained_cfg(registry).hf_hub_id if registry else f"{ORG}/{name}-mask"
+            for name, (_, _, _, registry) in MODELS.items()}
+
+
+def test_push_then_load_through_all_routes_online_and_offline(artifacts, tmp_path):
+    repos = _repos()
+    spec = _spec(artifacts, repos)
+    with HubServer() as endpoint:
+        env = _client_env(endpoint, tmp_path / "hf_home")
+        pushed = _run(_PUSH, env, spec)
+        spec["routes"] = ["registry", "file", "local-dir", "hf-hub", "hf-hub-4-classes"]
+        online = _run(_ROUTES, env, spec)
+    # the server is gone: the same cache must serve the Hub routes with HF_HUB_OFFLINE=1
+    spec["routes"] = ["registry", "hf-hub"]
+    offline = _run(_ROUTES, _client_env("http://127.0.0.1:9", tmp_path / "hf_home", HF_HUB_OFFLINE="1"), spec)
+
+    for name, (_, kwargs, _, _) in MODELS.items():
+        assert pushed["urls"][name].startswith(endpoint) and repos[name] in pushed["urls"][name]
+        assert pushed["cards"][name]["files"] == [".gitattributes", "README.md", "config.json", "model.safetensors"]
+        for results in (online[name], offline[name]):
+            for route, r in results.items():
+                assert r["equal"], (name, route)
+                assert r["seed"] == kwargs["seed"] and r["k"] == kwargs.get("k", 0.5 if name == "cifar" else 0.3)
+
+
+def test_uploaded_card_parses_and_carries_metadata_and_metrics(artifacts, tmp_path):
+    repos = _repos()
+    spec = _spec(artifacts, repos)
+    spec["models"] = {"vit": spec["models"]["vit"]}
+    with HubServer() as endpoint:
+        card = _run(_PUSH, _client_env(endpoint, tmp_path / "hf_home"), spec)["cards"]["vit"]
+    data = card["data"]
+    assert data["library_name"] == "timm" and data["license"] == "apache-2.0"
+    assert data["tags"] == ["image-classification", "timm", "edge-popup", "supermask"]
+    assert data["datasets"] == [DATASET]
+    results = data["model-index"][0]["results"][0]
+    assert results["task"]["type"] == "image-classification" and results["dataset"]["type"] == DATASET
+    assert {m["name"]: m["value"] for m in results["metrics"]} == {"Top-1 accuracy": 91.25, "Top-5 accuracy": 99.5}
+    text = card["text"]
+    # the pushed card names the repo it landed in, and the body carries what a user needs
+    assert f'timm.create_model("hf-hub:{repos["vit"]}", pretrained=True)' in text
+    for expected in ("| seed | 11 |", "| k (fraction of weights KEPT, per layer) | 0.3 |", "`signed_constant`",
+                     "| lr | `0.1` |", "| epochs | `100` |", "ramanujan2020s", "x larger)"):
+        assert expected in text, expected
+
+
+def test_local_card_and_config(artifacts):
+    _, dirs = artifacts
+    card = ModelCard.load(dirs["cifar"] / "README.md")
+    assert card.data.library_name == "timm" and card.data.eval_results[0].metric_value == 91.25
+    assert f'"local-dir:{dirs["cifar"].name}"' in card.text
+    config = json.loads((dirs["cifar"] / "config.json").read_text())
+    assert config["architecture"] == "popup_resnet18_cifar"
+    assert config["model_args"]["seed"] == 5 and config["model_args"]["k"] == 0.5
+    assert config["timm_popup"]["metrics"] == METRICS and config["timm_popup"]["recipe"] == RECIPE
+    assert sorted(p.name for p in dirs["cifar"].iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+
+def test_wide_resnet50_2_artifact_is_under_9_mb(tmp_path):
+    model = timm.create_model("popup_wide_resnet50_2")
+    directory = timm_popup.save_pretrained(model, tmp_path / "wrn")
+    size = (directory / "model.safetensors").stat().st_size
+    assert size <= 9.0e6, size  # the fp32 dense checkpoint is ~276 MB
+    assert 68_814_016 / 8 < size  # one bit per masked weight, plus BN statistics
+    config = json.loads((directory / "config.json").read_text())
+    assert config["timm_popup"]["dense_bytes"] > 270e6
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_ERROR = r"""
+import json, sys
+import timm, timm_popup
+spec = json.loads(sys.argv[1])
+try:
+    if spec["what"] == "push":
+        timm_popup.push_artifact(spec["dir"], spec["repo"])
+    else:
+        timm.create_model(spec["name"], pretrained=True)
+    print(json.dumps({"error": None}))
+except Exception as e:
+    print(json.dumps({"error": type(e).__name__, "message": str(e)}))
+"""
+
+
+def test_wrong_repo_unpublished_tag_and_unreachable_endpoint_are_clear_errors(artifacts, tmp_path):
+    _, dirs = artifacts
+    dead = _client_env(f"http://127.0.0.1:{_closed_port()}", tmp_path / "hf_home2")
+    # huggingface_hub retries a refused connection with backoff (~23 s, not configurable): run it alongside
+    slow = subprocess.Popen([sys.executable, "-c", _ERROR, json.dumps({"what": "load", "name": _repos_registry()})],
+                            env=dead, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with HubServer() as endpoint:
+            env = _client_env(endpoint, tmp_path / "hf_home")
+            missing_repo = _run(_ERROR, env, {"what": "load", "name": f"hf-hub:{ORG}/no-such-mask"})
+            unpublished = _run(_ERROR, env, {"what": "load", "name": "popup_resnet50.ep_k30_in1k"})
+        pushed = _run(_ERROR, dead, {"what": "push", "dir": str(dirs["cifar"]), "repo": f"{ORG}/x"})
+        out, err = slow.communicate(timeout=TIMEOUT)
+    finally:
+        slow.kill()
+    loaded = json.loads(out.strip().splitlines()[-1])
+    assert missing_repo["error"] == "RepositoryNotFoundError" and f"{ORG}/no-such-mask" in missing_repo["message"]
+    assert unpublished["error"] == "RuntimeError"
+    assert "may not have published it yet" in unpublished["message"] and "hf-hub:" in unpublished["message"]
+    assert pushed["error"] == "RuntimeError" and "could not push to popup-tests/x on http://127.0.0.1:" in \
+        pushed["message"], pushed
+    assert loaded["error"] == "RuntimeError" and "could not download the mask" in loaded["message"], (loaded, err)
+    assert "pytorch_model.bin" not in err  # only the safetensors mask is ever looked up
+
+
+def _repos_registry() -> str:
+    return MODELS["cifar"][3]
+
+
+def test_push_refuses_a_folder_that_is_not_a_valid_artifact(artifacts, tmp_path):
+    _, dirs = artifacts
+    with pytest.raises(MaskError, match="not a timm-popup artifact .*missing config.json, model.safetensors"):
+        timm_popup.push_artifact(tmp_path, f"{ORG}/x")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (broken / name).write_bytes((dirs["cifar"] / name).read_bytes())
+    data = bytearray((broken / "model.safetensors").read_bytes())
+    data[-5] ^= 0xFF
+    (broken / "model.safetensors").write_bytes(bytes(data))
+    # checked before any network call: HF_ENDPOINT is not even set up for this process
+    with pytest.raises(MaskError, match="checksum does not match"):
+        timm_popup.push_artifact(broken, f"{ORG}/x")
+
+
+def test_save_pretrained_bad_inputs(tmp_path):
+    with pytest.raises(MaskError, match="no popup layers"):
+        timm_popup.save_pretrained(timm.create_model("resnet18"), tmp_path / "dense")
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(OSError, match="cannot create the output directory .*choose a writable path"):
+        timm_popup.save_pretrained(timm.create_model("popup_conv2"), tmp_path / "file" / "out")
