@@ -287,3 +287,47 @@ def test_save_pretrained_bad_inputs(tmp_path):
     (tmp_path / "file").write_text("not a directory")
     with pytest.raises(OSError, match="cannot create the output directory .*choose a writable path"):
         timm_popup.save_pretrained(timm.create_model("popup_conv2"), tmp_path / "file" / "out")
+
+
+_PICKLE_TRAP = r"""
+import json, os, pickle, sys
+from pathlib import Path
+from huggingface_hub import HfApi
+import timm, timm_popup
+
+spec = json.loads(sys.argv[1])
+marker = Path(spec["marker"])
+
+
+class Trap:
+    def __reduce__(self):  # unpickling this runs code: it must never happen
+        return (os.system, (f"touch {marker}",))
+
+
+api = HfApi()
+for repo in spec["repos"]:
+    api.create_repo(repo, exist_ok=True)
+    api.upload_file(path_or_fileobj=pickle.dumps({"weight": Trap()}), path_in_repo="pytorch_model.bin", repo_id=repo)
+    api.upload_file(path_or_fileobj=spec["config"].encode(), path_in_repo="config.json", repo_id=repo)
+errors = []
+for name in spec["names"]:
+    try:
+        timm.create_model(name, pretrained=True)
+        errors.append(None)
+    except Exception as e:
+        errors.append(type(e).__name__)
+print(json.dumps({"errors": errors, "unpickled": marker.exists()}))
+"""
+
+
+def test_a_repo_holding_only_a_pickle_is_never_unpickled(artifacts, tmp_path):
+    """Registry and hf-hub: ask for model.safetensors only; timm's pytorch_model.bin fallback is never reached."""
+    _, dirs = artifacts
+    registry_repo = _repos()["cifar"]
+    spec = dict(marker=str(tmp_path / "unpickled"), config=(dirs["cifar"] / "config.json").read_text(),
+                repos=[registry_repo, f"{ORG}/pickle-only"],
+                names=[MODELS["cifar"][3], f"hf-hub:{ORG}/pickle-only"])
+    with HubServer() as endpoint:
+        result = _run(_PICKLE_TRAP, _client_env(endpoint, tmp_path / "hf_home"), spec)
+    assert result["errors"] == ["RuntimeError", "RuntimeError"], result  # "could not download the mask ..."
+    assert not result["unpickled"] and not (tmp_path / "unpickled").exists()
