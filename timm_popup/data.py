@@ -33,7 +33,8 @@ from torchvision import transforms as T
 
 __all__ = [
     "DataError", "ImageDataset", "load_image_dataset", "build_transforms", "create_loader", "fashion_mnist_to_disk",
-    "FASHION_MNIST_CLASSES", "FASHION_MNIST_APT_DIR",
+    "FASHION_MNIST_CLASSES", "FASHION_MNIST_APT_DIR", "BUILTIN_DATASETS", "resolve_dataset", "default_cache_dir",
+    "peek_image", "channel_stats",
 ]
 
 logger = logging.getLogger(__name__)
@@ -382,6 +383,79 @@ def _num_rows(split: str, split_ds: Any) -> int | None:
     return None
 
 
+def peek_image(ds: ImageDataset, split: str) -> Image.Image:
+    """The first image of ``split`` as a PIL image (its size and mode tell a small model what to expect)."""
+    split_ds = ds.splits[_check_split(ds, split)]
+    if isinstance(split_ds, datasets.IterableDataset):
+        first = next(iter(split_ds.take(1)), None)
+    else:
+        first = split_ds[0] if len(split_ds) else None
+    if first is None:
+        raise DataError(f"split {split!r} of dataset {ds.source!r} is empty")
+    return _to_pil(first[ds.image_column])
+
+
+def channel_stats(ds: ImageDataset, split: str, input_size: Sequence[int], *, max_images: int = 1000,
+                  seed: int = 0) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of ``split``'s pixels in [0, 1], as a model of ``input_size`` (C, H, W) sees them
+    (converted to 'L' / 'RGB', resized), from a seeded sample of at most ``max_images`` images, rounded to 4 places.
+
+    For the paper's small networks, which have no normalisation layer, inputs of zero mean and unit variance keep
+    the random weights' activations at the scale their distribution assumes; CIFAR's statistics are far off for,
+    e.g., Fashion-MNIST.
+    """
+    split_ds = ds.splits[_check_split(ds, split)]
+    channels, height, width = (int(v) for v in input_size)
+    to_tensor = T.Compose([ConvertMode("L" if channels == 1 else "RGB"), EnsureSize((height, width)), T.ToTensor()])
+    if isinstance(split_ds, datasets.IterableDataset):
+        rows = (example[ds.image_column] for example in split_ds.take(max_images))
+    else:
+        n = len(split_ds)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_images].tolist()
+        rows = (split_ds[i][ds.image_column] for i in sorted(order))
+    total = torch.zeros(channels, dtype=torch.float64)
+    total_sq = torch.zeros(channels, dtype=torch.float64)
+    count = 0
+    for value in rows:
+        pixels = to_tensor(_to_pil(value)).to(torch.float64).flatten(1)
+        total += pixels.sum(1)
+        total_sq += pixels.square().sum(1)
+        count += pixels.shape[1]
+    if count == 0:
+        raise DataError(f"split {split!r} of dataset {ds.source!r} is empty")
+    mean = total / count
+    std = (total_sq / count - mean.square()).clamp_min(1e-12).sqrt()
+    return tuple(round(float(v), 4) for v in mean), tuple(round(max(float(v), 1e-3), 4) for v in std)
+
+
+# ---------------------------------------------------------------------------------------------- built-in datasets
+
+#: Names ``resolve_dataset`` builds locally on first use, with the Hub id of the same data (for model cards).
+BUILTIN_DATASETS = {"fashion-mnist": "zalando-datasets/fashion_mnist"}
+
+
+def default_cache_dir() -> Path:
+    """Where built-in datasets are converted to: ``$TIMM_POPUP_CACHE``, else ``$XDG_CACHE_HOME/timm-popup``."""
+    if os.environ.get("TIMM_POPUP_CACHE"):
+        return Path(os.environ["TIMM_POPUP_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "timm-popup"
+
+
+def resolve_dataset(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
+    """What to pass to ``load_image_dataset`` for ``name_or_path``.
+
+    A built-in name (``fashion-mnist``: Debian's ``dataset-fashion-mnist`` files, nothing downloaded) is converted
+    into ``cache_dir`` (default :func:`default_cache_dir`) on first use and its directory returned; an existing local
+    path of that name wins. Anything else is returned unchanged. Concurrent first uses are safe (the conversion is
+    written to a temp dir and renamed), but let one process go first to avoid converting twice.
+    """
+    name = os.fspath(name_or_path)
+    if name not in BUILTIN_DATASETS or Path(name).exists():
+        return name
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return str(fashion_mnist_to_disk(cache / name))
+
+
 # -------------------------------------------------------------------------------------------------------- transforms
 
 
@@ -523,7 +597,7 @@ def _collate(rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def create_loader(ds: ImageDataset, split: str, transform: Callable, *, batch_size: int, shuffle: bool,
                   num_workers: int = 0, seed: int = 0, drop_last: bool = False, shuffle_buffer: int = 10_000,
-                  pin_memory: bool = False) -> torch.utils.data.DataLoader:
+                  pin_memory: bool = False, num_shards: int = 1, shard_index: int = 0) -> torch.utils.data.DataLoader:
     """DataLoader over one split yielding ``(images float32 [B, C, H, W], labels int64 [B])``.
 
     Map-style splits decode and transform lazily via ``with_transform`` and shuffle with a ``torch.Generator`` seeded
@@ -531,17 +605,29 @@ def create_loader(ds: ImageDataset, split: str, transform: Callable, *, batch_si
     ``set_epoch`` on the dataset, or Accelerate's ``loader.set_epoch``, to vary the order per epoch). Worker seeds
     also derive from the generator, so with ``num_workers > 0`` the augmentation is reproducible too; with 0 workers
     it uses the global torch RNG (seed it, e.g. ``accelerate.utils.set_seed``).
+
+    ``num_shards`` / ``shard_index`` keep one process's part of the split (contiguous rows of a map-style split; for a
+    stream, whole shards when they divide evenly, else every ``num_shards``-th example), so that each of several
+    processes reads and decodes only its own images.
     """
     split_ds = ds.splits[_check_split(ds, split)]
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index {shard_index} is outside 0..{num_shards - 1}")
     generator = torch.Generator().manual_seed(seed)
     common = dict(batch_size=batch_size, num_workers=num_workers, collate_fn=_collate, drop_last=drop_last,
                   generator=generator, pin_memory=pin_memory)
     if isinstance(split_ds, datasets.IterableDataset):
+        if num_shards > 1:
+            from datasets.distributed import split_dataset_by_node
+
+            split_ds = split_dataset_by_node(split_ds, rank=shard_index, world_size=num_shards)
         stream = split_ds.select_columns([ds.image_column, ds.label_column])
         if shuffle:
             stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer)
         return torch.utils.data.DataLoader(_StreamingImages(stream, ds.image_column, ds.label_column, transform),
                                            **common)
+    if num_shards > 1:
+        split_ds = split_ds.shard(num_shards=num_shards, index=shard_index, contiguous=True)
     mapped = split_ds.with_transform(_BatchTransform(ds.image_column, ds.label_column, transform),
                                      columns=[ds.image_column, ds.label_column])
     return torch.utils.data.DataLoader(mapped, shuffle=shuffle, **common)

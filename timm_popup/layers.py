@@ -98,6 +98,9 @@ class PopupLayer:
     weight_init: str
     seed: int
     popup_name: str
+    #: Set by ``timm_popup.methods`` for the learned-dense baseline: ``weight`` is then a trainable
+    #: ``nn.Parameter`` used as it is and the layer has no scores. Edge-popup never sets it.
+    dense_weight: bool = False
 
     def _make_popup(self, *, k: float, weight_init: str, seed: int, name: str) -> None:
         shape, device = self.weight.shape, self.weight.device
@@ -125,12 +128,16 @@ class PopupLayer:
 
     def get_mask(self) -> torch.Tensor:
         """The current boolean mask (shape of ``weight``): True where the weight is kept."""
+        if self.dense_weight:
+            return torch.ones_like(self.weight, dtype=torch.bool)
         if self.training:
             return topk_mask(self.scores, self.k)
         return self._cached()[1]
 
     def masked_weight(self) -> torch.Tensor:
         """``weight * mask``; differentiable (straight-through) with respect to the scores."""
+        if self.dense_weight:
+            return self.weight
         if self.training or (torch.is_grad_enabled() and self.scores.requires_grad):
             mask = topk_mask(self.scores, self.k) if self.training else self._cached()[1]
             return _StraightThrough.apply(self.scores, self.weight, mask)

@@ -109,7 +109,7 @@ def save_masks(model: nn.Module, path: str | os.PathLike) -> Path:
     path = Path(path)
     tensors = mask_state_dict(model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": "pt", "timm_popup_format": str(FORMAT_VERSION)}
+    metadata = {"format": "pt"}  # one key: safetensors writes a metadata map in random order, i.e. other bytes
     atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
     return path
 

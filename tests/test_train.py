@@ -1,0 +1,499 @@
+"""train_accelerate.py end to end on tiny generated datasets (CPU, nothing downloaded), and timm_popup.train.
+
+The expensive runs (``accelerate launch`` subprocesses) are module-scoped fixtures shared by several tests:
+one uninterrupted single-process run (which also pushes to a loopback Hub), a run killed after its first
+checkpoint and resumed, and a 2-process bf16 run. Cheaper variants run in-process through ``main(argv)``.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before datasets / huggingface_hub are imported: both read these once, at import time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import datasets  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import safetensors.torch  # noqa: E402
+import timm  # noqa: E402
+import timm.data  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import timm_popup  # noqa: E402
+from timm_popup import train  # noqa: E402
+from timm_popup.data import load_image_dataset  # noqa: E402
+from timm_popup.methods import get_method, load_dense  # noqa: E402
+
+try:
+    from hub_server import HubServer
+except ImportError:  # tests/ turned into a package
+    from tests.hub_server import HubServer
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "train_accelerate.py"
+TIMEOUT = 300
+CLASSES = ["red", "green", "blue", "square"]
+# popup_conv2 at 1/8 width: 8-channel convs, a few ms per step on a CPU.
+TINY = ["--model", "popup_conv2", "--model-kwargs", "width=0.125", "--batch-size", "16", "--workers", "0",
+        "--log-every", "1"]
+REPO = "popup-tests/conv2-run"
+
+
+def _images(n: int, seed: int, size: int = 32, mode: str = "RGB") -> tuple[list[Image.Image], list[int]]:
+    """Noisy images whose class shows as a tinted channel (or a bright square): learnable, not trivial."""
+    rng = np.random.default_rng(seed)
+    labels = [i % len(CLASSES) for i in range(n)]
+    images = []
+    for y in labels:
+        a = rng.integers(0, 140, (size, size, 3)).astype(np.uint8)
+        if y < 3:
+            a[:, :, y] += rng.integers(30, 100, dtype=np.uint8)
+        else:
+            a[size // 4: 3 * size // 4, size // 4: 3 * size // 4] += 80
+        img = Image.fromarray(a)
+        images.append(img.convert(mode) if mode != "RGB" else img)
+    return images, labels
+
+
+def _split(n: int, seed: int, *, image_col: str = "image", label_col: str = "label", **kwargs) -> datasets.Dataset:
+    images, labels = _images(n, seed, **kwargs)
+    features = datasets.Features({image_col: datasets.Image(), label_col: datasets.ClassLabel(names=CLASSES)})
+    return datasets.Dataset.from_dict({image_col: images, label_col: labels}, features=features)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "shapes"
+    datasets.DatasetDict({"train": _split(96, 0), "test": _split(48, 1)}).save_to_disk(str(path))
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _accelerate() -> str:
+    local = Path(sys.executable).parent / "accelerate"
+    return str(local) if local.exists() else (shutil.which("accelerate") or "accelerate")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "ACCELERATE_"))}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", TQDM_DISABLE="1",
+               PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def _launch_cmd(args: list[str], processes: int = 1, precision: str = "no") -> list[str]:
+    flags = ["--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", precision,
+             "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    if processes > 1:
+        flags.insert(0, "--multi_gpu")
+    return [_accelerate(), "launch", *flags, str(SCRIPT), *args]
+
+
+def _launch(args: list[str], *, processes: int = 1, precision: str = "no", env: dict | None = None) -> str:
+    proc = subprocess.run(_launch_cmd(args, processes, precision), cwd=ROOT, env=env or _env(), capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"rc={proc.returncode}\n{out[-6000:]}"
+    return out
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / train.METRICS_JSONL).read_text().splitlines()]
+
+
+def _masks(run: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in safetensors.torch.load_file(str(run / "model.safetensors")).items()
+            if k.endswith(".mask")}
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("train_accelerate", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def script():
+    return _load_script()
+
+
+@pytest.fixture
+def in_process(script, monkeypatch):
+    """Run ``main(argv)`` here: a fresh Accelerate state each time, the global RNG left as it was."""
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    rng = torch.get_rng_state()
+
+    def run(argv: list[str]) -> int:
+        AcceleratorState._reset_state(True)
+        return script.main(argv)
+
+    yield run
+    AcceleratorState._reset_state(True)
+    torch.set_rng_state(rng)
+
+
+# ------------------------------------------------------------------------------------------- the main run
+
+
+MAIN_ARGS = [*TINY, "--epochs", "3", "--keep-checkpoints", "2", "--seed", "7"]
+
+
+@pytest.fixture(scope="module")
+def main_run(data, tmp_path_factory):
+    """One uninterrupted `accelerate launch` run (3 epochs), pushed to a loopback Hub at the end."""
+    out = tmp_path_factory.mktemp("main") / "run"
+    server = HubServer()
+    url = server.start()
+    try:
+        env = _env(HF_ENDPOINT=url, HF_TOKEN="dummy-token", HF_HOME=str(out.parent / "hf"), HF_HUB_DISABLE_XET="1",
+                   NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+        env.pop("HF_HUB_OFFLINE")
+        log = _launch([*MAIN_ARGS, "--dataset", str(data), "--output-dir", str(out), "--push-to-hub", REPO], env=env)
+        repo = server.root / "repos" / "model" / REPO
+        head = json.loads((repo / "refs.json").read_text())["main"]
+        tree = json.loads((repo / "commits" / f"{head}.json").read_text())["tree"]
+        pushed = {path: (server.root / "objects" / e["oid"][:2] / e["oid"][2:]).read_bytes()
+                  for path, e in tree.items()}
+    finally:
+        server.stop()
+    return out, log, pushed
+
+
+def test_artifact_loads_and_reproduces_logged_accuracy(main_run, data):
+    out, log, _ = main_run
+    assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in out.iterdir()}
+    rows = _rows(out)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    config = json.loads((out / "config.json").read_text())
+    # the artifact is config.json (preprocessing: the data's own mean/std) + model.safetensors (the mask)
+    preprocessing = {key: tuple(config["pretrained_cfg"][key]) for key in ("mean", "std")}
+    assert preprocessing["mean"] != timm.models.get_pretrained_cfg("popup_conv2").mean
+    model = timm.create_model("popup_conv2", pretrained=True, width=0.125, num_classes=len(CLASSES),
+                              pretrained_cfg_overlay=dict(file=str(out / "model.safetensors"), **preprocessing))
+    ds = train.load_data(str(data))
+    _, val_loader = train.build_loaders(ds, timm.data.resolve_data_config({}, model=model), batch_size=16, workers=0,
+                                        seed=0)
+    measured = train.evaluate(model, val_loader)
+    assert measured["top1"] == rows[-1]["val_top1"]
+    assert measured["top5"] == rows[-1]["val_top5"]
+    assert measured["loss"] == pytest.approx(rows[-1]["val_loss"], rel=1e-5)
+    assert 25 < measured["top1"] <= 100  # it learned something on 4 classes
+    assert config["timm_popup"]["metrics"]["top1"] == rows[-1]["val_top1"]
+    assert config["timm_popup"]["recipe"]["epochs"] == 3 and config["timm_popup"]["recipe"]["seed"] == 7
+    assert config["timm_popup"]["dataset"] == data.name
+    card = (out / "README.md").read_text()
+    assert "Top-1 accuracy" in card and f"{rows[-1]['val_top1']:.4g}" in card
+    # the same artifact through config.json (local-dir:) predicts the same
+    again = timm.create_model(f"local-dir:{out}", pretrained=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x), model.eval()(x))
+
+
+def test_log_checkpoints_and_progress(main_run):
+    out, log, _ = main_run
+    assert (out / train.METRICS_CSV).read_text().splitlines()[0].startswith("epoch,lr,train_loss,train_top1,val_loss")
+    assert len((out / train.METRICS_CSV).read_text().splitlines()) == 4
+    assert [p.name for p in train.list_checkpoints(out)] == ["epoch_0002", "epoch_0003"]  # keep the last 2
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    ckpt = out / "checkpoints" / "epoch_0003"
+    state = json.loads((ckpt / train.TRAINER_STATE).read_text())
+    assert state["epoch"] == 3 and state["run"]["seed"] == 7 and state["num_updates"] == 3 * (96 // 16)
+    # the checkpoint holds scores, never a weight
+    assert all(name.endswith("scores") for name in safetensors.torch.load_file(str(ckpt / "model.safetensors")))
+    assert "epoch 3/3: train loss" in log and "all 1 process(es) hold the same mask" in log
+    assert "recipe cifar: 3 epochs, global batch 16" in log
+
+
+def test_push_to_hub_uploads_the_artifact_only(main_run):
+    out, log, pushed = main_run
+    assert "pushed to" in log
+    assert set(pushed) - {".gitattributes"} == {"config.json", "model.safetensors", "README.md"}
+    assert pushed["model.safetensors"] == (out / "model.safetensors").read_bytes()
+    assert f"hf-hub:{REPO}" in pushed["README.md"].decode()
+
+
+# ---------------------------------------------------------------------------------------- kill and resume
+
+
+def test_killed_run_resumes_to_the_same_mask(main_run, data, tmp_path):
+    reference = main_run[0]
+    out = tmp_path / "run"
+    args = [*MAIN_ARGS, "--dataset", str(data), "--output-dir", str(out)]
+    proc = subprocess.Popen(_launch_cmd(args), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    first = out / "checkpoints" / "epoch_0001"
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while not first.is_dir() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole launcher process group, mid-run
+    finally:
+        proc.wait(timeout=60)
+    assert first.is_dir(), proc.stdout.read().decode()[-4000:]
+    assert not (out / "model.safetensors").exists(), "the run finished before it could be killed"
+    done = train.list_checkpoints(out)[-1]
+    assert int(done.name.split("_")[1]) < 3
+
+    log = _launch([*args, "--resume", "latest"])
+    assert f"resumed from {done}" in log
+    masks, expected = _masks(out), _masks(reference)
+    assert masks.keys() == expected.keys() and all(torch.equal(masks[k], expected[k]) for k in expected)
+    # every epoch logged exactly once, with the same numbers as the uninterrupted run
+    keys = ("epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5")
+    assert [{k: r[k] for k in keys} for r in _rows(out)] == [{k: r[k] for k in keys} for r in _rows(reference)]
+
+
+# ------------------------------------------------------------------------------------- two processes, bf16
+
+
+def test_two_processes_bf16_end_with_identical_masks(tmp_path):
+    path = tmp_path / "shapes"
+    datasets.DatasetDict({"train": _split(64, 2), "test": _split(24, 3)}).save_to_disk(str(path))
+    out = tmp_path / "run"
+    # a ResNet (BatchNorm: running statistics are reduced across processes) at a tiny width
+    log = _launch(["--model", "popup_resnet18_cifar", "--model-kwargs", "layers=(1,1,1,1)",
+                   "channels=(8,16,32,64)", "--batch-size", "8", "--workers", "0", "--epochs", "1", "--cpu",
+                   "--dataset", str(path), "--output-dir", str(out)], processes=2, precision="bf16")
+    digests = {line.split()[1].rstrip(":"): line.split()[-1] for line in log.splitlines() if line.startswith("rank ")}
+    assert set(digests) == {"0/2", "1/2"} and len(set(digests.values())) == 1, log[-3000:]
+    assert "all 2 process(es) hold the same mask" in log and "bf16 mixed precision" in log
+    assert "global batch 16 (2 process(es) x 8 x 1)" in log
+    model = timm.create_model("popup_resnet18_cifar", pretrained=True, layers=(1, 1, 1, 1),
+                              channels=(8, 16, 32, 64), num_classes=len(CLASSES),
+                              pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")))
+    assert train.mask_digest(model) == next(iter(digests.values()))  # the artifact holds what the ranks agreed on
+    running = [b for n, b in model.named_buffers() if n.endswith("running_var")]
+    assert running and not all(torch.equal(b, torch.ones_like(b)) for b in running)
+
+
+# ------------------------------------------------------------------------------ other datasets, in-process
+
+
+def test_image_folder_trains_with_grad_accum_and_clipping(in_process, tmp_path):
+    root = tmp_path / "folder"
+    for split, seed in (("train", 4), ("val", 5)):
+        images, labels = _images(32, seed, size=28, mode="L")
+        for i, (img, y) in enumerate(zip(images, labels, strict=True)):
+            (root / split / CLASSES[y]).mkdir(parents=True, exist_ok=True)
+            img.save(root / split / CLASSES[y] / f"{i}.png")
+    out = tmp_path / "run"
+    assert in_process([*TINY, "--dataset", str(root), "--output-dir", str(out), "--epochs", "1", "--grad-accum",
+                       "2", "--clip-grad", "1.0", "--batch-size", "8", "--data-cache", str(tmp_path / "cache")]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["pretrained_cfg"]["input_size"] == [1, 28, 28]  # grayscale 28x28 data -> a 1x28x28 model
+    assert config["timm_popup"]["recipe"]["grad_accum"] == 2 and config["timm_popup"]["recipe"]["clip_grad"] == 1.0
+    state = json.loads((out / "checkpoints" / "epoch_0001" / train.TRAINER_STATE).read_text())
+    assert state["num_updates"] == 32 // 8 // 2
+
+
+def test_non_default_columns_streaming(in_process, tmp_path):
+    path = tmp_path / "odd"
+    splits = {"training": _split(48, 6, image_col="photo", label_col="y"),
+              "holdout": _split(24, 7, image_col="photo", label_col="y")}
+    for name, split in splits.items():
+        splits[name] = split.add_column("note", ["x"] * len(split))
+    datasets.DatasetDict(splits).save_to_disk(str(path))
+    out = tmp_path / "run"
+    assert in_process([*TINY, "--dataset", str(path), "--output-dir", str(out), "--epochs", "1", "--streaming",
+                       "--image-column", "photo", "--label-column", "y", "--train-split", "training",
+                       "--val-split", "holdout"]) == 0
+    row = _rows(out)[0]
+    assert row["epoch"] == 1 and 0 <= row["val_top1"] <= 100
+    model = timm.create_model("popup_conv2", pretrained=True, width=0.125, num_classes=len(CLASSES),
+                              pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")))
+    assert model.popup_cfg["seed"] == 0
+
+
+def test_dense_method_writes_a_dense_checkpoint(in_process, data, tmp_path):
+    out = tmp_path / "dense"
+    assert in_process([*TINY, "--dataset", str(data), "--output-dir", str(out), "--epochs", "1", "--method",
+                       "dense"]) == 0
+    weights = safetensors.torch.load_file(str(out / "model.safetensors"))
+    assert "features.0.weight" in weights and not any(k.endswith("scores") or k.startswith("__popup__")
+                                                      for k in weights)
+    config = json.loads((out / "config.json").read_text())
+    assert config["timm_popup"]["method"] == "dense" and config["timm_popup"]["recipe"]["lr"] == 0.01  # paper
+    assert config["timm_popup"]["weight_init"] == "kaiming_normal"
+    model = load_dense(out)
+    ds = train.load_data(str(data))
+    _, val_loader = train.build_loaders(ds, timm.data.resolve_data_config({}, model=model), batch_size=16, workers=0,
+                                        seed=0)
+    assert train.evaluate(model, val_loader)["top1"] == _rows(out)[-1]["val_top1"]
+    # the weights moved away from their seeded start
+    start = timm.create_model("popup_conv2", width=0.125, num_classes=4, weight_init="kaiming_normal", k=1.0)
+    assert not torch.equal(start.features[0].weight, model.features[0].weight)
+    with pytest.raises(timm_popup.MaskError, match="dense checkpoint"):
+        timm.create_model("popup_conv2", pretrained=True, width=0.125, num_classes=4,
+                          pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")))
+    # --push-to-hub's dense path, in a fresh process (huggingface_hub reads HF_ENDPOINT at import)
+    with HubServer() as url:
+        env = _env(HF_ENDPOINT=url, HF_TOKEN="dummy-token", HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_XET="1",
+                   NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+        env.pop("HF_HUB_OFFLINE")
+        code = "import sys; from timm_popup.methods import push_dense; print(push_dense(sys.argv[1], sys.argv[2]))"
+        proc = subprocess.run([sys.executable, "-c", code, str(out), "popup-tests/dense"], env=env, text=True,
+                              capture_output=True, timeout=TIMEOUT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "popup-tests/dense" in proc.stdout
+
+
+# ------------------------------------------------------------------------------- bad input, before training
+
+
+@pytest.fixture(scope="module")
+def unlabeled(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("unlabeled") / "ds"
+    images, _ = _images(8, 0)
+    split = datasets.Dataset.from_dict({"image": images, "brightness": [0.5] * 8},
+                                       features=datasets.Features({"image": datasets.Image(),
+                                                                   "brightness": datasets.Value("float32")}))
+    datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(path))
+    return path
+
+
+@pytest.mark.parametrize("case,extra,expected", [
+    ("unknown dataset path", ["--dataset", "./no/such/dataset"], "does not exist"),
+    ("unknown hub dataset", ["--dataset", "no-such-org/no-such-dataset"], "could not load dataset"),
+    ("unknown split", ["--dataset", "{data}", "--val-split", "validation"], "unknown split 'validation'"),
+    ("no label column", ["--dataset", "{unlabeled}"], "no label column"),
+    ("k above 1", ["--dataset", "{data}", "--k", "1.5"], "outside (0, 1]"),
+    ("k zero", ["--dataset", "{data}", "--k", "0"], "fraction of weights KEPT"),
+    ("unwritable output", ["--dataset", "{data}", "--output-dir", "{blocker}/run"], "cannot write to output"),
+    ("resume without checkpoint", ["--dataset", "{data}", "--resume", "{empty}"], "holds no checkpoint"),
+    ("resume missing path", ["--dataset", "{data}", "--resume", "{empty}/nope"], "does not exist"),
+    ("unknown model", ["--dataset", "{data}", "--model", "popup_conv5"], "did you mean popup_conv"),
+    ("plain timm model", ["--dataset", "{data}", "--model", "resnet50"], "did you mean popup_resnet50"),
+    ("unknown method", ["--dataset", "{data}", "--method", "supermask2"], "unknown method"),
+    ("k with dense", ["--dataset", "{data}", "--method", "dense", "--k", "0.5"], "no meaning"),
+    ("bad weight init", ["--dataset", "{data}", "--weight-init", "kaiming_normall"], "did you mean kaiming_normal"),
+    ("bad recipe", ["--dataset", "{data}", "--recipe", "mnist"], "unknown recipe"),
+    ("bad repo id", ["--dataset", "{data}", "--push-to-hub", "a/b/c"], "not a valid repo id"),
+])
+def test_bad_input_is_one_line_before_training(in_process, capsys, data, unlabeled, tmp_path, case, extra, expected):
+    (tmp_path / "blocker").write_text("a file, not a directory")
+    (tmp_path / "empty").mkdir()
+    subs = dict(data=data, unlabeled=unlabeled, blocker=tmp_path / "blocker", empty=tmp_path / "empty")
+    argv = [*TINY, "--output-dir", str(tmp_path / "out"), *[a.format(**subs) for a in extra]]
+    assert in_process(argv) == 2, case
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train_accelerate.py: error:") and expected in err[0], err
+    assert not (tmp_path / "out" / "checkpoints").exists() and not (tmp_path / "out" / train.METRICS_JSONL).exists()
+
+
+def test_fresh_run_refuses_an_output_dir_with_checkpoints(in_process, capsys, main_run, data):
+    out = main_run[0]
+    assert in_process([*MAIN_ARGS, "--dataset", str(data), "--output-dir", str(out)]) == 2
+    assert "--resume latest" in capsys.readouterr().err
+
+
+def test_resume_with_other_structural_setting_fails(in_process, capsys, main_run, data, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(main_run[0], out)
+    assert in_process([*MAIN_ARGS, "--dataset", str(data), "--output-dir", str(out), "--resume", "latest",
+                       "--seed", "8"]) == 2
+    assert "made with seed=7" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------- units
+
+
+def test_recipes_follow_the_paper_and_every_value_is_overridable():
+    popup, dense = get_method("edge-popup"), get_method("dense")
+    cifar = train.resolve_recipe("auto", model_name="popup_conv4", method=popup, overrides={})
+    assert (cifar.name, cifar.lr, cifar.momentum, cifar.weight_decay, cifar.batch_size, cifar.epochs) == (
+        "cifar", 0.1, 0.9, 1e-4, 128, 100)
+    assert train.scaled_lr(cifar, 256) == 0.1  # the paper's CIFAR lr is absolute
+    assert train.resolve_recipe("auto", model_name="popup_conv4", method=dense, overrides={}).lr == 0.01
+    imagenet = train.resolve_recipe("auto", model_name="popup_wide_resnet50_2", method=popup, overrides={})
+    assert (imagenet.name, imagenet.momentum, imagenet.weight_decay, imagenet.label_smoothing,
+            imagenet.warmup_epochs) == ("imagenet", 0.875, 3.0517578125e-5, 0.1, 5)
+    assert train.scaled_lr(imagenet, 2048) == pytest.approx(2.048)  # NVIDIA: linear in the global batch
+    mine = train.resolve_recipe("imagenet", model_name="popup_resnet50", method=popup,
+                                overrides=dict(lr=0.5, epochs=3, nesterov=True, clip_grad=None))
+    assert (mine.lr, mine.epochs, mine.nesterov, train.scaled_lr(mine, 4096)) == (0.5, 3, True, 0.5)
+    assert mine.warmup_epochs == pytest.approx(0.15)  # 5 of 100 epochs -> the same share of 3
+    with pytest.raises(train.TrainError, match="--epochs"):
+        train.resolve_recipe("cifar", model_name="popup_conv4", method=popup, overrides=dict(epochs=0))
+
+
+def test_optimizer_never_sees_a_weight():
+    model = train.create_model("popup_conv2", method=get_method("edge-popup"), num_classes=4, input_size=(3, 32, 32),
+                               model_kwargs=dict(width=0.125))
+    recipe = train.RECIPES["cifar"]
+    optimizer = train.build_optimizer(model, recipe, lr=0.1)
+    seen = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert seen == {id(layer.scores) for layer in timm_popup.popup_layers(model).values()}
+    dense = train.create_model("popup_conv2", method=get_method("dense"), num_classes=4, input_size=(3, 32, 32),
+                               model_kwargs=dict(width=0.125))
+    seen = {id(p) for g in train.build_optimizer(dense, recipe, lr=0.01).param_groups for p in g["params"]}
+    assert seen == {id(layer.weight) for layer in timm_popup.popup_layers(dense).values()}
+    # dense mode leaves edge-popup untouched: same seeded weights as a fresh popup model
+    fresh = timm.create_model("popup_conv2", width=0.125, num_classes=4, weight_init="kaiming_normal", k=1.0)
+    assert all(torch.equal(a.weight, b.weight) for a, b in zip(timm_popup.popup_layers(fresh).values(),
+                                                               timm_popup.popup_layers(dense).values(), strict=True))
+
+
+def test_metrics_log_keeps_only_checkpointed_epochs_on_resume(tmp_path):
+    log = train.MetricsLog(tmp_path)
+    for epoch in (1, 2, 3):
+        log.append(dict(epoch=epoch, val_top1=float(epoch)))
+    resumed = train.MetricsLog(tmp_path, keep_epochs=2)
+    assert [r["epoch"] for r in resumed.rows()] == [1, 2]
+    assert (tmp_path / train.METRICS_CSV).read_text().splitlines() == ["epoch,val_top1", "1,1.0", "2,2.0"]
+    assert train.MetricsLog(tmp_path).rows() == []  # a fresh run starts anew
+
+
+def test_find_checkpoint(tmp_path):
+    assert train.find_checkpoint(None, tmp_path) is None
+    assert train.find_checkpoint("latest", tmp_path) is None  # nothing yet: a fresh start
+    for epoch in (1, 2):
+        (tmp_path / "checkpoints" / f"epoch_{epoch:04d}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"epoch_{epoch:04d}" / train.TRAINER_STATE).write_text("{}")
+    (tmp_path / "checkpoints" / "epoch_0003").mkdir()  # incomplete: no trainer state
+    (tmp_path / "checkpoints" / ".tmp-epoch_0004").mkdir()
+    assert train.find_checkpoint("latest", tmp_path).name == "epoch_0002"
+    assert train.find_checkpoint(str(tmp_path), tmp_path / "elsewhere").name == "epoch_0002"
+    first = tmp_path / "checkpoints" / "epoch_0001"
+    assert train.find_checkpoint(str(first), tmp_path) == first
+    with pytest.raises(train.TrainError, match="holds no checkpoint"):
+        train.find_checkpoint(str(tmp_path / "checkpoints" / "epoch_0003"), tmp_path)
+
+
+def test_data_subsets_and_input_size(data):
+    ds = train.load_data(str(data), train_samples=10, val_samples=5, seed=3)
+    assert ds.num_rows == {"train": 10, "test": 5} and (ds.train_split, ds.eval_split) == ("train", "test")
+    assert ds.splits["test"]["label"] == load_image_dataset(data).splits["test"]["label"][:5]
+    assert train.resolve_input_size("popup_conv4", ds) == (3, 32, 32)
+    assert train.resolve_input_size("popup_conv4", ds, in_chans=1, img_size=28) == (1, 28, 28)
+    assert train.resolve_input_size("popup_resnet50", ds) == (3, 224, 224)
+    mean, std = train.input_stats("popup_conv4", ds, (3, 32, 32))  # small nets: the data's statistics
+    pixels = torch.stack([torch.from_numpy(np.asarray(img, dtype=np.float64) / 255) for img in ds["train"]["image"]])
+    assert mean == pytest.approx(pixels.mean((0, 1, 2)).tolist(), abs=1e-4)
+    assert std == pytest.approx(pixels.std((0, 1, 2), unbiased=False).tolist(), abs=1e-4)
+    assert train.input_stats("popup_conv4", ds, (1, 32, 32), mean=[0.5], std=[0.25]) == ((0.5,), (0.25,))
+    assert train.input_stats("popup_resnet50", ds, (3, 224, 224)) == (timm.data.IMAGENET_DEFAULT_MEAN,
+                                                                      timm.data.IMAGENET_DEFAULT_STD)

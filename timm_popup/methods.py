@@ -1,0 +1,236 @@
+"""Training methods: what a run learns, which recipe values it changes, and what it writes.
+
+A method is a mode of the same popup model (same architecture, same seeded weights), selected by the training
+script's ``--method``:
+
+* ``edge-popup`` (the paper): weights frozen at their seeded values, one score per weight learned, the forward pass
+  uses each layer's top-k. Output: the mask artifact of :func:`timm_popup.save_pretrained`.
+* ``dense`` (the paper's learned-dense baseline): the same network with its weights trained, starting from the same
+  seeded values; norm layers get their learnable scale/shift back. Output: a standard dense checkpoint
+  (``config.json`` + ``model.safetensors`` of every weight + ``README.md``), loaded with :func:`load_dense`.
+
+New methods (Zhou et al.'s supermask, training a found or random subnetwork) add a :class:`Method` to ``METHODS``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import timm
+import torch
+from torch import nn
+
+from .convert import _is_norm, popup_layers
+from .hub import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, push_artifact, save_pretrained
+
+__all__ = ["Method", "METHODS", "get_method", "make_dense", "save_dense", "load_dense", "push_dense",
+           "frozen_weights"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way of training a popup model.
+
+    ``recipe_overrides`` maps a recipe name (``timm_popup.train.RECIPES``) to the values this method changes, e.g.
+    the paper's dense SGD baseline uses lr 0.01 on CIFAR because 0.1 does not converge.
+    """
+
+    name: str
+    summary: str
+    learns_weights: bool  # the optimizer gets the weights (else: they stay frozen, never stored)
+    uses_k: bool  # whether --k means anything
+    weight_init: str | None  # default weight distribution; None: the model's (the paper's U_k)
+    prepare: Callable[[nn.Module], nn.Module]
+    save: Callable[..., Path]  # (model, directory, *, metrics, dataset, recipe) -> directory
+    push: Callable[..., str]  # (directory, repo_id, *, token, private, commit_message) -> commit url
+    recipe_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+def _edge_popup(model: nn.Module) -> nn.Module:
+    return model  # the registry already builds edge-popup models
+
+
+def _to_parameter(module: nn.Module, name: str) -> None:
+    """Turn the (frozen) buffer ``name`` of ``module`` into a trainable parameter holding the same values."""
+    value = module._buffers.pop(name)
+    module._non_persistent_buffers_set.discard(name)
+    module.register_parameter(name, nn.Parameter(value.detach().clone()))
+
+
+def make_dense(model: nn.Module) -> nn.Module:
+    """The learned-dense baseline of a popup ``model``, in place: train the weights themselves.
+
+    Every popup layer's seeded weight (and its zero bias, if it has one) becomes a trainable parameter used
+    unmasked, and its scores are dropped; norm layers get their learnable scale and shift back (starting at 1
+    and 0, PyTorch's default); frozen redrawn tensors (ViT's position embedding) become trainable again. The
+    state dict then has the key layout of the plain timm model.
+    """
+    for layer in popup_layers(model).values():
+        _to_parameter(layer, "weight")
+        if layer.bias is not None:
+            _to_parameter(layer, "bias")
+        del layer.scores
+        layer.dense_weight = True
+        layer._cache = None
+    for module in model.modules():
+        if _is_norm(module):
+            for name in ("weight", "bias"):
+                if name in module._buffers and module._buffers[name] is not None:
+                    _to_parameter(module, name)
+    for qualname in getattr(model, "popup_cfg", {}).get("redrawn", ()):
+        owner, _, name = qualname.rpartition(".")
+        module = model.get_submodule(owner)
+        if name in module._buffers:
+            _to_parameter(module, name)
+    if hasattr(model, "popup_cfg"):
+        model.popup_cfg["method"] = "dense"
+    return model
+
+
+def frozen_weights(model: nn.Module) -> list[torch.Tensor]:
+    """The seeded weights of ``model``'s popup layers that are frozen (edge-popup): never to be optimized."""
+    return [layer.weight for layer in popup_layers(model).values() if not layer.dense_weight]
+
+
+def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return json.dumps(value) if isinstance(value, (list, dict, tuple)) else str(value)
+
+
+def _dense_card(config: Mapping[str, Any], directory: Path) -> str:
+    popup = config["timm_popup"]
+    dataset, metrics, recipe = popup.get("dataset"), popup.get("metrics") or {}, popup.get("recipe") or {}
+    front = ["---", "library_name: timm", "license: apache-2.0", "pipeline_tag: image-classification",
+             "tags:", "- image-classification", "- timm", "- edge-popup-baseline"]
+    if dataset:
+        front += ["datasets:", f"- {dataset}"]
+    front.append("---")
+    lines = [*front, "", f"# {config['architecture']}: learned dense weights ({directory.name})", "",
+             "The learned-dense baseline of edge-popup (Ramanujan et al., CVPR 2020): the same network as "
+             f"`{config['architecture']}`, but its weights were trained (starting from timm-popup's seeded "
+             f"`{popup.get('weight_init')}` weights, seed {popup.get('seed')}) instead of masked.", "",
+             "```python", "from timm_popup.methods import load_dense", "",
+             f'model = load_dense("{directory.name}")  # this directory', "```", ""]
+    if metrics:
+        lines += [f"## Results{f' on {dataset}' if dataset else ''}", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {name} | {_fmt(value)} |" for name, value in metrics.items()] + [""]
+    if recipe:
+        lines += ["## Training recipe", "", "| setting | value |", "|---|---|"]
+        lines += [f"| {name} | {_fmt(value)} |" for name, value in recipe.items()] + [""]
+    return "\n".join(lines)
+
+
+def save_dense(model: nn.Module, save_directory: str | os.PathLike, *, metrics: Mapping[str, float] | None = None,
+               dataset: str | None = None, recipe: Mapping[str, Any] | None = None) -> Path:
+    """Write a dense checkpoint of ``model`` (after :func:`make_dense`): ``config.json`` (timm's format),
+    ``model.safetensors`` (the full state dict) and a ``README.md`` card. Each file is written atomically."""
+    from timm.models._hub import save_config_for_hf
+
+    cfg = getattr(model, "popup_cfg", None)
+    if cfg is None or cfg.get("method") != "dense":
+        raise ValueError("save_dense expects a model made dense with timm_popup.methods.make_dense; save a popup "
+                         "model's mask with timm_popup.save_pretrained")
+    directory = Path(save_directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: safetensors.torch.save_file(
+        state, tmp, metadata={"format": "pt"}))
+    # model_args rebuild the same popup network (so its seeded init is reproducible too) before make_dense.
+    init = dict(k=cfg["k"], weight_init=cfg["weight_init"], seed=cfg["seed"])
+    popup: dict[str, Any] = dict(method="dense", **init)
+    if metrics:
+        popup["metrics"] = {n: float(v) for n, v in metrics.items()}
+    if dataset:
+        popup["dataset"] = dataset
+    if recipe:
+        popup["recipe"] = dict(recipe)
+    _atomic_write(directory / CONFIG_NAME, lambda tmp: save_config_for_hf(
+        model, tmp, model_config={"timm_popup": popup}, model_args=init))
+    config = json.loads((directory / CONFIG_NAME).read_text())
+    card = _dense_card(config, directory)
+    _atomic_write(directory / CARD_NAME, lambda tmp: Path(tmp).write_text(card))
+    return directory
+
+
+def load_dense(directory: str | os.PathLike, **kwargs: Any) -> nn.Module:
+    """Build the model of a dense checkpoint written by :func:`save_dense` and load its weights (eval mode)."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{directory} holds no {CONFIG_NAME}: pass a directory written by save_dense")
+    config = json.loads(config_path.read_text())
+    if config.get("timm_popup", {}).get("method") != "dense":
+        raise ValueError(f"{directory} is not a dense checkpoint (it is a mask artifact?): load a mask with "
+                         "timm.create_model(..., pretrained=True)")
+    args = dict(config.get("model_args") or {}, num_classes=config["num_classes"])
+    overlay = {key: tuple(value) if isinstance(value, list) else value
+               for key, value in config.get("pretrained_cfg", {}).items()
+               if key in ("input_size", "mean", "std", "crop_pct", "interpolation", "crop_mode")}
+    args.update(kwargs)
+    model = make_dense(timm.create_model(config["architecture"], pretrained_cfg_overlay=overlay, **args))
+    model.load_state_dict(safetensors.torch.load_file(str(directory / WEIGHTS_NAME)))
+    return model.eval()
+
+
+def push_dense(directory: str | os.PathLike, repo_id: str, *, token: str | None = None, private: bool | None = None,
+               commit_message: str | None = None) -> str:
+    """Upload a dense checkpoint directory (its three files, nothing else) in one commit; the commit URL."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    directory = Path(directory)
+    files = [name for name in (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME) if (directory / name).is_file()]
+    if CONFIG_NAME not in files or WEIGHTS_NAME not in files:
+        raise FileNotFoundError(f"{directory} is not a dense checkpoint (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    commit = api.create_commit(
+        repo_id=repo_id, operations=[CommitOperationAdd(path_in_repo=n, path_or_fileobj=directory / n) for n in files],
+        commit_message=commit_message or "Upload learned-dense baseline")
+    return commit.commit_url
+
+
+def _push_mask(directory: str | os.PathLike, repo_id: str, *, token: str | None = None, private: bool | None = None,
+               commit_message: str | None = None) -> str:
+    return push_artifact(directory, repo_id, token=token, private=private, commit_message=commit_message)
+
+
+METHODS: dict[str, Method] = {
+    "edge-popup": Method(
+        name="edge-popup", summary="learn a top-k mask over frozen seeded weights (the paper)",
+        learns_weights=False, uses_k=True, weight_init=None, prepare=_edge_popup, save=save_pretrained,
+        push=_push_mask),
+    "dense": Method(
+        name="dense", summary="learn the weights themselves from the same seeded init (the paper's baseline)",
+        learns_weights=True, uses_k=False, weight_init="kaiming_normal", prepare=make_dense, save=save_dense,
+        push=push_dense,
+        # Section 4.1: "For the SGD baseline we find that training does not converge with learning rate 0.1,
+        # and so we use 0.01."
+        recipe_overrides={"cifar": {"lr": 0.01}}),
+}
+
+
+def get_method(name: str) -> Method:
+    """The :class:`Method` called ``name``; a ``ValueError`` naming the choices otherwise."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
+    return METHODS[name]

@@ -1,0 +1,753 @@
+"""What ``train_accelerate.py`` is made of: recipes, checks, model / optimizer / schedule, the epoch loops,
+checkpoints and the per-epoch log.
+
+Every function takes explicit arguments (no global ``args``), so tests and other scripts can call them; only the
+script parses argv. Errors a user can fix are :class:`TrainError` (a ``ValueError`` with a one-line message), raised
+before any training starts.
+
+Determinism: the data order and the augmentation of epoch ``e`` are a function of (seed, e, process index) alone
+(:func:`seed_epoch`, :func:`set_loader_epoch`), so a run resumed from a checkpoint continues exactly as the
+uninterrupted run would have, and ends with the same mask.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import safetensors.torch
+import timm
+import timm.data
+import timm.optim
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from timm.scheduler import create_scheduler_v2
+from timm.scheduler.scheduler import Scheduler
+from timm.utils import AverageMeter, accuracy, distribute_bn
+from torch import nn
+from tqdm.auto import tqdm
+
+from .convert import popup_layers
+from .data import (
+    BUILTIN_DATASETS,
+    DataError,
+    ImageDataset,
+    _fit_stats,
+    build_transforms,
+    channel_stats,
+    create_loader,
+    load_image_dataset,
+    peek_image,
+    resolve_dataset,
+)
+from .init import WEIGHT_INITS
+from .layers import PopupLayer
+from .masks import pack_mask
+from .methods import Method, frozen_weights
+
+__all__ = [
+    "TrainError", "Recipe", "RECIPES", "default_recipe", "resolve_recipe", "scaled_lr", "check_model_name",
+    "check_k", "check_weight_init", "prepare_output_dir", "check_fresh_output_dir", "find_checkpoint",
+    "read_trainer_state", "check_resume_compatible", "load_data", "resolve_input_size", "input_stats", "create_model",
+    "is_cifar_style", "build_loaders", "build_optimizer", "build_scheduler", "seed_epoch", "set_loader_epoch",
+    "train_one_epoch", "evaluate", "sync_batchnorm_stats", "use_portable_checkpoints", "save_checkpoint",
+    "load_checkpoint", "list_checkpoints", "MetricsLog", "mask_digest", "dataset_id",
+    "count_weights", "TRAINER_STATE", "CHECKPOINTS_DIR", "METRICS_CSV", "METRICS_JSONL",
+]
+
+TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: its presence marks a complete one
+CHECKPOINTS_DIR = "checkpoints"
+METRICS_CSV, METRICS_JSONL = "metrics.csv", "metrics.jsonl"
+_CKPT_PREFIX, _TMP_PREFIX = "epoch_", ".tmp-epoch_"
+_STATE_VERSION = 1
+# Settings a checkpoint cannot be resumed under another value of (the state would not fit, or mean nothing).
+_STRUCTURAL = ("model", "method", "k", "weight_init", "seed", "num_classes", "input_size", "model_kwargs")
+
+
+class TrainError(ValueError):
+    """A problem with the run's settings that the user can fix; the message is one line."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+# ------------------------------------------------------------------------------------------------------------ recipes
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Training hyper-parameters. ``batch_size`` is per process; ``lr`` is for ``lr_base_size`` images per
+    optimizer step and scaled linearly to the real global batch (NVIDIA's rule), or used as is when
+    ``lr_base_size`` is None."""
+
+    name: str
+    epochs: int
+    batch_size: int
+    opt: str
+    lr: float
+    lr_base_size: int | None
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    sched: str
+    warmup_epochs: float
+    warmup_lr: float
+    min_lr: float
+    label_smoothing: float
+    clip_grad: float | None
+    grad_accum: int
+
+
+RECIPES: dict[str, Recipe] = {
+    # The paper's CIFAR-10 recipe (section 4.1): SGD lr 0.1, momentum 0.9, wd 1e-4, batch 128, cosine, 100 epochs.
+    "cifar": Recipe(name="cifar", epochs=100, batch_size=128, opt="sgd", lr=0.1, lr_base_size=None, momentum=0.9,
+                    nesterov=False, weight_decay=1e-4, sched="cosine", warmup_epochs=0, warmup_lr=0.0, min_lr=0.0,
+                    label_smoothing=0.0, clip_grad=None, grad_accum=1),
+    # The official ImageNet configs (NVIDIA's ResNet-50 v1.5 hyper-parameters): lr 0.256 per 256 images,
+    # momentum 0.875, wd 1/32768, label smoothing 0.1, 5 warmup epochs, cosine, 100 epochs.
+    "imagenet": Recipe(name="imagenet", epochs=100, batch_size=256, opt="sgd", lr=0.256, lr_base_size=256,
+                       momentum=0.875, nesterov=False, weight_decay=3.0517578125e-5, sched="cosine", warmup_epochs=5,
+                       warmup_lr=0.0, min_lr=0.0, label_smoothing=0.1, clip_grad=None, grad_accum=1),
+}
+_SCHEDULES = ("cosine", "tanh", "step", "multistep", "poly", "none")
+
+
+def default_recipe(model_name: str) -> str:
+    """``cifar`` for the paper's small 32x32 / 28x28 networks, ``imagenet`` for the others."""
+    input_size = timm.models.get_pretrained_cfg(model_name).input_size
+    return "cifar" if max(input_size[1:]) <= 32 else "imagenet"
+
+
+def resolve_recipe(name: str, *, model_name: str, method: Method, overrides: Mapping[str, Any]) -> Recipe:
+    """Recipe ``name`` (``auto``: :func:`default_recipe`), then the method's changes, then ``overrides`` (the
+    values the user gave; ``None`` means not given). An explicit ``lr`` is used as is (no batch scaling); a run
+    shorter than the recipe's warmup keeps the warmup's share of the recipe's length."""
+    if name == "auto":
+        name = default_recipe(model_name)
+    if name not in RECIPES:
+        raise TrainError(f"unknown recipe {name!r}; choose one of: auto, {', '.join(RECIPES)}")
+    fields = {f.name for f in dataclasses.fields(Recipe)} - {"name"}
+    given = {key: value for key, value in overrides.items() if value is not None}
+    unknown = sorted(set(given) - fields)
+    if unknown:
+        raise TrainError(f"unknown recipe setting(s) {unknown}; known: {sorted(fields)}")
+    changes = dict(method.recipe_overrides.get(name, {}))
+    if "lr" in given and "lr_base_size" not in given:
+        changes["lr_base_size"] = None
+    changes.update(given)
+    base = RECIPES[name]
+    recipe = dataclasses.replace(base, **changes)
+    if "warmup_epochs" not in given and recipe.warmup_epochs >= recipe.epochs:
+        # a short run (e.g. a smoke test of the ImageNet recipe): keep warmup's share of the recipe's length
+        recipe = dataclasses.replace(recipe, warmup_epochs=base.warmup_epochs * recipe.epochs / base.epochs)
+    _check_recipe(recipe)
+    return recipe
+
+
+def _check_recipe(r: Recipe) -> None:
+    checks = [
+        (r.epochs >= 1, f"--epochs must be at least 1, got {r.epochs}"),
+        (r.batch_size >= 1, f"--batch-size must be at least 1, got {r.batch_size}"),
+        (r.grad_accum >= 1, f"--grad-accum must be at least 1, got {r.grad_accum}"),
+        (r.lr > 0 and math.isfinite(r.lr), f"--lr must be a positive number, got {r.lr}"),
+        (r.lr_base_size is None or r.lr_base_size >= 1, f"--lr-base-size must be positive, got {r.lr_base_size}"),
+        (r.weight_decay >= 0, f"--weight-decay must be >= 0, got {r.weight_decay}"),
+        (0 <= r.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {r.label_smoothing}"),
+        (r.clip_grad is None or r.clip_grad > 0, f"--clip-grad must be positive, got {r.clip_grad}"),
+        (0 <= r.warmup_epochs < r.epochs or r.warmup_epochs == 0,
+         f"--warmup-epochs ({r.warmup_epochs}) must be less than --epochs ({r.epochs})"),
+        (r.sched in _SCHEDULES, f"unknown --sched {r.sched!r}; choose one of: {', '.join(_SCHEDULES)}"),
+        (r.opt == "sgd" or r.opt in timm.optim.list_optimizers(),
+         f"unknown --opt {r.opt!r}; use sgd or a timm optimizer name (timm.optim.list_optimizers())"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise TrainError(message)
+
+
+def scaled_lr(recipe: Recipe, global_batch: int) -> float:
+    """The learning rate for ``global_batch`` images per optimizer step."""
+    if recipe.lr_base_size is None:
+        return recipe.lr
+    return recipe.lr * global_batch / recipe.lr_base_size
+
+
+# ------------------------------------------------------------------------------------------ checks before training
+
+
+def check_model_name(name: str) -> str:
+    """``name`` if it is a registered popup_* model; else a :class:`TrainError` suggesting close names."""
+    base = timm.models.split_model_name_tag(name)[0]
+    popup = timm.list_models("popup_*")
+    if base in popup:
+        return base
+    if f"popup_{base}" in popup:
+        raise TrainError(f"{name!r} is not an edge-popup model; did you mean popup_{base}? "
+                         "(timm.list_models('popup_*') lists them)")
+    close = difflib.get_close_matches(base, popup, n=3, cutoff=0.6)
+    if timm.is_model(base):
+        raise TrainError(f"{name!r} is a timm model without popup layers; train a registered popup_* model "
+                         f"(timm.list_models('popup_*')){f', e.g. {close[0]}' if close else ''}")
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise TrainError(f"unknown model {name!r}{hint} (timm.list_models('popup_*') lists the popup models)")
+
+
+def check_k(k: float | None, method: Method) -> float | None:
+    """``k`` (the fraction of weights KEPT) if valid for ``method``; ``None`` means the model's default."""
+    if k is None:
+        return None
+    if not method.uses_k:
+        raise TrainError(f"--k has no meaning for --method {method.name} (nothing is masked); drop it")
+    if not (math.isfinite(k) and 0 < k <= 1):
+        raise TrainError(f"--k {k} is outside (0, 1]: k is the fraction of weights KEPT (0.5 keeps half)")
+    return float(k)
+
+
+def check_weight_init(weight_init: str | None, method: Method) -> str | None:
+    """The weight distribution to build with (``None``: the model's default, the paper's U_k)."""
+    weight_init = weight_init or method.weight_init
+    if weight_init is not None and weight_init not in WEIGHT_INITS:
+        close = difflib.get_close_matches(weight_init, list(WEIGHT_INITS), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise TrainError(f"unknown --weight-init {weight_init!r}; {hint}choose one of: {', '.join(WEIGHT_INITS)}")
+    return weight_init
+
+
+def prepare_output_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` if needed and prove it writable (so a run never trains for hours and then fails to save)."""
+    directory = Path(path).expanduser()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise TrainError(f"cannot write to output directory {directory}: {e.strerror or e}; "
+                         "choose a writable --output-dir") from e
+    return directory
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints (``epoch_NNNN`` holding ``trainer_state.json``) under ``output_dir``, oldest first."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(_CKPT_PREFIX) and p.name[len(_CKPT_PREFIX):].isdigit()
+             and (p / TRAINER_STATE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(_CKPT_PREFIX):]))
+
+
+def find_checkpoint(resume: str | None, output_dir: Path) -> Path | None:
+    """The checkpoint ``--resume`` names: ``None`` (fresh run), ``latest`` (the newest in ``output_dir``, or a
+    fresh run when there is none yet, so a preemptible job can always pass it), a checkpoint directory, or a
+    run's output directory (its newest checkpoint)."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume).expanduser()
+    if (path / TRAINER_STATE).is_file():
+        return path
+    found = list_checkpoints(path)
+    if found:
+        return found[-1]
+    what = "does not exist" if not path.exists() else "holds no checkpoint"
+    raise TrainError(f"--resume {resume}: {what} (no {TRAINER_STATE}, no {CHECKPOINTS_DIR}/{_CKPT_PREFIX}*); pass "
+                     "a checkpoint directory, a run's --output-dir, or 'latest'")
+
+
+def check_fresh_output_dir(output_dir: Path, *, overwrite: bool) -> None:
+    """A fresh run must not mix with another run's checkpoints and log in ``output_dir``."""
+    old = list_checkpoints(output_dir)
+    if not old:
+        return
+    if not overwrite:
+        raise TrainError(f"{output_dir} already holds checkpoints of a run (newest: {old[-1].name}); pass "
+                         "--resume latest to continue it, --overwrite to start over, or another --output-dir")
+    shutil.rmtree(output_dir / CHECKPOINTS_DIR)
+
+
+def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    """The JSON state of a checkpoint (epoch, update count, run settings, last metrics)."""
+    try:
+        state = json.loads((checkpoint / TRAINER_STATE).read_text())
+    except (OSError, ValueError) as e:
+        raise TrainError(f"cannot read {checkpoint / TRAINER_STATE}: {e}") from e
+    if state.get("version", 0) > _STATE_VERSION:
+        raise TrainError(f"{checkpoint} was written by a newer timm-popup (state version {state['version']})")
+    return state
+
+
+def check_resume_compatible(state: Mapping[str, Any], run: Mapping[str, Any]) -> list[str]:
+    """Raise if the checkpoint's run differs from this one in a setting its state depends on; return notes on
+    other differences (e.g. another --epochs changes the schedule from that point on)."""
+    saved = state.get("run", {})
+    for key in _STRUCTURAL:
+        if key in saved and _jsonable(saved[key]) != _jsonable(run.get(key)):
+            raise TrainError(f"the checkpoint was made with {key}={saved[key]!r} but this run has "
+                             f"{key}={run.get(key)!r}; resume with the same setting or start a new --output-dir")
+    return [f"{key}: checkpoint {saved[key]!r} -> now {run.get(key)!r}" for key in sorted(saved)
+            if key not in _STRUCTURAL and _jsonable(saved[key]) != _jsonable(run.get(key))]
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+
+
+def dataset_id(name: str) -> str:
+    """How a dataset is named in a model card: the Hub id of a built-in, a local path's folder name."""
+    if name in BUILTIN_DATASETS and not Path(name).exists():
+        return BUILTIN_DATASETS[name]
+    return Path(name).name if Path(name).expanduser().exists() else name
+
+
+def load_data(name: str, *, train_split: str | None = None, val_split: str | None = None,
+              image_column: str | None = None, label_column: str | None = None, streaming: bool = False,
+              cache_dir: str | os.PathLike | None = None, train_samples: int | None = None,
+              val_samples: int | None = None, seed: int = 0) -> ImageDataset:
+    """Load a dataset for training and check that it has a train and a validation split.
+
+    ``cache_dir`` is where built-in datasets are converted and where ``datasets`` caches downloads and image-folder
+    conversions (default: their usual places). ``train_samples`` / ``val_samples`` keep a subset: a seeded random
+    one for training, the first rows for validation (so every run and every later evaluation sees the same images).
+    """
+    requested = [train_split, val_split] if train_split and val_split else None
+    ds = load_image_dataset(resolve_dataset(name, cache_dir), split=requested, image_column=image_column,
+                            label_column=label_column, streaming=streaming, cache_dir=cache_dir)
+    for flag, split in (("--train-split", train_split), ("--val-split", val_split)):
+        if split is not None and split not in ds.splits:
+            raise DataError(f"unknown split {split!r} ({flag}) for dataset {name!r}; available splits: "
+                            f"{list(ds.splits)}")
+    train_split, val_split = train_split or ds.train_split, val_split or ds.eval_split
+    if train_split is None:
+        raise DataError(f"dataset {name!r} has no train split (splits: {list(ds.splits)}); pass --train-split")
+    if val_split is None:
+        raise DataError(f"dataset {name!r} has no validation/test split (splits: {list(ds.splits)}); pass "
+                        "--val-split")
+    if val_split == train_split:
+        raise DataError(f"--val-split and --train-split are both {train_split!r}; validate on held-out images")
+    splits = dict(ds.splits)
+    num_rows = dict(ds.num_rows)
+    for split, n, shuffle in ((train_split, train_samples, True), (val_split, val_samples, False)):
+        if n is None:
+            continue
+        if n < 1:
+            raise DataError(f"the number of {split} samples must be positive, got {n}")
+        part = splits[split]
+        if isinstance(part, datasets.IterableDataset):
+            splits[split] = part.take(n)
+        else:
+            part = part.shuffle(seed=seed) if shuffle else part
+            splits[split] = part.select(range(min(n, len(part))))
+        num_rows[split] = min(n, num_rows[split]) if num_rows.get(split) is not None else n
+    return dataclasses.replace(ds, splits=splits, num_rows=num_rows, train_split=train_split, eval_split=val_split)
+
+
+def resolve_input_size(model_name: str, ds: ImageDataset, *, in_chans: int | None = None,
+                       img_size: int | None = None) -> tuple[int, int, int]:
+    """(channels, height, width) to build the model for.
+
+    The paper's small networks (32x32 / 28x28 inputs) take the data as it is: grayscale images give a 1-channel
+    model, 28x28 images a 28x28 one. ImageNet-style models keep their input size (timm's transforms resize).
+    """
+    channels, height, width = timm.models.get_pretrained_cfg(model_name).input_size
+    if max(height, width) <= 32:
+        image = peek_image(ds, ds.train_split)
+        channels = 1 if image.mode in ("1", "L", "I", "I;16", "F", "LA") else 3
+        height, width = image.height, image.width
+    if in_chans is not None:
+        if in_chans not in (1, 3):
+            raise TrainError(f"--in-chans must be 1 or 3, got {in_chans}")
+        channels = in_chans
+    if img_size is not None:
+        if img_size < 8:
+            raise TrainError(f"--img-size must be at least 8, got {img_size}")
+        height = width = img_size
+    return channels, height, width
+
+
+def input_stats(model_name: str, ds: ImageDataset, input_size: tuple[int, int, int], *,
+                mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                seed: int = 0) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalisation (mean, std) per channel: given values win; the paper's small networks (no normalisation
+    layer of their own) get the training data's statistics; ImageNet-style models keep their configured ones."""
+    channels = input_size[0]
+    for name, values in (("--mean", mean), ("--std", std)):
+        if values is not None and len(values) not in (1, channels):
+            raise TrainError(f"{name} takes 1 or {channels} values (one per input channel), got {len(values)}")
+    if std is not None and min(std) <= 0:
+        raise TrainError(f"--std values must be positive, got {list(std)}")
+    default = timm.models.get_pretrained_cfg(model_name)
+    if (mean is None or std is None) and max(default.input_size[1:]) <= 32:
+        data_mean, data_std = channel_stats(ds, ds.train_split, input_size, seed=seed)
+        mean, std = mean or data_mean, std or data_std
+    mean = _fit_stats(mean or default.mean, channels, "mean")
+    std = _fit_stats(std or default.std, channels, "std")
+    return tuple(mean), tuple(std)
+
+
+def is_cifar_style(data_config: Mapping[str, Any]) -> bool:
+    """Whether to use the paper's CIFAR augmentation (random crop, pad 4, flip): inputs of at most 32 pixels
+    (the same rule as ``timm-popup eval``, so it evaluates exactly as training did)."""
+    return max(data_config["input_size"][1:]) <= 32
+
+
+def build_loaders(ds: ImageDataset, data_config: Mapping[str, Any], *, batch_size: int, workers: int, seed: int,
+                  num_processes: int = 1, process_index: int = 0, pin_memory: bool = False,
+                  ) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
+    """Train and validation loaders.
+
+    The train loader covers the whole split (Accelerate shards it when prepared), except when streaming: each
+    process then reads only its own part of the stream. The validation loader always holds this process's
+    contiguous part of the split and is used unprepared (no padding duplicates), its sums reduced across processes.
+    """
+    cifar_style = is_cifar_style(data_config)
+    train_tf = build_transforms(dict(data_config), is_training=True, cifar_style=cifar_style)
+    eval_tf = build_transforms(dict(data_config), is_training=False, cifar_style=cifar_style)
+    shards = dict(num_shards=num_processes, shard_index=process_index)
+    train_loader = create_loader(ds, ds.train_split, train_tf, batch_size=batch_size, shuffle=True,
+                                 num_workers=workers, seed=seed, drop_last=True, pin_memory=pin_memory,
+                                 **(shards if ds.streaming else {}))
+    val_loader = create_loader(ds, ds.eval_split, eval_tf, batch_size=batch_size, shuffle=False, num_workers=workers,
+                               seed=seed, pin_memory=pin_memory, **shards)
+    rows = ds.num_rows.get(ds.train_split)
+    if rows is not None and rows < batch_size * num_processes:
+        raise TrainError(f"the train split has {rows} images, fewer than one batch of {batch_size} per process "
+                         f"x {num_processes}; lower --batch-size")
+    return train_loader, val_loader
+
+
+# --------------------------------------------------------------------------------------------------------- model
+
+
+def create_model(model_name: str, *, method: Method, num_classes: int, input_size: tuple[int, int, int],
+                 k: float | None = None, weight_init: str | None = None, seed: int = 0,
+                 model_kwargs: Mapping[str, Any] | None = None, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None) -> nn.Module:
+    """The popup model for ``method``, built for ``input_size`` (C, H, W) and ``num_classes``.
+
+    The data config the model carries (``pretrained_cfg``: input size, per-channel ``mean``/``std``, default the
+    model's) is the one training uses, so the artifact's ``config.json`` tells an evaluator exactly how to feed it.
+    """
+    default = timm.models.get_pretrained_cfg(model_name)
+    channels, height, width = input_size
+    overlay = dict(input_size=(channels, height, width), mean=_fit_stats(mean or default.mean, channels, "mean"),
+                   std=_fit_stats(std or default.std, channels, "std"))
+    kwargs: dict[str, Any] = dict(model_kwargs or {})
+    kwargs.update(num_classes=num_classes, in_chans=channels, seed=seed, pretrained_cfg_overlay=overlay)
+    weight_init = weight_init or method.weight_init
+    if weight_init is not None:
+        kwargs["weight_init"] = weight_init
+    if not method.uses_k:
+        kwargs["k"] = 1.0  # nothing is masked; k=1 also leaves scaled distributions unscaled
+    elif k is not None:
+        kwargs["k"] = k
+    if (height, width) != tuple(default.input_size[1:]):
+        kwargs["img_size"] = height if height == width else (height, width)
+    try:
+        model = timm.create_model(model_name, **kwargs)
+    except TypeError as e:
+        if "img_size" not in str(e) or "img_size" not in kwargs:
+            raise TrainError(f"cannot build {model_name} with {model_kwargs or {}}: {e}") from e
+        kwargs.pop("img_size")  # size-agnostic (global pooling): the transforms alone set the input size
+        model = timm.create_model(model_name, **kwargs)
+    return method.prepare(model)
+
+
+def build_optimizer(model: nn.Module, recipe: Recipe, *, lr: float) -> torch.optim.Optimizer:
+    """timm's optimizer over the trainable tensors only (scores, for edge-popup); biases and 1-d tensors get no
+    weight decay. Asserts that no frozen seeded weight reaches it."""
+    opt = recipe.opt
+    if opt == "sgd":  # timm's "sgd" means Nesterov; say which explicitly
+        opt = "nesterov" if recipe.nesterov else "momentum"
+    optimizer = timm.optim.create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=recipe.weight_decay,
+                                               momentum=recipe.momentum)
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if not trained:
+        raise TrainError("the model has no trainable tensors")
+    if any(id(w) in trained for w in frozen_weights(model)):
+        raise AssertionError("a frozen popup weight reached the optimizer")
+    return optimizer
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, *,
+                    updates_per_epoch: int | None) -> Scheduler | None:
+    """timm's scheduler for the recipe, stepped every optimizer update (or every epoch if the epoch length is
+    unknown, e.g. a stream without a size); ``None`` for a constant learning rate."""
+    if recipe.sched == "none":
+        return None
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=recipe.sched, num_epochs=recipe.epochs, warmup_epochs=recipe.warmup_epochs,
+        warmup_lr=recipe.warmup_lr, min_lr=recipe.min_lr, step_on_epochs=not updates_per_epoch,
+        updates_per_epoch=updates_per_epoch or 0)
+    return scheduler
+
+
+# ------------------------------------------------------------------------------------------------ determinism
+
+
+def _derived_seed(seed: int, epoch: int) -> int:
+    digest = hashlib.sha256(f"timm-popup/train|{seed}|{epoch}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def seed_epoch(seed: int, epoch: int) -> None:
+    """Seed Python, NumPy and torch (all devices) for epoch ``epoch`` of this process (Accelerate's process index
+    is added), so the epoch's augmentation and dropout depend on (seed, epoch, rank) only, never on what ran
+    before; a resumed run needs no RNG state to continue exactly."""
+    set_seed(_derived_seed(seed, epoch), device_specific=True)
+
+
+def set_loader_epoch(loader: torch.utils.data.DataLoader, seed: int, epoch: int) -> None:
+    """Make the loader's order and worker seeds a function of (seed, epoch): Accelerate's seedable sampler
+    (or a stream's shuffle buffer) takes the epoch, and the generator that seeds the workers is reseeded."""
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    elif hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)
+    if loader.generator is not None:
+        loader.generator.manual_seed(_derived_seed(seed, epoch))
+
+
+# ------------------------------------------------------------------------------------------------------ loops
+
+
+def _batches(loader: Iterable, accelerator: Accelerator, lockstep: bool) -> Iterator[Any]:
+    """``loader``'s batches; with ``lockstep``, stop on every process as soon as one has none left, so
+    processes reading their own part of a stream never wait on each other's all-reduce."""
+    it = iter(loader)
+    while True:
+        batch = next(it, None)
+        if lockstep:
+            have = torch.tensor([0 if batch is None else 1], device=accelerator.device)
+            torch.distributed.all_reduce(have, op=torch.distributed.ReduceOp.MIN)
+            if not have.item():
+                return
+        if batch is None:
+            return
+        yield batch
+
+
+def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
+                    accelerator: Accelerator, *, epoch: int, num_updates: int, scheduler: Scheduler | None = None,
+                    clip_grad: float | None = None, total_steps: int | None = None, lockstep: bool = False,
+                    log_every: int = 10, desc: str | None = None, progress: bool = True,
+                    ) -> tuple[dict[str, float], int]:
+    """One pass over ``loader``; returns the epoch's mean train loss / top-1 (over all processes), images/s and
+    the new optimizer-update count. The progress bar (loss, accuracy, lr, images/s) is on the main process."""
+    model.train()
+    losses, top1 = AverageMeter(), AverageMeter()  # fed device tensors: no host sync per step
+    world = accelerator.num_processes
+    start, seen = time.perf_counter(), 0
+    bar = tqdm(total=total_steps, desc=desc or f"epoch {epoch + 1}", unit="batch", leave=False, dynamic_ncols=True,
+               disable=not (progress and accelerator.is_main_process), file=sys.stderr)
+    for step, (images, targets) in enumerate(_batches(loader, accelerator, lockstep), 1):
+        images = images.to(accelerator.device, non_blocking=True)
+        targets = targets.to(accelerator.device, non_blocking=True)
+        with accelerator.accumulate(model):
+            output = model(images)
+            loss = loss_fn(output, targets)
+            accelerator.backward(loss)
+            if clip_grad is not None and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if accelerator.sync_gradients:
+            num_updates += 1
+            if scheduler is not None:
+                scheduler.step_update(num_updates=num_updates)
+        n = targets.size(0)
+        losses.update(loss.detach().float(), n)
+        top1.update(accuracy(output.detach(), targets, topk=(1,))[0], n)
+        seen += n
+        bar.update()
+        if step % log_every == 0 and not bar.disable:
+            rate = seen * world / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{losses.avg.item():.4f}", acc=f"{top1.avg.item():.2f}",
+                            lr=f"{optimizer.param_groups[0]['lr']:.4g}", img_s=f"{rate:.0f}")
+    bar.close()
+    elapsed = time.perf_counter() - start
+    if scheduler is not None:
+        scheduler.step(epoch + 1)  # epoch-stepped schedules only; no-op when stepped per update
+    sums = torch.tensor([float(losses.sum), float(top1.sum), float(losses.count)], dtype=torch.float64,
+                        device=accelerator.device)
+    if world > 1:
+        sums = accelerator.reduce(sums, reduction="sum")
+    loss_sum, top1_sum, count = sums.tolist()
+    if count == 0:
+        raise TrainError("the training loader yielded no batch; lower --batch-size or check the train split")
+    loss = loss_sum / count
+    if not math.isfinite(loss):
+        raise TrainError(f"the training loss became {loss} in epoch {epoch + 1}; lower --lr or add --clip-grad")
+    return dict(loss=loss, top1=top1_sum / count, img_per_s=count / elapsed, time_s=elapsed), num_updates
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, *, device: torch.device | str = "cpu",
+             accelerator: Accelerator | None = None, desc: str = "eval") -> dict[str, float]:
+    """Top-1, top-5 (percent) and mean cross-entropy of ``model`` on ``loader``; with ``accelerator``, each
+    process evaluates its own part and the sums are combined, so every process returns the same numbers."""
+    model.eval()
+    losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter()
+    show = accelerator is None or accelerator.is_main_process
+    for images, targets in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not show, file=sys.stderr,
+                                dynamic_ncols=True):
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        output = model(images).float()
+        acc1, acc5 = accuracy(output, targets, topk=(1, min(5, output.size(1))))
+        n = targets.size(0)
+        losses.update(F.cross_entropy(output, targets).item(), n)
+        top1.update(acc1.item(), n)
+        top5.update(acc5.item(), n)
+    sums = torch.tensor([losses.sum, top1.sum, top5.sum, losses.count], dtype=torch.float64, device=device)
+    if accelerator is not None and accelerator.num_processes > 1:
+        sums = accelerator.reduce(sums, reduction="sum")
+    loss_sum, top1_sum, top5_sum, count = sums.tolist()
+    if count == 0:
+        raise TrainError("the validation split is empty")
+    return dict(loss=loss_sum / count, top1=top1_sum / count, top5=top5_sum / count, count=int(count))
+
+
+def sync_batchnorm_stats(model: nn.Module, accelerator: Accelerator) -> None:
+    """Average BatchNorm running statistics over processes: they are not broadcast (``broadcast_buffers=False``
+    keeps the frozen weights, also buffers, off the wire), so each process tracked its own."""
+    if accelerator.num_processes > 1:
+        distribute_bn(model, accelerator.num_processes, reduce=True)
+
+
+def mask_digest(model: nn.Module) -> str:
+    """sha256 of what the output holds: every popup layer's mask plus the rest of the state (BN statistics; the
+    weights themselves in dense mode), scores excluded. Equal on all processes when training stayed in sync."""
+    h = hashlib.sha256()
+    for name, layer in sorted(popup_layers(model).items()):
+        if not layer.dense_weight:
+            h.update(name.encode())
+            h.update(pack_mask(layer.get_mask()).numpy().tobytes())
+    for name, tensor in sorted(model.state_dict().items()):
+        if not name.endswith("scores"):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+
+
+def use_portable_checkpoints(accelerator: Accelerator) -> None:
+    """Save and load the model's state without DDP's ``module.`` prefix, so a checkpoint resumes under any
+    number of processes. Loading goes through safetensors (no pickle)."""
+
+    def save_hook(models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
+        for i, model in enumerate(models):
+            weights[i] = accelerator.unwrap_model(model).state_dict()
+
+    def load_hook(models: list[nn.Module], input_dir: str) -> None:
+        for i, model in enumerate(models):
+            path = Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+            accelerator.unwrap_model(model).load_state_dict(safetensors.torch.load_file(str(path)))
+        models.clear()  # loaded: Accelerate skips them
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, *, epoch: int, state: Mapping[str, Any],
+                    keep_last: int) -> Path:
+    """``accelerator.save_state`` into ``checkpoints/epoch_NNNN`` atomically: written to a temp directory that
+    gets ``trainer_state.json`` last and is then renamed; older checkpoints beyond ``keep_last`` are deleted.
+    A run killed at any moment leaves either the previous checkpoint or the new one complete."""
+    root = output_dir / CHECKPOINTS_DIR
+    final, tmp = root / f"{_CKPT_PREFIX}{epoch:04d}", root / f"{_TMP_PREFIX}{epoch:04d}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(f"{_TMP_PREFIX}*"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        payload = dict(state, version=_STATE_VERSION, epoch=epoch)
+        with open(tmp / TRAINER_STATE, "w") as f:
+            json.dump(payload, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():  # this epoch was redone after a crash: the new state replaces it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        for old in list_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> dict[str, Any]:
+    """Restore model, optimizer and RNG states from ``checkpoint`` (pickle-free for the model; the optimizer and
+    RNG files load with ``weights_only=True``); returns its trainer state."""
+    state = read_trainer_state(checkpoint)
+    accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
+    return state
+
+
+class MetricsLog:
+    """Per-epoch rows in ``metrics.csv`` and ``metrics.jsonl`` (main process only).
+
+    A fresh run starts both files anew; a resumed run keeps the rows of epochs its checkpoint covers and drops
+    any later ones (logged by the killed run after its last checkpoint), so every epoch appears exactly once.
+    """
+
+    def __init__(self, output_dir: Path, *, keep_epochs: int = 0) -> None:
+        self.csv_path, self.jsonl_path = output_dir / METRICS_CSV, output_dir / METRICS_JSONL
+        rows = []
+        if keep_epochs and self.jsonl_path.is_file():
+            rows = [json.loads(line) for line in self.jsonl_path.read_text().splitlines() if line.strip()]
+            rows = [row for row in rows if row.get("epoch", math.inf) <= keep_epochs]
+        self.csv_path.unlink(missing_ok=True)
+        self.jsonl_path.unlink(missing_ok=True)
+        self._fields: list[str] | None = None
+        for row in rows:
+            self.append(row)
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        with open(self.jsonl_path, "a") as f:
+            f.write(json.dumps(dict(row)) + "\n")
+        new = self._fields is None
+        if new:
+            self._fields = list(row)
+        with open(self.csv_path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self._fields, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(dict(row))
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.jsonl_path.is_file():
+            return []
+        return [json.loads(line) for line in self.jsonl_path.read_text().splitlines() if line.strip()]
+
+
+def count_weights(model: nn.Module) -> tuple[int, int, int]:
+    """(weights of popup layers, kept weights, trainable tensor elements) for the start-of-run summary."""
+    layers = popup_layers(model).values()
+    total = sum(layer.weight.numel() for layer in layers)
+    kept = sum(int(layer.get_mask().sum()) for layer in layers if isinstance(layer, PopupLayer))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, kept, trainable

@@ -1,0 +1,333 @@
+#!/usr/bin/env python
+"""Find a subnetwork of a randomly weighted timm model with edge-popup (or train the dense baseline).
+
+    accelerate launch train_accelerate.py --model popup_conv4 --dataset fashion-mnist --epochs 2 ...
+    accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 train_accelerate.py \\
+        --model popup_wide_resnet50_2 --dataset ILSVRC/imagenet-1k --workers 12
+
+The recipe: parse and check everything, load the data, build the model, optimizer and schedule, train and
+evaluate every epoch (checkpointing atomically), then write the artifact (config.json, model.safetensors,
+README.md card) to --output-dir and optionally push it to the Hub. The logic lives in ``timm_popup.train``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from timm.utils import ParseKwargs
+
+_EPILOG = ("Recipe values (epochs, batch size, lr, ...) default to --recipe and may each be overridden. "
+           "k is always the fraction of weights KEPT.")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = _Parser(prog="train_accelerate.py", description=__doc__.splitlines()[0], epilog=_EPILOG)
+    g = p.add_argument_group("what to train")
+    g.add_argument("--model", required=True, help="a registered popup_* model, e.g. popup_conv4, popup_resnet50")
+    g.add_argument("--dataset", required=True,
+                   help="Hub id (uoft-cs/cifar10, ILSVRC/imagenet-1k), save_to_disk dir, image folder, or "
+                        "'fashion-mnist' (Debian's dataset-fashion-mnist, converted on first use)")
+    g.add_argument("--method", default="edge-popup", help="edge-popup (learn a mask) or dense (learn the weights)")
+    g.add_argument("--recipe", default="auto", help="auto (cifar for 32x32 models, else imagenet), cifar, imagenet")
+    g.add_argument("--k", type=float, default=None, help="fraction of weights KEPT per layer (model default)")
+    g.add_argument("--weight-init", default=None, help="weight distribution (default: signed_constant; dense: "
+                                                       "kaiming_normal)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the weights, the scores and the data order")
+    g.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
+                   help="more model arguments, e.g. width=0.5")
+    g.add_argument("--in-chans", type=int, default=None, help="input channels (default: from the data for small "
+                                                              "models, else the model's)")
+    g.add_argument("--img-size", type=int, default=None, help="input size (default: from the data for small models)")
+    g.add_argument("--mean", type=float, nargs="+", default=None, help="input normalisation per channel (default: "
+                                                                     "the data's for small models, else the model's)")
+    g.add_argument("--std", type=float, nargs="+", default=None)
+
+    g = p.add_argument_group("recipe overrides")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int, help="per process")
+    g.add_argument("--opt", help="sgd (momentum; see --nesterov) or a timm optimizer name")
+    g.add_argument("--lr", type=float, help="learning rate, used as given (no batch-size scaling)")
+    g.add_argument("--lr-base-size", type=int, help="global batch the recipe's lr is for (scaled linearly)")
+    g.add_argument("--momentum", type=float)
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--sched", help="cosine, tanh, step, multistep, poly or none (timm schedulers)")
+    g.add_argument("--warmup-epochs", type=float)
+    g.add_argument("--warmup-lr", type=float)
+    g.add_argument("--min-lr", type=float)
+    g.add_argument("--label-smoothing", type=float)
+    g.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value")
+    g.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--train-split", default=None)
+    g.add_argument("--val-split", default=None)
+    g.add_argument("--image-column", default=None)
+    g.add_argument("--label-column", default=None)
+    g.add_argument("--streaming", action="store_true", help="stream the dataset instead of downloading it")
+    g.add_argument("--workers", type=int, default=None, help="DataLoader workers per process (default: from the CPUs)")
+    g.add_argument("--train-samples", type=int, default=None, help="train on a seeded random subset of this size")
+    g.add_argument("--val-samples", type=int, default=None, help="validate on the first N images")
+    g.add_argument("--data-cache", default=None, help="cache for downloads and conversions (default: datasets' "
+                                                      "cache; built-ins in $TIMM_POPUP_CACHE or ~/.cache/timm-popup)")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", default=None, help="artifact, log and checkpoints (default output/MODEL-METHOD)")
+    g.add_argument("--resume", default=None, metavar="PATH|latest",
+                   help="continue from a checkpoint dir, a run's output dir, or the latest one in --output-dir")
+    g.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds checkpoints")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="keep the last N epoch checkpoints")
+    g.add_argument("--push-to-hub", default=None, metavar="ORG/NAME", help="upload the artifact to this Hub repo")
+    g.add_argument("--hub-private", action="store_true", help="create the Hub repo private")
+    g.add_argument("--cpu", action="store_true", help="run on CPU even if an accelerator is present")
+    g.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"],
+                   help="default: accelerate's config / launch flag")
+    g.add_argument("--log-with", default="auto", help="trackers besides the CSV/JSON log: auto (tensorboard if "
+                                                      "installed), none, or e.g. tensorboard,wandb")
+    g.add_argument("--log-every", type=int, default=10, help="progress bar refresh, in steps")
+    return p.parse_args(argv)
+
+
+def _fail(message: object, status: int = 2) -> int:
+    """One line on stderr; exit status 2 for bad input, 1 for a failure."""
+    if os.environ.get("RANK", "0") == "0":  # every process hits the same error; say it once
+        print(f"train_accelerate.py: error: {message}", file=sys.stderr, flush=True)
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+
+    import timm.data
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, gather_object, set_seed
+    from torch import nn
+
+    from timm_popup import train
+    from timm_popup.methods import get_method
+
+    # 1. Check every setting before touching data or devices.
+    recipe_flags = ("epochs", "batch_size", "opt", "lr", "lr_base_size", "momentum", "nesterov", "weight_decay",
+                    "sched", "warmup_epochs", "warmup_lr", "min_lr", "label_smoothing", "clip_grad", "grad_accum")
+    try:
+        method = get_method(args.method)
+        model_name = train.check_model_name(args.model)
+        recipe = train.resolve_recipe(args.recipe, model_name=model_name, method=method,
+                                      overrides={name: getattr(args, name) for name in recipe_flags})
+        k = train.check_k(args.k, method)
+        weight_init = train.check_weight_init(args.weight_init, method)
+        for flag, least in (("workers", 0), ("train_samples", 1), ("val_samples", 1), ("keep_checkpoints", 1),
+                            ("log_every", 1)):
+            if getattr(args, flag) is not None and getattr(args, flag) < least:
+                raise train.TrainError(f"--{flag.replace('_', '-')} must be at least {least}")
+        output_dir = train.prepare_output_dir(args.output_dir or f"output/{model_name}-{method.name}")
+        resume_from = train.find_checkpoint(args.resume, output_dir)
+        resumed = train.read_trainer_state(resume_from) if resume_from else None
+        if resumed is None:
+            train.check_fresh_output_dir(output_dir, overwrite=args.overwrite)
+        if args.push_to_hub:
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+            try:
+                validate_repo_id(args.push_to_hub)
+            except HFValidationError as e:
+                raise train.TrainError(f"--push-to-hub {args.push_to_hub!r} is not a valid repo id: {e}") from e
+        trackers = _trackers(args.log_with, train.TrainError)
+    except ValueError as e:  # TrainError and the library's other one-line ValueErrors
+        return _fail(e)
+
+    # 2. Accelerate: processes, device, mixed precision, DDP without the frozen weights.
+    accelerator = Accelerator(
+        cpu=args.cpu, mixed_precision=args.mixed_precision, gradient_accumulation_steps=recipe.grad_accum,
+        log_with=trackers, project_dir=str(output_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        # Frozen weights are buffers, identical on every process by construction: never broadcast them.
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    say = accelerator.print
+    set_seed(args.seed)
+
+    # 3. Data and model (still before any training: a bad dataset, split or column fails here).
+    try:
+        with accelerator.main_process_first():  # Hub downloads and the Fashion-MNIST conversion happen once
+            ds = train.load_data(args.dataset, train_split=args.train_split, val_split=args.val_split,
+                                 image_column=args.image_column, label_column=args.label_column,
+                                 streaming=args.streaming, cache_dir=args.data_cache, train_samples=args.train_samples,
+                                 val_samples=args.val_samples, seed=args.seed)
+        input_size = train.resolve_input_size(model_name, ds, in_chans=args.in_chans, img_size=args.img_size)
+        mean, std = train.input_stats(model_name, ds, input_size, mean=args.mean, std=args.std, seed=args.seed)
+        model = train.create_model(model_name, method=method, num_classes=ds.num_classes, input_size=input_size,
+                                   k=k, weight_init=weight_init, seed=args.seed, model_kwargs=args.model_kwargs,
+                                   mean=mean, std=std)
+        run = dict(model=model_name, method=method.name, k=model.popup_cfg["k"],
+                   weight_init=model.popup_cfg["weight_init"], seed=args.seed, num_classes=ds.num_classes,
+                   input_size=list(input_size), mean=list(mean), std=list(std), model_kwargs=args.model_kwargs,
+                   dataset=args.dataset, **dataclasses.asdict(recipe), num_processes=accelerator.num_processes,
+                   mixed_precision=accelerator.mixed_precision)
+        if resumed is not None:
+            for note in train.check_resume_compatible(resumed, run):
+                say(f"note: resuming with a changed setting ({note})")
+        data_config = timm.data.resolve_data_config({}, model=model)
+        workers = args.workers if args.workers is not None else _default_workers(accelerator.num_processes)
+        train_loader, val_loader = train.build_loaders(
+            ds, data_config, batch_size=recipe.batch_size, workers=workers, seed=args.seed,
+            num_processes=accelerator.num_processes, process_index=accelerator.process_index,
+            pin_memory=accelerator.device.type == "cuda")
+    except ValueError as e:  # TrainError, DataError, MaskError: one-line messages
+        return _fail(e)
+
+    # 4. Optimizer (trainable tensors only: scores for edge-popup) and timm's schedule.
+    global_batch = recipe.batch_size * accelerator.num_processes * recipe.grad_accum
+    lr = train.scaled_lr(recipe, global_batch)
+    optimizer = train.build_optimizer(model, recipe, lr=lr)
+    if ds.streaming:  # each process already reads its own part of the stream
+        model, optimizer = accelerator.prepare(model, optimizer)
+        rows = ds.num_rows.get(ds.train_split)
+        steps = rows // (recipe.batch_size * accelerator.num_processes) if rows else None
+    else:
+        model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+        steps = len(train_loader)
+    updates_per_epoch = -(-steps // recipe.grad_accum) if steps else None
+    scheduler = train.build_scheduler(optimizer.optimizer, recipe, updates_per_epoch=updates_per_epoch)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    train.use_portable_checkpoints(accelerator)
+
+    # 5. Resume: model, optimizer and update count from the checkpoint; data order and augmentation are a
+    # function of (seed, epoch), so the run continues exactly where the checkpoint left it.
+    start_epoch, num_updates, train_time, metrics = 0, 0, 0.0, {}
+    if resume_from is not None:
+        state = train.load_checkpoint(accelerator, resume_from)
+        start_epoch, num_updates = state["epoch"], state["num_updates"]
+        train_time, metrics = state.get("train_time_s", 0.0), state.get("metrics", {})
+        if scheduler is not None:
+            scheduler.step(start_epoch)
+            scheduler.step_update(num_updates)
+        say(f"resumed from {resume_from} (epoch {start_epoch} done, {num_updates} updates)")
+    log = train.MetricsLog(output_dir, keep_epochs=start_epoch) if accelerator.is_main_process else None
+    card_recipe = _card_recipe(run, recipe, lr=lr, global_batch=global_batch, args=args)
+    accelerator.init_trackers("tensorboard", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                     for k, v in card_recipe.items()})
+
+    total, kept, trainable = train.count_weights(accelerator.unwrap_model(model))
+    say(f"{ds.describe()}")
+    say(f"{model_name} ({method.name}): input {'x'.join(map(str, input_size))}, {ds.num_classes} classes, "
+        f"{kept:,} of {total:,} weights used, {trainable:,} trainable values; k={run['k']}, "
+        f"weight_init={run['weight_init']}, seed={args.seed}; input mean {list(mean)} std {list(std)}")
+    say(f"recipe {recipe.name}: {recipe.epochs} epochs, global batch {global_batch} ({accelerator.num_processes} "
+        f"process(es) x {recipe.batch_size} x {recipe.grad_accum}), {recipe.opt} lr {lr:.4g}, wd "
+        f"{recipe.weight_decay}, {recipe.sched} schedule, {_precision(accelerator.mixed_precision)}, "
+        f"{accelerator.device}; output {output_dir}")
+
+    # 6. Train, evaluate, log and checkpoint every epoch.
+    for epoch in range(start_epoch, recipe.epochs):
+        lr_used = optimizer.param_groups[0]["lr"]
+        train.seed_epoch(args.seed, epoch)
+        train.set_loader_epoch(train_loader, args.seed, epoch)
+        train_stats, num_updates = train.train_one_epoch(
+            model, train_loader, optimizer, loss_fn, accelerator, epoch=epoch, num_updates=num_updates,
+            scheduler=scheduler, clip_grad=recipe.clip_grad, total_steps=steps,
+            lockstep=ds.streaming and accelerator.num_processes > 1, log_every=args.log_every,
+            desc=f"epoch {epoch + 1}/{recipe.epochs}")
+        train.sync_batchnorm_stats(model, accelerator)
+        metrics = train.evaluate(accelerator.unwrap_model(model), val_loader, device=accelerator.device,
+                                 accelerator=accelerator)
+        train_time += train_stats["time_s"]
+        row = dict(epoch=epoch + 1, lr=lr_used, train_loss=train_stats["loss"],
+                   train_top1=train_stats["top1"], val_loss=metrics["loss"], val_top1=metrics["top1"],
+                   val_top5=metrics["top5"], img_per_s=train_stats["img_per_s"], epoch_time_s=train_stats["time_s"],
+                   train_time_s=train_time)
+        if log is not None:
+            log.append(row)
+        accelerator.log(row, step=epoch + 1)
+        say(f"epoch {epoch + 1}/{recipe.epochs}: train loss {row['train_loss']:.4f} top1 {row['train_top1']:.2f} | "
+            f"val loss {row['val_loss']:.4f} top1 {row['val_top1']:.2f} top5 {row['val_top5']:.2f} | "
+            f"lr {row['lr']:.4g} | {row['img_per_s']:.0f} img/s | {row['epoch_time_s']:.1f}s")
+        train.save_checkpoint(accelerator, output_dir, epoch=epoch + 1, keep_last=args.keep_checkpoints,
+                              state=dict(num_updates=num_updates, run=run, metrics=metrics, train_time_s=train_time))
+
+    # 7. Every process must hold the same result; then write the artifact (and push it).
+    final = accelerator.unwrap_model(model)
+    digest = train.mask_digest(final)
+    digests = gather_object([digest])
+    if accelerator.num_processes > 1:
+        print(f"rank {accelerator.process_index}/{accelerator.num_processes}: result sha256 {digest}", flush=True)
+    if len(set(digests)) != 1:
+        return _fail(f"the processes ended with different results: {digests}", status=1)
+    what = "weights" if method.learns_weights else "mask"
+    say(f"all {accelerator.num_processes} process(es) hold the same {what} (sha256 {digest[:16]})")
+    if accelerator.is_main_process:
+        card_metrics = dict(top1=metrics["top1"], top5=metrics["top5"], loss=metrics["loss"],
+                            train_time_s=round(train_time, 1))
+        method.save(final, output_dir, metrics=card_metrics, dataset=train.dataset_id(args.dataset),
+                    recipe=card_recipe)
+        say(f"wrote {output_dir}: val top1 {metrics['top1']:.2f}, top5 {metrics['top5']:.2f}; training "
+            f"{train_time:.0f}s, wall {time.perf_counter() - started:.0f}s")
+        if args.push_to_hub:
+            try:
+                url = method.push(output_dir, args.push_to_hub, private=args.hub_private or None)
+            except Exception as e:  # the artifact is safe on disk: say how to retry
+                again = (f"timm-popup push {output_dir} {args.push_to_hub}" if not method.learns_weights else
+                         f"python -c \"from timm_popup.methods import push_dense; push_dense('{output_dir}', "
+                         f"'{args.push_to_hub}')\"")
+                accelerator.end_training()
+                return _fail(f"pushing to {args.push_to_hub} failed ({type(e).__name__}: {e}); the artifact is "
+                             f"in {output_dir}: push it again with `{again}`", status=1)
+            say(f"pushed to {url}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+def _precision(mixed_precision: str) -> str:
+    return "fp32" if mixed_precision == "no" else f"{mixed_precision} mixed precision"
+
+
+def _trackers(log_with: str, error: type[Exception]) -> list[str] | None:
+    """Accelerate trackers for --log-with; the CSV/JSON log is always written."""
+    from accelerate.utils import is_tensorboard_available
+
+    if log_with == "auto":
+        return ["tensorboard"] if is_tensorboard_available() else None
+    if log_with == "none":
+        return None
+    names = [name.strip() for name in log_with.split(",") if name.strip()]
+    if "tensorboard" in names and not is_tensorboard_available():
+        raise error("--log-with tensorboard needs the tensorboard package (pip install tensorboard)")
+    return names
+
+
+def _default_workers(num_processes: int) -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cpus // max(1, num_processes) - 1))
+
+
+def _card_recipe(run: dict, recipe, *, lr: float, global_batch: int, args: argparse.Namespace) -> dict:
+    """The flat, JSON-serialisable hyper-parameters shown in the model card."""
+    out = dict(method=run["method"], recipe=recipe.name, epochs=recipe.epochs, global_batch=global_batch,
+               batch_size=recipe.batch_size, num_processes=run["num_processes"], grad_accum=recipe.grad_accum,
+               opt=recipe.opt, lr=lr, momentum=recipe.momentum, nesterov=recipe.nesterov,
+               weight_decay=recipe.weight_decay, sched=recipe.sched, warmup_epochs=recipe.warmup_epochs,
+               min_lr=recipe.min_lr, label_smoothing=recipe.label_smoothing, clip_grad=recipe.clip_grad,
+               k=run["k"], weight_init=run["weight_init"], seed=run["seed"],
+               input_size="x".join(map(str, run["input_size"])), mean=run["mean"], std=run["std"],
+               mixed_precision=run["mixed_precision"])
+    if run["model_kwargs"]:
+        out["model_kwargs"] = json.dumps(run["model_kwargs"], sort_keys=True)
+    for name in ("train_samples", "val_samples"):
+        if getattr(args, name) is not None:
+            out[name] = getattr(args, name)
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
