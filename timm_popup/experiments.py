@@ -1,0 +1,296 @@
+"""Sweeps: a grid of training runs (k, width, weight distribution, method, seed), resumable, with paper-style plots.
+
+    python -m timm_popup.experiments run --out sweeps/fmnist --model popup_conv2 popup_conv4 \\
+        --k 0.1 0.3 0.5 0.7 0.9 --method edge-popup dense --seed 0 1 -- --dataset fashion-mnist --epochs 10
+    python -m timm_popup.experiments plot sweeps/fmnist
+
+Each cell is one run of ``train_accelerate.py`` (a subprocess, so cells cannot leak state into each other) in
+``OUT/runs/CELL``; flags after ``--`` go to every run. A finished cell is recorded in ``OUT/results.jsonl`` and
+never run again; an interrupted one resumes from its last epoch checkpoint. ``OUT/results.csv`` is the table
+(every config, seed, final and best top-1, top-5, time) and ``OUT/*.png`` the figures: accuracy versus k with
+dense as a horizontal line (the paper's Fig. 3), versus width (Fig. 4), by weight distribution (Fig. 7), and
+edge-popup versus supermask (Fig. 6); mean +- std over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ._io import atomic_write
+
+__all__ = ["Cell", "grid", "run_grid", "read_results", "write_table", "plot_results", "main"]
+
+RESULTS_JSONL, RESULTS_CSV = "results.jsonl", "results.csv"
+# methods that learn no mask: k means nothing to them, so a k axis collapses to one cell
+_NO_K = {"dense"}
+_TABLE_FIELDS = ["cell", "model", "method", "k", "width", "weight_init", "seed", "top1", "best_top1", "top5",
+                 "loss", "epochs", "train_time_s", "wall_s"]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid. ``None`` leaves the value to the training script's default."""
+
+    model: str
+    method: str = "edge-popup"
+    k: float | None = None
+    width: float | None = None
+    weight_init: str | None = None
+    seed: int = 0
+
+    @property
+    def id(self) -> str:
+        parts = [self.model, self.method]
+        parts += [f"k{self.k:g}"] if self.k is not None else []
+        parts += [f"w{self.width:g}"] if self.width is not None else []
+        parts += [self.weight_init] if self.weight_init else []
+        return "-".join([*parts, f"s{self.seed}"])
+
+    def train_args(self) -> list[str]:
+        args = ["--model", self.model, "--method", self.method, "--seed", str(self.seed)]
+        if self.k is not None:
+            args += ["--k", f"{self.k:g}"]
+        if self.weight_init:
+            args += ["--weight-init", self.weight_init]
+        if self.width is not None:
+            args += ["--model-kwargs", f"width={self.width:g}"]
+        return args
+
+
+def grid(models: Sequence[str], methods: Sequence[str] = ("edge-popup",), ks: Sequence[float | None] = (None,),
+         widths: Sequence[float | None] = (None,), weight_inits: Sequence[str | None] = (None,),
+         seeds: Sequence[int] = (0,)) -> list[Cell]:
+    """Every combination, in a stable order; methods that learn no mask get one cell per k axis, not one per k."""
+    cells: dict[str, Cell] = {}
+    for model, method, k, width, init, seed in itertools.product(models, methods, ks, widths, weight_inits, seeds):
+        cell = Cell(model, method, None if method in _NO_K else k, width, init, seed)
+        cells.setdefault(cell.id, cell)
+    return list(cells.values())
+
+
+def read_results(out: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Finished cells by id (a torn last line from a killed sweep is ignored: that cell simply runs again)."""
+    path = Path(out) / RESULTS_JSONL
+    results = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            results[row["cell"]] = row
+    return results
+
+
+def _final_metrics(run_dir: Path) -> dict[str, Any]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if not rows:
+        raise RuntimeError(f"{run_dir} finished without a logged epoch")
+    last = rows[-1]
+    return dict(top1=last["val_top1"], best_top1=max(r["val_top1"] for r in rows), top5=last["val_top5"],
+                loss=last["val_loss"], epochs=last["epoch"], train_time_s=last.get("train_time_s"))
+
+
+def default_train_script() -> Path:
+    # the recipe lives beside the package in a source checkout; elsewhere pass --train-script
+    return Path(__file__).resolve().parents[1] / "train_accelerate.py"
+
+
+def run_grid(cells: Iterable[Cell], out: str | os.PathLike, train_args: Sequence[str] = (), *,
+             train_script: str | os.PathLike | None = None, launcher: Sequence[str] = (),
+             log: Any = sys.stderr) -> dict[str, dict[str, Any]]:
+    """Run every cell not yet in ``out/results.jsonl``; returns all results. Resumable at any point."""
+    out = Path(out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    script = Path(train_script) if train_script else default_train_script()
+    if not script.is_file():
+        raise FileNotFoundError(f"training script {script} not found: pass --train-script path/to/train_accelerate.py")
+    cells = list(cells)
+    done = read_results(out)
+    for i, cell in enumerate(cells, 1):
+        if cell.id in done:
+            print(f"[{i}/{len(cells)}] {cell.id}: done, skipped", file=log, flush=True)
+            continue
+        run_dir = out / "runs" / cell.id
+        resumed = (run_dir / "checkpoints").is_dir()
+        cmd = [*(launcher or [sys.executable]), str(script), *cell.train_args(), *train_args,
+               "--output-dir", str(run_dir), "--resume", "latest"]  # starts fresh when there is no checkpoint
+        print(f"[{i}/{len(cells)}] {cell.id}: {'resuming' if resumed else 'running'}", file=log, flush=True)
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "sweep.log").write_text(proc.stdout)
+        if proc.returncode != 0:
+            tail = "\n".join(proc.stdout.strip().splitlines()[-5:])
+            raise RuntimeError(f"cell {cell.id} failed (exit {proc.returncode}); log: {run_dir / 'sweep.log'}\n{tail}")
+        wall = round(time.perf_counter() - start, 1)
+        row = dict(cell=cell.id, **asdict(cell), **_final_metrics(run_dir), wall_s=wall)
+        with open(out / RESULTS_JSONL, "a") as f:  # one line per finished cell, appended whole
+            f.write(json.dumps(row) + "\n")
+        done[cell.id] = row
+        write_table(done.values(), out / RESULTS_CSV)
+    return done
+
+
+def write_table(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> Path:
+    """The results table as CSV (written atomically)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=_TABLE_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue()))
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def _series(rows: Iterable[Mapping[str, Any]], x: str, group: Sequence[str]) -> dict[tuple, list[tuple]]:
+    """``{group values: [(x, mean top-1, std, n seeds), ...]}``, sorted by x, averaging over seeds."""
+    acc: dict[tuple, dict[Any, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r.get(x) is not None:
+            acc[tuple(r.get(g) for g in group)][r[x]].append(r["top1"])
+    return {g: [(xv, *_mean_std(v), len(v)) for xv, v in sorted(points.items())] for g, points in acc.items()}
+
+
+def plot_results(out: str | os.PathLike, rows: Iterable[Mapping[str, Any]] | None = None) -> list[Path]:
+    """Draw the paper-style figures the results allow; returns the PNGs written."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    rows = list(rows if rows is not None else read_results(out).values())
+    written = []
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        atomic_write(out / name, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+        plt.close(fig)
+        written.append(out / name)
+
+    def errorbars(ax: Any, points: list[tuple], label: str, **kw: Any) -> None:
+        xs, means, stds, _ = zip(*points, strict=True)
+        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label, **kw)
+
+    models = sorted({r["model"] for r in rows})
+    masked = [r for r in rows if r["method"] not in _NO_K]
+    dense = _series([r for r in rows if r["method"] in _NO_K], "seed", ["model", "width"])
+
+    # Fig. 3: top-1 versus k, one panel per model, dense (learned weights) as a horizontal band
+    if len({r["k"] for r in masked}) > 1:
+        fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.4), squeeze=False)
+        for ax, model in zip(axes[0], models, strict=True):
+            for (method, init, width), pts in _series([r for r in masked if r["model"] == model], "k",
+                                                      ["method", "weight_init", "width"]).items():
+                errorbars(ax, [(100 * p[0], *p[1:]) for p in pts], " ".join(str(v) for v in (method, init, width)
+                                                                             if v is not None))
+            for (m, width), pts in dense.items():
+                if m == model:
+                    mean, std = _mean_std([p[1] for p in pts])
+                    ax.axhline(mean, color="k", ls="--", label="dense" + (f" w{width:g}" if width else ""))
+                    ax.axhspan(mean - std, mean + std, color="k", alpha=0.1)
+            ax.set(title=model, xlabel="% of weights kept (k)", ylabel="top-1 (%)")
+            ax.legend(fontsize=7)
+        save(fig, "accuracy_vs_k.png")
+
+    # Fig. 4: top-1 versus width, one line per k (and dense)
+    if len({r["width"] for r in rows if r["width"] is not None}) > 1:
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        for (model, method, k), pts in _series(rows, "width", ["model", "method", "k"]).items():
+            errorbars(ax, pts, f"{model} {method}" + (f" k={k:g}" if k is not None else ""))
+        ax.set(xlabel="width multiplier", ylabel="top-1 (%)", title="accuracy versus width")
+        ax.legend(fontsize=7)
+        save(fig, "accuracy_vs_width.png")
+
+    # Fig. 7: by weight distribution, one line per distribution over k
+    if len({r["weight_init"] for r in masked}) > 1:
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        for (model, init), pts in _series(masked, "k", ["model", "weight_init"]).items():
+            errorbars(ax, [(100 * p[0], *p[1:]) for p in pts], f"{model} {init or 'default'}")
+        ax.set(xlabel="% of weights kept (k)", ylabel="top-1 (%)", title="by weight distribution")
+        ax.legend(fontsize=7)
+        save(fig, "accuracy_by_distribution.png")
+
+    # Fig. 6: edge-popup versus supermask (Zhou et al.)
+    if {"edge-popup", "supermask"} <= {r["method"] for r in rows}:
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        pairs = [r for r in rows if r["method"] in ("edge-popup", "supermask")]
+        for (model, method), pts in _series(pairs, "k", ["model", "method"]).items():
+            errorbars(ax, [(100 * (p[0] if p[0] is not None else 0.5), *p[1:]) for p in pts], f"{model} {method}")
+        ax.set(xlabel="% of weights kept (k)", ylabel="top-1 (%)", title="edge-popup versus supermask")
+        ax.legend(fontsize=7)
+        save(fig, "edge_popup_vs_supermask.png")
+    return written
+
+
+def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    train_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(prog="python -m timm_popup.experiments", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run (or resume) a grid, then write the table and plots")
+    run.add_argument("--out", required=True, help="sweep directory (results, runs, plots)")
+    run.add_argument("--model", nargs="+", required=True)
+    run.add_argument("--method", nargs="+", default=["edge-popup"])
+    run.add_argument("--k", nargs="+", type=float, default=[None])
+    run.add_argument("--width", nargs="+", type=float, default=[None])
+    run.add_argument("--weight-init", nargs="+", default=[None])
+    run.add_argument("--seed", nargs="+", type=int, default=[0])
+    run.add_argument("--train-script", default=None, help="path to train_accelerate.py (default: the checkout's)")
+    run.add_argument("--launcher", default=None, help="prefix for each run, e.g. 'accelerate launch' "
+                                                      "(default: this Python)")
+    plot = sub.add_parser("plot", help="(re)draw the table and plots of a sweep directory")
+    plot.add_argument("out")
+    args = parser.parse_args(argv)
+    for k in getattr(args, "k", None) or []:
+        if k is not None and not 0 < k <= 1:
+            parser.error(f"--k {k} is outside (0, 1]: k is the fraction of weights KEPT")
+    return args, train_args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, train_args = _parse(argv)
+    if args.command == "run":
+        cells = grid(args.model, args.method, args.k, args.width, args.weight_init, args.seed)
+        try:
+            results = run_grid(cells, args.out, train_args, train_script=args.train_script,
+                               launcher=args.launcher.split() if args.launcher else ())
+        except (RuntimeError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        rows = [results[c.id] for c in cells]
+    else:
+        rows = list(read_results(args.out).values())
+        if not rows:
+            print(f"error: {args.out} holds no finished runs ({RESULTS_JSONL}): run a sweep first", file=sys.stderr)
+            return 2
+    write_table(rows, Path(args.out) / RESULTS_CSV)
+    for path in plot_results(args.out, rows):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
