@@ -35,8 +35,6 @@ from ._io import atomic_write
 __all__ = ["Cell", "grid", "run_grid", "read_results", "write_table", "plot_results", "main"]
 
 RESULTS_JSONL, RESULTS_CSV = "results.jsonl", "results.csv"
-# methods that learn no mask: k means nothing to them, so a k axis collapses to one cell
-_NO_K = {"dense"}
 _TABLE_FIELDS = ["cell", "model", "method", "k", "width", "weight_init", "seed", "top1", "best_top1", "top5",
                  "loss", "epochs", "train_time_s", "wall_s"]
 
@@ -71,13 +69,20 @@ class Cell:
         return args
 
 
+def _uses_k(method: str) -> bool:
+    """Whether ``--k`` means anything to a method (dense learns no mask): a k axis collapses for the others."""
+    from .methods import METHODS
+
+    return method not in METHODS or METHODS[method].uses_k
+
+
 def grid(models: Sequence[str], methods: Sequence[str] = ("edge-popup",), ks: Sequence[float | None] = (None,),
          widths: Sequence[float | None] = (None,), weight_inits: Sequence[str | None] = (None,),
          seeds: Sequence[int] = (0,)) -> list[Cell]:
-    """Every combination, in a stable order; methods that learn no mask get one cell per k axis, not one per k."""
+    """Every combination, in a stable order; a method that takes no k gets one cell for the whole k axis."""
     cells: dict[str, Cell] = {}
     for model, method, k, width, init, seed in itertools.product(models, methods, ks, widths, weight_inits, seeds):
-        cell = Cell(model, method, None if method in _NO_K else k, width, init, seed)
+        cell = Cell(model, method, k if _uses_k(method) else None, width, init, seed)
         cells.setdefault(cell.id, cell)
     return list(cells.values())
 
@@ -193,8 +198,8 @@ def plot_results(out: str | os.PathLike, rows: Iterable[Mapping[str, Any]] | Non
         ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label, **kw)
 
     models = sorted({r["model"] for r in rows})
-    masked = [r for r in rows if r["method"] not in _NO_K]
-    dense = _series([r for r in rows if r["method"] in _NO_K], "seed", ["model", "width"])
+    masked = [r for r in rows if _uses_k(r["method"])]
+    flat = _series([r for r in rows if not _uses_k(r["method"])], "seed", ["model", "method", "width"])
 
     # Fig. 3: top-1 versus k, one panel per model, dense (learned weights) as a horizontal band
     if len({r["k"] for r in masked}) > 1:
@@ -202,12 +207,12 @@ def plot_results(out: str | os.PathLike, rows: Iterable[Mapping[str, Any]] | Non
         for ax, model in zip(axes[0], models, strict=True):
             for (method, init, width), pts in _series([r for r in masked if r["model"] == model], "k",
                                                       ["method", "weight_init", "width"]).items():
-                errorbars(ax, [(100 * p[0], *p[1:]) for p in pts], " ".join(str(v) for v in (method, init, width)
-                                                                             if v is not None))
-            for (m, width), pts in dense.items():
+                label = " ".join([method, *([init] if init else []), *([f"w{width:g}"] if width else [])])
+                errorbars(ax, [(100 * p[0], *p[1:]) for p in pts], label)
+            for (m, method, width), pts in flat.items():  # dense: one value per seed, drawn across all k
                 if m == model:
                     mean, std = _mean_std([p[1] for p in pts])
-                    ax.axhline(mean, color="k", ls="--", label="dense" + (f" w{width:g}" if width else ""))
+                    ax.axhline(mean, color="k", ls="--", label=method + (f" w{width:g}" if width else ""))
                     ax.axhspan(mean - std, mean + std, color="k", alpha=0.1)
             ax.set(title=model, xlabel="% of weights kept (k)", ylabel="top-1 (%)")
             ax.legend(fontsize=7)
@@ -236,7 +241,7 @@ def plot_results(out: str | os.PathLike, rows: Iterable[Mapping[str, Any]] | Non
         fig, ax = plt.subplots(figsize=(5, 3.6))
         pairs = [r for r in rows if r["method"] in ("edge-popup", "supermask")]
         for (model, method), pts in _series(pairs, "k", ["model", "method"]).items():
-            errorbars(ax, [(100 * (p[0] if p[0] is not None else 0.5), *p[1:]) for p in pts], f"{model} {method}")
+            errorbars(ax, [(100 * p[0], *p[1:]) for p in pts], f"{model} {method}")
         ax.set(xlabel="% of weights kept (k)", ylabel="top-1 (%)", title="edge-popup versus supermask")
         ax.legend(fontsize=7)
         save(fig, "edge_popup_vs_supermask.png")
