@@ -38,7 +38,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--dataset", required=True,
                    help="Hub id (uoft-cs/cifar10, ILSVRC/imagenet-1k), save_to_disk dir, image folder, or "
                         "'fashion-mnist' (Debian's dataset-fashion-mnist, converted on first use)")
-    g.add_argument("--method", default="edge-popup", help="edge-popup (learn a mask) or dense (learn the weights)")
+    g.add_argument("--method", default="edge-popup",
+                   help="edge-popup (learn a top-k mask), supermask (Zhou et al.: sampled masks), dense (learn the "
+                        "weights), finetune / random-subnet (learn the weights of a found / random subnetwork)")
+    g.add_argument("--init-artifact", default=None, metavar="PATH",
+                   help="finetune, random-subnet: an edge-popup run's output dir (or its model.safetensors); the same "
+                        "--model, --model-kwargs and --seed as that run")
     g.add_argument("--recipe", default="auto", help="auto (cifar for 32x32 models, else imagenet), cifar, imagenet")
     g.add_argument("--k", type=float, default=None, help="fraction of weights KEPT per layer (model default)")
     g.add_argument("--weight-init", default=None, help="weight distribution (default: signed_constant; dense: "
@@ -128,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       overrides={name: getattr(args, name) for name in recipe_flags})
         k = train.check_k(args.k, method)
         weight_init = train.check_weight_init(args.weight_init, method)
+        init_artifact = train.check_init_artifact(args.init_artifact, method)
         for flag, least in (("workers", 0), ("train_samples", 1), ("val_samples", 1), ("keep_checkpoints", 1),
                             ("log_every", 1)):
             if getattr(args, flag) is not None and getattr(args, flag) < least:
@@ -168,12 +174,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         mean, std = train.input_stats(model_name, ds, input_size, mean=args.mean, std=args.std, seed=args.seed)
         model = train.create_model(model_name, method=method, num_classes=ds.num_classes, input_size=input_size,
                                    k=k, weight_init=weight_init, seed=args.seed, model_kwargs=args.model_kwargs,
-                                   mean=mean, std=std)
+                                   mean=mean, std=std, init_artifact=init_artifact)
         run = dict(model=model_name, method=method.name, k=model.popup_cfg["k"],
                    weight_init=model.popup_cfg["weight_init"], seed=args.seed, num_classes=ds.num_classes,
                    input_size=list(input_size), mean=list(mean), std=list(std), model_kwargs=args.model_kwargs,
                    dataset=args.dataset, **dataclasses.asdict(recipe), num_processes=accelerator.num_processes,
                    mixed_precision=accelerator.mixed_precision)
+        if init_artifact is not None:
+            run["init_artifact"] = str(init_artifact)
         if resumed is not None:
             for note in train.check_resume_compatible(resumed, run):
                 say(f"note: resuming with a changed setting ({note})")
@@ -321,6 +329,8 @@ def _card_recipe(run: dict, recipe, *, lr: float, global_batch: int, args: argpa
                k=run["k"], weight_init=run["weight_init"], seed=run["seed"],
                input_size="x".join(map(str, run["input_size"])), mean=run["mean"], std=run["std"],
                mixed_precision=run["mixed_precision"])
+    if "init_artifact" in run:
+        out["init_artifact"] = run["init_artifact"]
     if run["model_kwargs"]:
         out["model_kwargs"] = json.dumps(run["model_kwargs"], sort_keys=True)
     for name in ("train_samples", "val_samples"):

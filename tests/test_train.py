@@ -15,6 +15,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import importlib.util  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
@@ -278,7 +279,8 @@ def test_two_processes_bf16_end_with_identical_masks(tmp_path):
     log = _launch(["--model", "popup_resnet18_cifar", "--model-kwargs", "layers=(1,1,1,1)",
                    "channels=(8,16,32,64)", "--batch-size", "8", "--workers", "0", "--epochs", "1", "--cpu",
                    "--dataset", str(path), "--output-dir", str(out)], processes=2, precision="bf16")
-    digests = {line.split()[1].rstrip(":"): line.split()[-1] for line in log.splitlines() if line.startswith("rank ")}
+    # the two ranks print concurrently: their lines may run together, so match the pattern, not whole lines
+    digests = dict(re.findall(r"rank (\d/2): result sha256 ([0-9a-f]{64})", log))
     assert set(digests) == {"0/2", "1/2"} and len(set(digests.values())) == 1, log[-3000:]
     assert "all 2 process(es) hold the same mask" in log and "bf16 mixed precision" in log
     assert "global batch 16 (2 process(es) x 8 x 1)" in log

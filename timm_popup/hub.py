@@ -92,6 +92,7 @@ def model_card(config: Mapping[str, Any], info: Mapping[str, Any], *, repo_id: s
     total, kept, dense_bytes = info["total_weights"], info["kept_weights"], popup.get("dense_bytes")
     return ModelCard.from_template(
         card_data, template_path=str(_template_path()),
+        free_density=info.get("density") == "free",
         model_id=model_id, load_name=f"hf-hub:{repo_id}" if repo_id else f"local-dir:{directory_name}",
         architecture=architecture, registered=architecture.startswith("popup_") and is_model(architecture),
         base_architecture=architecture.removeprefix("popup_"), k=info["k"], weight_init=info["weight_init"],

@@ -5,6 +5,16 @@ of the layer (the largest |score|s; ties go to the lowest flat index) and the gr
 through ``h`` to the scores (paper eq. 5, with the sign of the score from ``abs``). ``weight`` is a
 frozen, non-persistent buffer regenerated from the seed (``timm_popup.init``); ``scores`` is the only
 parameter.
+
+The same layers serve the paper's baselines through a per-layer ``mode`` (set by ``timm_popup.methods``):
+
+* ``"topk"`` (edge-popup, the default): the mask above.
+* ``"sample"`` (Zhou et al.'s supermask): each training forward draws ``mask ~ Bernoulli(sigmoid(scores))``, the
+  gradient passing straight through the sample to the probability; eval uses the deterministic mask
+  ``sigmoid(scores) > 0.5``, i.e. ``scores > 0`` (binary, so it fits the bit-packed artifact).
+* ``"fixed"`` (training the weights of a given subnetwork): ``weight`` is a trainable parameter multiplied by
+  the boolean buffer ``fixed_mask``; there are no scores.
+* ``"dense"`` (the learned-dense baseline): ``weight`` is a trainable parameter used unmasked; no scores.
 """
 
 from __future__ import annotations
@@ -18,7 +28,9 @@ from torch import nn
 
 from .init import DEFAULT_WEIGHT_INIT, check_k, check_weight_init, fans, random_weight, stream_key
 
-__all__ = ["PopupConv2d", "PopupLinear", "PopupLayer", "num_kept", "topk_mask"]
+__all__ = ["PopupConv2d", "PopupLinear", "PopupLayer", "MODES", "num_kept", "topk_mask"]
+
+MODES = ("topk", "sample", "fixed", "dense")
 
 _SAMPLE = 4096  # scores sampled to bracket the threshold; the bracket holds ~4% of a layer
 _SMALL = 1 << 16  # below this many weights a plain kthvalue is as fast
@@ -89,6 +101,22 @@ class _StraightThrough(torch.autograd.Function):
         return (grad * weight).mul_(scores.sign()), None, None
 
 
+class _SampledMask(torch.autograd.Function):
+    """weight * mask forward (mask sampled by the caller); backward straight through the Bernoulli sample to its
+    probability, as Zhou et al.: d(loss)/d(scores) = grad * weight * sigmoid'(scores)."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(scores, weight)
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        scores, weight = ctx.saved_tensors
+        p = torch.sigmoid(scores)
+        return (grad * weight).mul_(p * (1 - p)), None, None
+
+
 class PopupLayer:
     """What PopupConv2d and PopupLinear share: frozen seeded weight, scores, top-k mask."""
 
@@ -98,9 +126,18 @@ class PopupLayer:
     weight_init: str
     seed: int
     popup_name: str
-    #: Set by ``timm_popup.methods`` for the learned-dense baseline: ``weight`` is then a trainable
-    #: ``nn.Parameter`` used as it is and the layer has no scores. Edge-popup never sets it.
-    dense_weight: bool = False
+    #: One of ``MODES`` (module docstring); only ``timm_popup.methods`` (and loading a supermask) changes it.
+    mode: str = "topk"
+
+    @property
+    def dense_weight(self) -> bool:
+        """Whether ``weight`` is a trainable parameter used unmasked (the learned-dense baseline)."""
+        return self.mode == "dense"
+
+    @property
+    def learns_weight(self) -> bool:
+        """Whether ``weight`` is a trainable parameter (dense or fixed-mask modes) rather than frozen."""
+        return self.mode in ("dense", "fixed")
 
     def _make_popup(self, *, k: float, weight_init: str, seed: int, name: str) -> None:
         shape, device = self.weight.shape, self.weight.device
@@ -127,33 +164,53 @@ class PopupLayer:
         self._cache: tuple | None = None
 
     def get_mask(self) -> torch.Tensor:
-        """The current boolean mask (shape of ``weight``): True where the weight is kept."""
-        if self.dense_weight:
-            return torch.ones_like(self.weight, dtype=torch.bool)
-        if self.training:
-            return topk_mask(self.scores, self.k)
-        return self._cached()[1]
+        """The current boolean mask (shape of ``weight``): True where the weight is kept. For a supermask this
+        is the deterministic (eval) mask, also in training mode: the one an artifact stores."""
+        mode = self.mode
+        if mode == "topk":
+            if self.training:
+                return topk_mask(self.scores, self.k)
+            return self._cached()[1]
+        if mode == "sample":
+            return self._cached()[1]
+        if mode == "fixed":
+            return self.fixed_mask
+        return torch.ones_like(self.weight, dtype=torch.bool)
 
     def masked_weight(self) -> torch.Tensor:
         """``weight * mask``; differentiable (straight-through) with respect to the scores."""
-        if self.dense_weight:
-            return self.weight
-        if self.training or (torch.is_grad_enabled() and self.scores.requires_grad):
-            mask = topk_mask(self.scores, self.k) if self.training else self._cached()[1]
-            return _StraightThrough.apply(self.scores, self.weight, mask)
-        return self._cached()[2]
+        mode = self.mode
+        if mode == "topk":  # edge-popup's hot path: keep it first and unchanged
+            if self.training or (torch.is_grad_enabled() and self.scores.requires_grad):
+                mask = topk_mask(self.scores, self.k) if self.training else self._cached()[1]
+                return _StraightThrough.apply(self.scores, self.weight, mask)
+            return self._cached()[2]
+        if mode == "sample":
+            if self.training:  # a fresh subnetwork every forward (torch's RNG, seeded per epoch by the trainer)
+                s = self.scores.detach()
+                mask = torch.rand_like(s) < torch.sigmoid(s)
+                return _SampledMask.apply(self.scores, self.weight, mask)
+            if torch.is_grad_enabled() and self.scores.requires_grad:
+                return _SampledMask.apply(self.scores, self.weight, self._cached()[1])
+            return self._cached()[2]
+        if mode == "fixed":  # the product keeps masked weights' gradient exactly zero, so they stay zero
+            return self.weight * self.fixed_mask
+        return self.weight
 
     def _cached(self) -> tuple:
-        # Eval mode: mask once, reuse until the scores change (in-place updates bump _version).
+        # Eval mode: mask once, reuse until the scores change (in-place updates bump _version). Whatever
+        # changes ``mode`` resets ``_cache``, which keeps the mode out of edge-popup's per-forward key.
         s = self.scores
         key = (s._version, s.data_ptr(), self.k, self.weight.data_ptr())
         if self._cache is None or self._cache[0] != key:
-            mask = topk_mask(s, self.k)
+            # sample mode's eval mask: sigmoid(s) > 0.5 without rounding sigmoid near 0.5
+            mask = topk_mask(s, self.k) if self.mode == "topk" else s.detach() > 0
             self._cache = (key, mask, self.weight * mask)
         return self._cache
 
     def popup_repr(self) -> str:
-        return f"k={self.k}, weight_init={self.weight_init}, seed={self.seed}"
+        mode = "" if self.mode == "topk" else f", mode={self.mode}"
+        return f"k={self.k}, weight_init={self.weight_init}, seed={self.seed}{mode}"
 
 
 class PopupConv2d(nn.Conv2d, PopupLayer):

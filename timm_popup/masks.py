@@ -13,10 +13,16 @@ File format (version 1), all tensors, because ``safetensors.torch.load_file`` dr
 * everything else in the model's ``state_dict`` except scores: BatchNorm running statistics and the
   parameters of layers kept dense.
 * ``__popup__.checksum`` uint8[32]: sha256 over all other tensors (name order), so any corruption is caught.
+* free per-layer density (a supermask, whose density is learned, not ``round(k * n)``): ``__popup__.free_density``
+  int64[1] = 1 and per layer ``NAME.kept`` int64[1], the layer's kept count, which replaces the ``round(k * n)``
+  check (``k`` is then the supermask's initial keep probability, still needed for the scaled distributions).
+  Top-k files do not hold these keys and are unchanged; a reader without them rejects a free-density file with
+  the "not round(k*n)" error, never silently.
 
 Loading (``filter_state_dict``, timm's ``pretrained_filter_fn``) adopts the file's seed, k and weight
 distribution unless the caller chose them, regenerates the weights, compares them with the fingerprints
-and only then turns each mask into scores (1 kept, 0 dropped: top-k of those is exactly the mask).
+and only then turns each mask into scores (1 kept, 0 dropped: top-k of those is exactly the mask; for a
+free-density mask +1 / -1 and the layers switch to the supermask's ``sample`` mode, whose eval mask is scores > 0).
 """
 
 from __future__ import annotations
@@ -93,10 +99,16 @@ def mask_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         _META + "weight_init": torch.tensor(list(cfg["weight_init"].encode()), dtype=torch.uint8),
         _META + "frozen_fingerprint": _sha256([b for _, b in _frozen_tensors(model)]),
     }
+    free = any(layer.mode == "sample" for layer in layers.values())
+    if free:
+        out[_META + "free_density"] = torch.tensor([1])
     for name, layer in layers.items():
-        out[f"{name}.mask"] = pack_mask(layer.get_mask())
+        mask = layer.get_mask()
+        out[f"{name}.mask"] = pack_mask(mask)
         out[f"{name}.mask_shape"] = torch.tensor(list(layer.weight.shape))
         out[f"{name}.fingerprint"] = _sha256([layer.weight.float()])
+        if free:
+            out[f"{name}.kept"] = torch.tensor([int(mask.sum())])
     for name, tensor in model.state_dict().items():
         if not name.endswith(".scores") and name != "scores":
             out[name] = tensor.detach().cpu().contiguous().clone()
@@ -139,7 +151,11 @@ def artifact_info(sd: dict[str, torch.Tensor]) -> dict:
     return dict(format_version=int(_scalar(sd, "format_version")), seed=int(_scalar(sd, "seed")),
                 k=float(_scalar(sd, "k")), weight_init=bytes(sd[_META + "weight_init"].tolist()).decode(),
                 generator_version=int(_scalar(sd, "generator_version")), layers=len(layers),
-                total_weights=total, kept_weights=kept)
+                total_weights=total, kept_weights=kept, density="free" if _free_density(sd) else "top-k")
+
+
+def _free_density(sd: dict[str, torch.Tensor]) -> bool:
+    return _META + "free_density" in sd and bool(sd[_META + "free_density"].item())
 
 
 def _check_format(sd: dict[str, torch.Tensor]) -> None:
@@ -188,6 +204,7 @@ def filter_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> 
         raise MaskError(f"this mask is for another architecture (model layers without a mask: {missing}, "
                         f"mask layers not in the model: {extra}): load it with the model it was saved from")
     out: dict[str, torch.Tensor] = {}
+    free, to_sample = _free_density(sd), []
     for name, layer in layers.items():
         shape = tuple(layer.weight.shape)
         stored_shape = tuple(sd[f"{name}.mask_shape"].tolist()) if name in stored else None
@@ -203,13 +220,25 @@ def filter_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> 
         # numpy, not torch: counting and converting bool tensors is ~100x slower in torch on CPU
         bits = np.unpackbits(sd[f"{name}.mask"].numpy(), count=math.prod(shape), bitorder="little")
         kept = int(np.count_nonzero(bits))
-        if kept != num_kept(bits.size, layer.k):
-            raise MaskError(f"layer {name} keeps {kept} of {bits.size} weights, not round(k*n) for "
-                            f"k={layer.k}: the mask was saved with another k or is corrupt")
-        out[f"{name}.scores"] = torch.from_numpy(bits.astype(np.float32)).reshape(shape).to(layer.scores.dtype)
+        if free:
+            if f"{name}.kept" not in sd or kept != int(sd[f"{name}.kept"].item()):
+                raise MaskError(f"layer {name} keeps {kept} of {bits.size} weights, not the count the file "
+                                "records: the mask file is corrupt; download it again")
+            to_sample.append(layer)  # a free-density mask is not any layer's top-k
+            scores = bits.astype(np.float32) * 2 - 1
+        else:
+            if kept != num_kept(bits.size, layer.k):
+                raise MaskError(f"layer {name} keeps {kept} of {bits.size} weights, not round(k*n) for "
+                                f"k={layer.k}: the mask was saved with another k or is corrupt")
+            scores = bits.astype(np.float32)
+        out[f"{name}.scores"] = torch.from_numpy(scores).reshape(shape).to(layer.scores.dtype)
     if not torch.equal(_sha256([b for _, b in _frozen_tensors(model)]), sd[_META + "frozen_fingerprint"]):
         raise MaskError("the model's frozen tensors (norm layers, embeddings) differ from the ones the mask was "
                         "found with: build the same architecture and model arguments the mask was saved from")
+    for layer in to_sample:  # only once everything is verified: a rejected file leaves the model as it was
+        layer.mode, layer._cache = "sample", None
+    if free:
+        cfg["method"] = "supermask"
     skip = set(stored) | {name for name in layers}
     for name, tensor in sd.items():
         owner = name.rsplit(".", 1)[0]

@@ -9,7 +9,16 @@ script's ``--method``:
   seeded values; norm layers get their learnable scale/shift back. Output: a standard dense checkpoint
   (``config.json`` + ``model.safetensors`` of every weight + ``README.md``), loaded with :func:`load_dense`.
 
-New methods (Zhou et al.'s supermask, training a found or random subnetwork) add a :class:`Method` to ``METHODS``.
+* ``supermask`` (Zhou et al. 2019, the paper's section 4.4 baseline): weights frozen at their seeded values, one
+  score per weight, each training forward samples ``mask ~ Bernoulli(sigmoid(score))``; evaluation and the artifact
+  use the deterministic mask ``sigmoid(score) > 0.5``. ``--k`` sets the initial keep probability (the density
+  itself is learned, free per layer). Output: a compact mask artifact that records each layer's kept count.
+* ``finetune`` (Table 3, "learned"): train the weights of the subnetwork found by an edge-popup run
+  (``--init-artifact``, verified like any mask load), the mask fixed; masked weights stay exactly zero.
+* ``random-subnet`` (Table 3, "random"): the same with a random mask of ``round(k * n)`` weights per layer, drawn
+  from the seed. Both write dense checkpoints (:func:`save_dense`, the mask folded into the weights).
+
+Each is a ``mode`` of the same popup layers (``timm_popup.layers``), set by the method's ``prepare``.
 """
 
 from __future__ import annotations
@@ -30,9 +39,12 @@ from torch import nn
 
 from .convert import _is_norm, popup_layers
 from .hub import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, push_artifact, save_pretrained
+from .init import random_weight
+from .layers import topk_mask
+from .masks import load_masks
 
-__all__ = ["Method", "METHODS", "get_method", "make_dense", "save_dense", "load_dense", "push_dense",
-           "frozen_weights"]
+__all__ = ["Method", "METHODS", "get_method", "make_dense", "make_supermask", "make_finetune", "make_random_subnet",
+           "random_subnet_mask", "save_dense", "load_dense", "push_dense", "frozen_weights", "artifact_file"]
 
 
 @dataclass(frozen=True)
@@ -48,14 +60,25 @@ class Method:
     learns_weights: bool  # the optimizer gets the weights (else: they stay frozen, never stored)
     uses_k: bool  # whether --k means anything
     weight_init: str | None  # default weight distribution; None: the model's (the paper's U_k)
-    prepare: Callable[[nn.Module], nn.Module]
+    prepare: Callable[..., nn.Module]  # (model, *, init_artifact: Path | None) -> model, in place
     save: Callable[..., Path]  # (model, directory, *, metrics, dataset, recipe) -> directory
     push: Callable[..., str]  # (directory, repo_id, *, token, private, commit_message) -> commit url
     recipe_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    init_artifact: str = "unused"  # --init-artifact: "unused", "optional" or "required"
 
 
-def _edge_popup(model: nn.Module) -> nn.Module:
+def _edge_popup(model: nn.Module, *, init_artifact: Path | None = None) -> nn.Module:
     return model  # the registry already builds edge-popup models
+
+
+def _dense(model: nn.Module, *, init_artifact: Path | None = None) -> nn.Module:
+    return make_dense(model)
+
+
+def artifact_file(path: str | os.PathLike) -> Path:
+    """The mask file of an artifact: ``path`` itself, or ``path/model.safetensors`` for a directory."""
+    path = Path(path).expanduser()
+    return path / WEIGHTS_NAME if path.is_dir() else path
 
 
 def _to_parameter(module: nn.Module, name: str) -> None:
@@ -65,20 +88,25 @@ def _to_parameter(module: nn.Module, name: str) -> None:
     module.register_parameter(name, nn.Parameter(value.detach().clone()))
 
 
-def make_dense(model: nn.Module) -> nn.Module:
-    """The learned-dense baseline of a popup ``model``, in place: train the weights themselves.
+def _learn_weights(model: nn.Module, method: str, masks: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+    """Make the weights of ``model`` trainable, in place: unmasked (``masks`` None) or under fixed ``masks``.
 
-    Every popup layer's seeded weight (and its zero bias, if it has one) becomes a trainable parameter used
-    unmasked, and its scores are dropped; norm layers get their learnable scale and shift back (starting at 1
-    and 0, PyTorch's default); frozen redrawn tensors (ViT's position embedding) become trainable again. The
-    state dict then has the key layout of the plain timm model.
+    Every popup layer's seeded weight (and its zero bias, if it has one) becomes a trainable parameter and its
+    scores are dropped; norm layers get their learnable scale and shift back (starting at 1 and 0, PyTorch's
+    default); frozen redrawn tensors (ViT's position embedding) become trainable again. The state dict then has
+    the key layout of the plain timm model (a fixed mask is a non-persistent buffer: the method rebuilds it).
     """
-    for layer in popup_layers(model).values():
+    for name, layer in popup_layers(model).items():
+        if masks is not None:
+            mask = masks[name].to(device=layer.weight.device, dtype=torch.bool)
+            # zeroed from the start: their gradient (and weight decay) is then exactly zero, so they stay zero
+            layer.weight = torch.where(mask, layer.weight, torch.zeros_like(layer.weight))
+            layer.register_buffer("fixed_mask", mask, persistent=False)
         _to_parameter(layer, "weight")
         if layer.bias is not None:
             _to_parameter(layer, "bias")
         del layer.scores
-        layer.dense_weight = True
+        layer.mode = "dense" if masks is None else "fixed"
         layer._cache = None
     for module in model.modules():
         if _is_norm(module):
@@ -91,13 +119,74 @@ def make_dense(model: nn.Module) -> nn.Module:
         if name in module._buffers:
             _to_parameter(module, name)
     if hasattr(model, "popup_cfg"):
-        model.popup_cfg["method"] = "dense"
+        model.popup_cfg["method"] = method
     return model
 
 
+def make_dense(model: nn.Module) -> nn.Module:
+    """The learned-dense baseline of a popup ``model``, in place: train the weights themselves, unmasked."""
+    return _learn_weights(model, "dense")
+
+
+def make_supermask(model: nn.Module, *, init_artifact: Path | None = None) -> nn.Module:
+    """Zhou et al.'s supermask on a popup ``model``, in place: Bernoulli(sigmoid(score)) masks over frozen weights.
+
+    Scores start at ``logit(k)`` plus the layer's seeded Kaiming-uniform scores (|noise| <= 1/sqrt(fan_in)), so
+    every weight is first kept with probability ~k (clipped to [0.01, 0.99]: k = 1 would need infinite scores)
+    and the eval mask at k = 0.5 is a seeded random half rather than a tie at the threshold.
+    """
+    k = min(max(model.popup_cfg["k"], 0.01), 0.99)
+    offset = math.log(k / (1 - k))
+    with torch.no_grad():
+        for layer in popup_layers(model).values():
+            layer.scores.add_(offset)
+            layer.mode = "sample"
+            layer._cache = None
+    model.popup_cfg["method"] = "supermask"
+    return model
+
+
+def make_finetune(model: nn.Module, *, init_artifact: Path | None) -> nn.Module:
+    """Train the weights of the subnetwork in the mask artifact ``init_artifact``, in place, the mask fixed.
+
+    The artifact is loaded through the normal verified path (:func:`timm_popup.masks.load_masks`: same seed,
+    weights, architecture and k, or a ``MaskError``), so the weights start from the seeded values the mask was
+    found on; its BatchNorm statistics are kept as the starting point.
+    """
+    if init_artifact is None:
+        raise ValueError("finetune trains a found subnetwork: pass --init-artifact (an edge-popup run's directory)")
+    load_masks(model, artifact_file(init_artifact))
+    masks = {name: layer.get_mask() for name, layer in popup_layers(model).items()}  # a supermask's too
+    return _learn_weights(model, "finetune", masks)
+
+
+def random_subnet_mask(shape: tuple[int, ...] | torch.Size, *, seed: int, name: str, k: float) -> torch.Tensor:
+    """A random mask of ``round(k * n)`` weights for layer ``name``: the top-k of counter-based uniform draws, so,
+    like the weights, a pure function of (seed, name, shape, k) on any device and torch version."""
+    draws = random_weight(shape, seed=seed, name=name + "#random-subnet", weight_init="kaiming_uniform")
+    return topk_mask(draws, k)
+
+
+def make_random_subnet(model: nn.Module, *, init_artifact: Path | None = None) -> nn.Module:
+    """Train the weights of a random subnetwork of ``model``, in place: ``round(k * n)`` weights per layer.
+
+    With ``init_artifact`` (the found subnetwork it is compared with, paper Table 3) the artifact is verified
+    against the model and its seed / k adopted, so both have the same per-layer sizes; its mask itself is not used,
+    nor its BatchNorm statistics (they belong to the found subnetwork).
+    """
+    if init_artifact is not None:
+        load_masks(model, artifact_file(init_artifact))
+        for module in model.modules():
+            if _is_norm(module) and hasattr(module, "reset_running_stats"):
+                module.reset_running_stats()
+    masks = {name: random_subnet_mask(layer.weight.shape, seed=layer.seed, name=name, k=layer.k)
+             for name, layer in popup_layers(model).items()}
+    return _learn_weights(model, "random-subnet", masks)
+
+
 def frozen_weights(model: nn.Module) -> list[torch.Tensor]:
-    """The seeded weights of ``model``'s popup layers that are frozen (edge-popup): never to be optimized."""
-    return [layer.weight for layer in popup_layers(model).values() if not layer.dense_weight]
+    """The seeded weights of ``model``'s popup layers that are frozen (edge-popup, supermask): never optimized."""
+    return [layer.weight for layer in popup_layers(model).values() if not layer.learns_weight]
 
 
 def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
@@ -125,10 +214,19 @@ def _dense_card(config: Mapping[str, Any], directory: Path) -> str:
     if dataset:
         front += ["datasets:", f"- {dataset}"]
     front.append("---")
-    lines = [*front, "", f"# {config['architecture']}: learned dense weights ({directory.name})", "",
-             "The learned-dense baseline of edge-popup (Ramanujan et al., CVPR 2020): the same network as "
-             f"`{config['architecture']}`, but its weights were trained (starting from timm-popup's seeded "
-             f"`{popup.get('weight_init')}` weights, seed {popup.get('seed')}) instead of masked.", "",
+    method = popup.get("method", "dense")
+    start = f"starting from timm-popup's seeded `{popup.get('weight_init')}` weights, seed {popup.get('seed')}"
+    if method == "dense":
+        title = "learned dense weights"
+        about = (f"The learned-dense baseline of edge-popup (Ramanujan et al., CVPR 2020): the same network as "
+                 f"`{config['architecture']}`, but its weights were trained ({start}) instead of masked.")
+    else:
+        which = "the subnetwork found by edge-popup" if method == "finetune" else "a random subnetwork"
+        title = f"trained weights of {which} (k={popup.get('k')})"
+        about = (f"Table 3 of edge-popup (Ramanujan et al., CVPR 2020): the weights of {which} of "
+                 f"`{config['architecture']}` were trained ({start}), its mask fixed: "
+                 f"{popup.get('kept_weights', '?'):,} of {popup.get('total_weights', '?'):,} weights are nonzero.")
+    lines = [*front, "", f"# {config['architecture']}: {title} ({directory.name})", "", about, "",
              "```python", "from timm_popup.methods import load_dense", "",
              f'model = load_dense("{directory.name}")  # this directory', "```", ""]
     if metrics:
@@ -147,17 +245,26 @@ def save_dense(model: nn.Module, save_directory: str | os.PathLike, *, metrics: 
     from timm.models._hub import save_config_for_hf
 
     cfg = getattr(model, "popup_cfg", None)
-    if cfg is None or cfg.get("method") != "dense":
-        raise ValueError("save_dense expects a model made dense with timm_popup.methods.make_dense; save a popup "
-                         "model's mask with timm_popup.save_pretrained")
+    if cfg is None or cfg.get("method") not in _DENSE_CHECKPOINTS:
+        raise ValueError("save_dense expects a model whose weights were trained (make_dense, make_finetune, "
+                         "make_random_subnet); save a popup model's mask with timm_popup.save_pretrained")
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    kept = total = 0
+    for name, layer in popup_layers(model).items():
+        if layer.mode == "fixed":  # fold the mask in: the checkpoint is then a plain dense one
+            key = f"{name}.weight" if name else "weight"
+            mask = layer.fixed_mask.cpu()
+            state[key] = torch.where(mask, state[key], torch.zeros_like(state[key]))
+            kept, total = kept + int(mask.sum()), total + mask.numel()
     _atomic_write(directory / WEIGHTS_NAME, lambda tmp: safetensors.torch.save_file(
         state, tmp, metadata={"format": "pt"}))
     # model_args rebuild the same popup network (so its seeded init is reproducible too) before make_dense.
     init = dict(k=cfg["k"], weight_init=cfg["weight_init"], seed=cfg["seed"])
-    popup: dict[str, Any] = dict(method="dense", **init)
+    popup: dict[str, Any] = dict(method=cfg["method"], **init)
+    if total:
+        popup.update(kept_weights=kept, total_weights=total)
     if metrics:
         popup["metrics"] = {n: float(v) for n, v in metrics.items()}
     if dataset:
@@ -179,7 +286,7 @@ def load_dense(directory: str | os.PathLike, **kwargs: Any) -> nn.Module:
     if not config_path.is_file():
         raise FileNotFoundError(f"{directory} holds no {CONFIG_NAME}: pass a directory written by save_dense")
     config = json.loads(config_path.read_text())
-    if config.get("timm_popup", {}).get("method") != "dense":
+    if config.get("timm_popup", {}).get("method") not in _DENSE_CHECKPOINTS:
         raise ValueError(f"{directory} is not a dense checkpoint (it is a mask artifact?): load a mask with "
                          "timm.create_model(..., pretrained=True)")
     args = dict(config.get("model_args") or {}, num_classes=config["num_classes"])
@@ -221,12 +328,33 @@ METHODS: dict[str, Method] = {
         push=_push_mask),
     "dense": Method(
         name="dense", summary="learn the weights themselves from the same seeded init (the paper's baseline)",
-        learns_weights=True, uses_k=False, weight_init="kaiming_normal", prepare=make_dense, save=save_dense,
+        learns_weights=True, uses_k=False, weight_init="kaiming_normal", prepare=_dense, save=save_dense,
         push=push_dense,
         # Section 4.1: "For the SGD baseline we find that training does not converge with learning rate 0.1,
         # and so we use 0.01."
         recipe_overrides={"cifar": {"lr": 0.01}}),
+    "supermask": Method(
+        name="supermask", summary="learn Bernoulli keep probabilities over frozen seeded weights (Zhou et al.)",
+        learns_weights=False, uses_k=True, weight_init=None, prepare=make_supermask, save=save_pretrained,
+        push=_push_mask,
+        # Section 4.4: the CIFAR recipe (SGD, momentum 0.9, wd 1e-4, batch 128, cosine) with lr 200, found by
+        # doubling "until we see the performance become worse" ("a very high learning rate is required"). The
+        # paper gives no ImageNet value: pass --lr there.
+        recipe_overrides={"cifar": {"lr": 200.0}}),
+    "finetune": Method(
+        name="finetune", summary="train the weights of a found subnetwork, its mask fixed (--init-artifact)",
+        learns_weights=True, uses_k=True, weight_init=None, prepare=make_finetune, save=save_dense,
+        push=push_dense, init_artifact="required",
+        # Table 3 trains on ImageNet with the NVIDIA recipe (ours unchanged); on CIFAR, weights train with the
+        # paper's SGD dense-baseline lr (0.1 does not converge).
+        recipe_overrides={"cifar": {"lr": 0.01}}),
+    "random-subnet": Method(
+        name="random-subnet", summary="train the weights of a random subnetwork of round(k*n) weights per layer",
+        learns_weights=True, uses_k=True, weight_init=None, prepare=make_random_subnet, save=save_dense,
+        push=push_dense, init_artifact="optional", recipe_overrides={"cifar": {"lr": 0.01}}),
 }
+# Methods whose output is a dense checkpoint (save_dense / load_dense) rather than a mask artifact.
+_DENSE_CHECKPOINTS = frozenset(name for name, m in METHODS.items() if m.save is save_dense)
 
 
 def get_method(name: str) -> Method:

@@ -59,12 +59,13 @@ from .data import (
 from .init import WEIGHT_INITS
 from .layers import PopupLayer
 from .masks import pack_mask
-from .methods import Method, frozen_weights
+from .methods import Method, artifact_file, frozen_weights
 
 __all__ = [
     "TrainError", "Recipe", "RECIPES", "default_recipe", "resolve_recipe", "scaled_lr", "check_model_name",
-    "check_k", "check_weight_init", "prepare_output_dir", "check_fresh_output_dir", "find_checkpoint",
-    "read_trainer_state", "check_resume_compatible", "load_data", "resolve_input_size", "input_stats", "create_model",
+    "check_k", "check_weight_init", "check_init_artifact", "prepare_output_dir", "check_fresh_output_dir",
+    "find_checkpoint", "read_trainer_state", "check_resume_compatible", "load_data", "resolve_input_size",
+    "input_stats", "create_model",
     "is_cifar_style", "build_loaders", "build_optimizer", "build_scheduler", "seed_epoch", "set_loader_epoch",
     "train_one_epoch", "evaluate", "sync_batchnorm_stats", "use_portable_checkpoints", "save_checkpoint",
     "load_checkpoint", "list_checkpoints", "MetricsLog", "mask_digest", "dataset_id",
@@ -227,6 +228,23 @@ def check_weight_init(weight_init: str | None, method: Method) -> str | None:
         hint = f"did you mean {close[0]}? " if close else ""
         raise TrainError(f"unknown --weight-init {weight_init!r}; {hint}choose one of: {', '.join(WEIGHT_INITS)}")
     return weight_init
+
+
+def check_init_artifact(path: str | None, method: Method) -> Path | None:
+    """The mask file ``--init-artifact`` names (a run's directory or its ``model.safetensors``), if ``method``
+    takes one; checked for existence here, verified against the model when the method loads it."""
+    if path is None:
+        if method.init_artifact == "required":
+            raise TrainError(f"--method {method.name} needs --init-artifact: the directory (or model.safetensors) "
+                             "written by an edge-popup run")
+        return None
+    if method.init_artifact == "unused":
+        raise TrainError(f"--init-artifact has no meaning for --method {method.name}; drop it")
+    file = artifact_file(path)
+    if not file.is_file():
+        raise TrainError(f"--init-artifact {path}: no such file (pass an edge-popup run's output directory or its "
+                         "model.safetensors)")
+    return file
 
 
 def prepare_output_dir(path: str | os.PathLike) -> Path:
@@ -442,8 +460,9 @@ def build_loaders(ds: ImageDataset, data_config: Mapping[str, Any], *, batch_siz
 def create_model(model_name: str, *, method: Method, num_classes: int, input_size: tuple[int, int, int],
                  k: float | None = None, weight_init: str | None = None, seed: int = 0,
                  model_kwargs: Mapping[str, Any] | None = None, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None) -> nn.Module:
-    """The popup model for ``method``, built for ``input_size`` (C, H, W) and ``num_classes``.
+                 std: Sequence[float] | None = None, init_artifact: Path | None = None) -> nn.Module:
+    """The popup model for ``method``, built for ``input_size`` (C, H, W) and ``num_classes``, then prepared by the
+    method (``init_artifact``: the mask artifact finetune / random-subnet start from).
 
     The data config the model carries (``pretrained_cfg``: input size, per-channel ``mean``/``std``, default the
     model's) is the one training uses, so the artifact's ``config.json`` tells an evaluator exactly how to feed it.
@@ -470,7 +489,7 @@ def create_model(model_name: str, *, method: Method, num_classes: int, input_siz
             raise TrainError(f"cannot build {model_name} with {model_kwargs or {}}: {e}") from e
         kwargs.pop("img_size")  # size-agnostic (global pooling): the transforms alone set the input size
         model = timm.create_model(model_name, **kwargs)
-    return method.prepare(model)
+    return method.prepare(model, init_artifact=init_artifact)
 
 
 def build_optimizer(model: nn.Module, recipe: Recipe, *, lr: float) -> torch.optim.Optimizer:
