@@ -101,14 +101,9 @@ class _StraightThrough(torch.autograd.Function):
         return (grad * weight).mul_(scores.sign()), None, None
 
 
-class _SampledMask(torch.autograd.Function):
+class _SampledMask(_StraightThrough):
     """weight * mask forward (mask sampled by the caller); backward straight through the Bernoulli sample to its
     probability, as Zhou et al.: d(loss)/d(scores) = grad * weight * sigmoid'(scores)."""
-
-    @staticmethod
-    def forward(ctx, scores: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(scores, weight)
-        return weight * mask
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
