@@ -285,9 +285,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (RuntimeError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-        rows = [results[c.id] for c in cells]
-    else:
-        rows = list(read_results(args.out).values())
+        del results  # the table and figures cover every finished cell in --out, earlier grids' included
+    rows = list(read_results(args.out).values())
+    if args.command == "plot":
         if not rows:
             print(f"error: {args.out} holds no finished runs ({RESULTS_JSONL}): run a sweep first", file=sys.stderr)
             return 2
