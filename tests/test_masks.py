@@ -9,7 +9,8 @@ import safetensors.torch
 import timm
 import torch
 
-from timm_popup.masks import MaskError, artifact_info, pack_mask, read_mask_file, save_masks, unpack_mask
+from timm_popup.convert import popup_layers
+from timm_popup.masks import MaskError, artifact_info, load_masks, pack_mask, read_mask_file, save_masks, unpack_mask
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,29 @@ def test_file_route_gives_identical_logits_and_adopts_seed_and_k(saved, name):
     assert torch.equal(model(x), loaded(x))
     for (n, a), (_, b) in zip(model.named_buffers(), loaded.named_buffers(), strict=True):
         assert torch.equal(a, b), n
+
+
+def test_file_route_generates_each_weight_once(saved, monkeypatch):
+    """The mask's seed / k are read before the build, so no layer is generated for the defaults first."""
+    import timm_popup.layers
+
+    model, path, _ = saved["popup_conv4"]
+    calls = []
+    real = timm_popup.layers.random_weight
+    monkeypatch.setattr(timm_popup.layers, "random_weight", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    loaded = _load("popup_conv4", path)
+    assert len(calls) == len(popup_layers(loaded)) and {c["seed"] for c in calls} == {7}
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(x), loaded(x))
+
+
+def test_load_masks_reseeds_a_model_built_for_other_defaults(saved):
+    model, path, _ = saved["popup_conv4"]
+    other = timm.create_model("popup_conv4").eval()  # seed 0, k 0.5: the file says seed 7, k 0.4
+    load_masks(other, path)
+    assert (other.popup_cfg["seed"], other.popup_cfg["k"]) == (7, 0.4)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(x), other(x))
 
 
 def test_fresh_process_reproduces_logits(saved, tmp_path):

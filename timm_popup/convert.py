@@ -127,11 +127,8 @@ def convert(
 def reseed(model: nn.Module, *, seed: int, k: float, weight_init: str) -> nn.Module:
     """Regenerate a converted ``model``'s frozen random tensors for another seed / k / distribution."""
     k, weight_init = check_k(k), check_weight_init(weight_init)
-    for name, layer in popup_layers(model).items():
-        weight = random_weight(layer.weight.shape, seed=seed, name=name, weight_init=weight_init, k=k)
-        layer.weight = weight.to(layer.weight.device)
-        layer.k, layer.weight_init, layer.seed = k, weight_init, int(seed)
-        layer._cache = None
+    for layer in popup_layers(model).values():
+        layer.regenerate(seed=seed, k=k, weight_init=weight_init)
     for qualname in model.popup_cfg.get("redrawn", ()):
         mod_name, _, attr = qualname.rpartition(".")
         module = model.get_submodule(mod_name)

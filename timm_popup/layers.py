@@ -140,12 +140,9 @@ class PopupLayer:
             device = torch.device("cpu")
         has_bias = self.bias is not None
         del self.weight, self.bias
-        self.k = check_k(k)
-        self.weight_init = check_weight_init(weight_init)
-        self.seed = int(seed)
         self.popup_name = name
-        weight = random_weight(shape, seed=seed, name=name, weight_init=weight_init, k=k)
-        self.register_buffer("weight", weight.to(device), persistent=False)
+        self.register_buffer("weight", torch.empty(shape, device="meta"), persistent=False)
+        self.regenerate(seed=seed, k=k, weight_init=weight_init, device=device)
         if has_bias:  # the paper's layers have no bias: keep the slot, pinned at zero
             self.register_buffer("bias", torch.zeros(shape[0], device=device), persistent=False)
         else:
@@ -156,6 +153,13 @@ class PopupLayer:
         gen = torch.Generator().manual_seed(stream_key(seed, name + "#scores") >> 1)
         scores = torch.empty(shape).uniform_(-bound, bound, generator=gen)
         self.scores = nn.Parameter(scores.to(device))
+
+    def regenerate(self, *, seed: int, k: float, weight_init: str, device: torch.device | None = None) -> None:
+        """Make ``weight`` the seeded draw for (seed, layer name, k, weight_init); the scores stay as they are."""
+        self.k, self.weight_init, self.seed = check_k(k), check_weight_init(weight_init), int(seed)
+        weight = random_weight(self.weight.shape, seed=self.seed, name=self.popup_name,
+                               weight_init=self.weight_init, k=self.k)
+        self.weight = weight.to(device or self.weight.device)
         self._cache: tuple | None = None
 
     def get_mask(self) -> torch.Tensor:

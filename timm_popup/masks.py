@@ -39,11 +39,11 @@ from torch import nn
 
 from ._io import atomic_write
 from .convert import popup_layers, reseed
-from .init import GENERATOR_VERSION
+from .init import GENERATOR_VERSION, check_k, check_weight_init
 from .layers import num_kept
 
 __all__ = ["FORMAT_VERSION", "MaskError", "mask_state_dict", "save_masks", "load_masks", "filter_state_dict",
-           "pack_mask", "unpack_mask", "artifact_info"]
+           "pack_mask", "unpack_mask", "artifact_info", "recorded_args"]
 
 FORMAT_VERSION = 1
 _META = "__popup__."
@@ -142,14 +142,34 @@ def _scalar(sd: dict[str, torch.Tensor], key: str):
     return sd[_META + key].item()
 
 
+def _popup_args(sd: dict[str, torch.Tensor]) -> dict:
+    return dict(seed=int(_scalar(sd, "seed")), k=float(_scalar(sd, "k")),
+                weight_init=bytes(sd[_META + "weight_init"].tolist()).decode())
+
+
+def recorded_args(path: str | os.PathLike) -> dict | None:
+    """The seed, k and weight_init a mask file records, read without its masks, so that a model can be built
+    with them instead of being built and then re-seeded. None where the file cannot tell (missing, corrupt,
+    another format): the loader then reports why."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            sd = {key: f.get_tensor(key) for key in f.keys() if key.startswith(_META)}
+        if int(_scalar(sd, "format_version")) != FORMAT_VERSION:
+            return None
+        args = _popup_args(sd)
+        check_k(args["k"]), check_weight_init(args["weight_init"])
+        return args
+    except Exception:  # any unreadable file: the normal load path raises the one-line error
+        return None
+
+
 def artifact_info(sd: dict[str, torch.Tensor]) -> dict:
     """What a mask artifact holds: format, seed, k, weight distribution, layers, kept/total weights."""
     _check_format(sd)
     layers = {n[: -len(".mask")]: tuple(sd[n + "_shape"].tolist()) for n in sd if n.endswith(".mask")}
     total = sum(math.prod(s) for s in layers.values())
     kept = sum(int(np.unpackbits(sd[f"{n}.mask"].numpy(), count=math.prod(s)).sum()) for n, s in layers.items())
-    return dict(format_version=int(_scalar(sd, "format_version")), seed=int(_scalar(sd, "seed")),
-                k=float(_scalar(sd, "k")), weight_init=bytes(sd[_META + "weight_init"].tolist()).decode(),
+    return dict(format_version=int(_scalar(sd, "format_version")), **_popup_args(sd),
                 generator_version=int(_scalar(sd, "generator_version")), layers=len(layers),
                 total_weights=total, kept_weights=kept, density="free" if _free_density(sd) else "top-k")
 
@@ -186,8 +206,7 @@ def filter_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> 
     sd = state_dict
     _check_format(sd)
     cfg = model.popup_cfg
-    found = dict(seed=int(_scalar(sd, "seed")), k=float(_scalar(sd, "k")),
-                 weight_init=bytes(sd[_META + "weight_init"].tolist()).decode())
+    found = _popup_args(sd)
     for key, value in found.items():
         if cfg[key] != value and key in cfg.get("explicit", ()):
             raise MaskError(f"this mask was found with {key}={value!r} but the model was built with "

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..convert import convert
 from ..init import DEFAULT_WEIGHT_INIT
-from ..masks import MaskError, filter_state_dict
+from ..masks import MaskError, filter_state_dict, recorded_args
 
 __all__ = ["build_popup", "popup_cfg", "CIFAR_K", "IMAGENET_K", "HUB_ORG"]
 
@@ -62,6 +62,10 @@ def build_popup(
     explicit = [key for key in _POPUP_KEYS if key in kwargs]
     popup.update({key: kwargs.pop(key) for key in explicit})
     model_args = {key: value for key, value in kwargs.items() if key not in _BUILDER_KEYS and _jsonable(value)}
+    source = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
+    if pretrained and source:  # build with the mask's seed / k / distribution: no second weight generation
+        recorded = recorded_args(source) or {}
+        popup.update({key: value for key, value in recorded.items() if key not in explicit})
 
     def popup_model_cls(**model_kwargs: Any) -> nn.Module:
         model = model_cls(**model_kwargs)
