@@ -227,6 +227,13 @@ def test_log_checkpoints_and_progress(main_run):
     assert all(name.endswith("scores") for name in safetensors.torch.load_file(str(ckpt / "model.safetensors")))
     assert "epoch 3/3: train loss" in log and "all 1 process(es) hold the same mask" in log
     assert "recipe cifar: 3 epochs, global batch 16" in log
+    # TensorBoard (a dependency, so on by default): one scalar per epoch, the same values as the CSV
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"))  # the scalars; hparams go to a subdirectory
+    acc.Reload()
+    logged = [(e.step, round(e.value, 4)) for e in acc.Scalars("val_top1")]
+    assert logged == [(r["epoch"], round(r["val_top1"], 4)) for r in _rows(out)]
 
 
 def test_push_to_hub_uploads_the_artifact_only(main_run):
