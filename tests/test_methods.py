@@ -187,6 +187,10 @@ def test_subnetwork_weights_train_masked_ones_stay_zero(run, data, found, tmp_pa
         outs.append(out)
     out = outs[0]
     assert (out / "model.safetensors").read_bytes() == (outs[1] / "model.safetensors").read_bytes()
+    umask = os.umask(0)  # written like every other file of the package: the mode a plain open() gives
+    os.umask(umask)
+    assert {(out / n).stat().st_mode & 0o777 for n in ("config.json", "model.safetensors", "README.md")} == {
+        0o666 & ~umask}
     config = json.loads((out / "config.json").read_text())["timm_popup"]
     assert config["method"] == method and config["recipe"]["init_artifact"].endswith("model.safetensors")
     k = config["k"]

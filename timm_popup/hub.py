@@ -120,6 +120,19 @@ def _fmt(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (list, dict, tuple)) else str(value)
 
 
+def card_fields(*, metrics: Mapping[str, float] | None, dataset: str | None,
+                recipe: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``timm_popup`` entries of config.json that a card shows: only those given, metrics as floats."""
+    fields: dict[str, Any] = {}
+    if metrics:
+        fields["metrics"] = {n: float(v) for n, v in metrics.items()}
+    if dataset:
+        fields["dataset"] = dataset
+    if recipe:
+        fields["recipe"] = dict(recipe)
+    return fields
+
+
 def save_pretrained(
     model: nn.Module,
     save_directory: str | os.PathLike,
@@ -151,12 +164,7 @@ def save_pretrained(
     dense_bytes = sum(t.numel() * t.element_size() for n, t in tensors if not n.endswith("scores"))
     popup = dict(format_version=FORMAT_VERSION, generator_version=GENERATOR_VERSION, **_popup_args(model),
                  dense_bytes=dense_bytes, timm_popup_version=_version())
-    if metrics:
-        popup["metrics"] = {n: float(v) for n, v in metrics.items()}
-    if dataset:
-        popup["dataset"] = dataset
-    if recipe:
-        popup["recipe"] = dict(recipe)
+    popup.update(card_fields(metrics=metrics, dataset=dataset, recipe=recipe))
     atomic_write(directory / CONFIG_NAME, lambda tmp: save_config_for_hf(
         model, tmp, model_config={"timm_popup": popup, "pretrained_cfg": {"hf_hub_filename": WEIGHTS_NAME}},
         model_args=_popup_args(model)))

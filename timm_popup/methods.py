@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +36,9 @@ import timm
 import torch
 from torch import nn
 
+from ._io import atomic_write
 from .convert import _is_norm, popup_layers
-from .hub import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, push_artifact, save_pretrained
+from .hub import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, _fmt, card_fields, push_artifact, save_pretrained
 from .init import random_weight
 from .layers import topk_mask
 from .masks import load_masks
@@ -189,23 +189,6 @@ def frozen_weights(model: nn.Module) -> list[torch.Tensor]:
     return [layer.weight for layer in popup_layers(model).values() if not layer.learns_weight]
 
 
-def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}" if math.isfinite(value) else str(value)
-    return json.dumps(value) if isinstance(value, (list, dict, tuple)) else str(value)
-
-
 def _dense_card(config: Mapping[str, Any], directory: Path) -> str:
     popup = config["timm_popup"]
     dataset, metrics, recipe = popup.get("dataset"), popup.get("metrics") or {}, popup.get("recipe") or {}
@@ -258,24 +241,19 @@ def save_dense(model: nn.Module, save_directory: str | os.PathLike, *, metrics: 
             mask = layer.fixed_mask.cpu()
             state[key] = torch.where(mask, state[key], torch.zeros_like(state[key]))
             kept, total = kept + int(mask.sum()), total + mask.numel()
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: safetensors.torch.save_file(
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: safetensors.torch.save_file(
         state, tmp, metadata={"format": "pt"}))
     # model_args rebuild the same popup network (so its seeded init is reproducible too) before make_dense.
     init = dict(k=cfg["k"], weight_init=cfg["weight_init"], seed=cfg["seed"])
     popup: dict[str, Any] = dict(method=cfg["method"], **init)
     if total:
         popup.update(kept_weights=kept, total_weights=total)
-    if metrics:
-        popup["metrics"] = {n: float(v) for n, v in metrics.items()}
-    if dataset:
-        popup["dataset"] = dataset
-    if recipe:
-        popup["recipe"] = dict(recipe)
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: save_config_for_hf(
+    popup.update(card_fields(metrics=metrics, dataset=dataset, recipe=recipe))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: save_config_for_hf(
         model, tmp, model_config={"timm_popup": popup}, model_args=init))
     config = json.loads((directory / CONFIG_NAME).read_text())
     card = _dense_card(config, directory)
-    _atomic_write(directory / CARD_NAME, lambda tmp: Path(tmp).write_text(card))
+    atomic_write(directory / CARD_NAME, lambda tmp: Path(tmp).write_text(card))
     return directory
 
 
