@@ -175,8 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = train.create_model(model_name, method=method, num_classes=ds.num_classes, input_size=input_size,
                                    k=k, weight_init=weight_init, seed=args.seed, model_kwargs=args.model_kwargs,
                                    mean=mean, std=std, init_artifact=init_artifact)
-        run = dict(model=model_name, method=method.name, k=model.popup_cfg["k"],
-                   weight_init=model.popup_cfg["weight_init"], seed=args.seed, num_classes=ds.num_classes,
+        run = dict(model=model_name, method=method.name, k=model.popup_config.k,
+                   weight_init=model.popup_config.weight_init, seed=args.seed, num_classes=ds.num_classes,
                    input_size=list(input_size), mean=list(mean), std=list(std), model_kwargs=args.model_kwargs,
                    dataset=args.dataset, **dataclasses.asdict(recipe), num_processes=accelerator.num_processes,
                    mixed_precision=accelerator.mixed_precision)

@@ -104,7 +104,7 @@ def test_info_directory_human_and_json(artifacts, capsys):
     code, out, _ = _run(["info", artifacts["resnet18"]], capsys)
     assert code == 0
     assert "popup_resnet18 (config.json)" in out and "seed          3" in out
-    assert "verification  OK: the weights regenerated from seed 3 match all 21 layer fingerprints" in out
+    assert "verification  OK: the weights regenerated from seed 3 match all 21 tensor fingerprints" in out
 
     code, out, _ = _run(["info", artifacts["resnet18"] / "model.safetensors", "--json"], capsys)
     info = json.loads(out)
@@ -136,12 +136,12 @@ def test_info_errors_are_one_line(artifacts, tmp_path, capsys):
     other = tmp_path / "other"
     shutil.copytree(artifacts["conv2"], other)
     sd = safetensors.torch.load_file(str(other / "model.safetensors"))
-    sd["features.0.fingerprint"] = 255 - sd["features.0.fingerprint"]
+    sd["features.0.weight.fingerprint"] = 255 - sd["features.0.weight.fingerprint"]
     sd["__popup__.checksum"] = masks._checksum(sd)
     safetensors.torch.save_file(sd, str(other / "model.safetensors"))
     code, out, err = _run(["info", other], capsys)
-    assert code == 1 and "features.0: the weights regenerated from seed 5 do not match" in _error_line(err)
-    assert "verification  layer features.0" in out  # what the file holds is still shown
+    assert code == 1 and "features.0.weight: the weights regenerated from seed 5 do not match" in _error_line(err)
+    assert "verification  tensor features.0.weight" in out  # what the file holds is still shown
 
     dense = tmp_path / "dense.safetensors"
     safetensors.torch.save_file({"fc.weight": torch.zeros(2, 2)}, str(dense))

@@ -115,7 +115,7 @@ for name, m in spec["models"].items():
                 ok = torch.equal(model.forward_features(io["x"]), io["features"]) and model.num_classes == 4
             else:
                 ok = torch.equal(model(io["x"]), io["y"])
-        routes[route] = dict(equal=bool(ok), seed=model.popup_cfg["seed"], k=model.popup_cfg["k"])
+        routes[route] = dict(equal=bool(ok), seed=model.popup_config.seed, k=model.popup_config.k)
     results[name] = routes
 print(json.dumps(results))
 """

@@ -10,19 +10,27 @@ import numpy as np
 import pytest
 import torch
 
-from timm_popup.init import WEIGHT_INITS, init_std, random_weight, stream_key
+from timm_popup.init import WEIGHT_INITS, init_std, random_normal, random_weight, stream_key
 
 # (shape, seed, name, weight_init, k, first values, sha256 of all float32 little-endian bytes).
 # These pin every published mask's weights: if one changes, every mask ever published is invalid.
 GOLDEN = [
-    ((64, 64, 3, 3), 0, "layer1.0.conv1", "kaiming_normal", 1.0, [0.018429838120937347, 0.010055254213511944, -0.05412865802645683, -0.05322590470314026], "b7950f8f4468d20d01fe100c9bf3603357b1bb5be15e26373f8177d4d3323933"),  # noqa: E501
-    ((10, 512), 1, "fc", "signed_constant", 1.0, [-0.0625, 0.0625, 0.0625, -0.0625], "1601b6697ec863b04004f77548fdbcac2c8914f3a0123ae889785bfc0098843b"),  # noqa: E501
-    ((64, 3, 3, 3), 42, "features.0", "kaiming_uniform", 1.0, [-0.15639355778694153, 0.22451269626617432, -0.4310412108898163, -0.3181683123111725], "3a879019dc8afd1d5c14c8e48175487f0e4839a208582ca06bee2f4bb0fc1c44"),  # noqa: E501
-    ((256, 128), 7, "blocks.0.mlp.fc1", "xavier_normal", 1.0, [-0.016711998730897903, -0.0779174417257309, 0.036218658089637756, -0.019470268860459328], "fd95bc8a25cddd10a37bf56608b45367deedb57e2eb780b05bf22ca52f9e3d6f"),  # noqa: E501
-    ((128, 64, 1, 1), 3, "layer2.0.downsample.0", "scaled_kaiming_normal", 0.3, [0.12094870954751968, -0.14264929294586182, -0.21318671107292175, -0.04606242477893829], "4e2070374f3c3a6cfc510813ac500469d7ddb3f1be7bebbe6fd94d6d80e7935f"),  # noqa: E501
-    ((32, 16), 5, "fc1", "scaled_signed_constant", 0.5, [0.5, 0.5, -0.5, 0.5], "46212d8956cc007d8ae960a9b65ef1f5f8a616e5d405361f96e2987008b8ec23"),  # noqa: E501
-    ((16, 8), 9, "fc2", "signed_xavier_constant", 1.0, [-0.28867512941360474, -0.28867512941360474, 0.28867512941360474, 0.28867512941360474], "c6d6ef1fcdd541c9509f0d64d904ba092feed5272838f5d25b6a0a6912db7ccb"),  # noqa: E501
+    ((64, 64, 3, 3), 0, "layer1.0.conv1.weight", "kaiming_normal", 1.0, [-0.016518989577889442, 0.06192632392048836, -0.07834959775209427, 0.05264218896627426], "3c0c12fc37a77769cff34fc1ab1b7e47ea41431961057586d89703df73aa3bf2"),  # noqa: E501
+    ((10, 512), 1, "fc.weight", "signed_constant", 1.0, [-0.0625, 0.0625, -0.0625, -0.0625], "f7952173e2a9c1747db949f8035931086001fd3e5753e8fa27e393316fac9f3b"),  # noqa: E501
+    ((64, 3, 3, 3), 42, "features.0.weight", "kaiming_uniform", 1.0, [0.4382255971431732, 0.01351798977702856, -0.13293667137622833, -0.41027936339378357], "ad28c751522585d89124101f2662bea4efad1f1227a46077e96a75503ed6ccbb"),  # noqa: E501
+    ((256, 128), 7, "blocks.0.mlp.fc1.weight", "xavier_normal", 1.0, [-0.08222132176160812, 0.07069652527570724, 0.021310856565833092, 0.06535778939723969], "d6958d340588c849046d683b1726ed5d48761848701c155b251521d7b2ff4b63"),  # noqa: E501
+    ((128, 64, 1, 1), 3, "layer2.0.downsample.0.weight", "scaled_kaiming_normal", 0.3, [-0.21727797389030457, -0.3357067406177521, 0.15182077884674072, -0.3479330539703369], "ad150a54ba5e3a04891a3e77f3e6559c8864680f1975f87c4f32881dbd24ca53"),  # noqa: E501
+    ((32, 16), 5, "fc1.weight", "scaled_signed_constant", 0.5, [-0.5, 0.5, 0.5, -0.5], "d7b3e1219da64bcf2b8a70fd9f588de1324bb0a21553efc47aafcad2ebae08fb"),  # noqa: E501
+    ((16, 8), 9, "fc2.weight", "signed_xavier_constant", 1.0, [0.28867512941360474, 0.28867512941360474, 0.28867512941360474, 0.28867512941360474], "e1829295ba978029d0c591edd2d4f0ca4b5ddff23ae99dfe4077c65212277fe7"),  # noqa: E501
 ]
+
+
+def test_golden_frozen_embedding():
+    w = random_normal((1, 197, 192), seed=0, name="pos_embed", std=0.02)
+    assert w.flatten()[:4].tolist() == [0.007476181723177433, 0.004261974710971117, -0.012675691395998001,
+                                         -0.017268426716327667]
+    assert _digest(w) == "a88d70ac28ca6715661f978b2764b085926d78fc277320dbc16c0e4f76cdd9c0"
+    assert abs(w.std().item() - 0.02) < 0.05 * 0.02  # the documented std (generator v1 gave 0.02/sqrt(numel))
 
 
 def _digest(w: torch.Tensor) -> str:
@@ -40,7 +48,7 @@ def test_golden_values(shape, seed, name, weight_init, k, first, sha):
 def _reference_normal(seed: int, name: str, n: int, std: float) -> list[float]:
     """The module docstring's recipe re-implemented with Python ints and math.log (independent code)."""
     mask = (1 << 64) - 1
-    key = int.from_bytes(hashlib.sha256(f"timm-popup/v1|{seed}|{name}".encode()).digest()[:8], "little")
+    key = int.from_bytes(hashlib.sha256(f"timm-popup/v2|{seed}|{name}".encode()).digest()[:8], "little")
     a = [-3.969683028665376e01, 2.209460984245205e02, -2.759285104469687e02, 1.383577518672690e02,
          -3.066479806614716e01, 2.506628277459239e00]
     b = [-5.447609879822406e01, 1.615858368580409e02, -1.556989798598866e02, 6.680131188771972e01,

@@ -8,8 +8,9 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from torch import nn
 
-from timm_popup.convert import popup_layers
+from timm_popup.convert import convert, popup_masks
 from timm_popup.masks import MaskError, artifact_info, load_masks, pack_mask, read_mask_file, save_masks, unpack_mask
 
 
@@ -39,7 +40,7 @@ def _load(name, path, **kw):
 def test_file_route_gives_identical_logits_and_adopts_seed_and_k(saved, name):
     model, path, kw = saved[name]
     loaded = _load(name, path, **{k: v for k, v in kw.items() if k == "num_classes"})
-    assert loaded.popup_cfg["seed"] == kw["seed"] and loaded.popup_cfg["k"] == kw.get("k", 0.3)
+    assert loaded.popup_config.seed == kw["seed"] and loaded.popup_config.k == kw.get("k", 0.3)
     x = torch.randn(3, 3, 32, 32)
     assert torch.equal(model(x), loaded(x))
     for (n, a), (_, b) in zip(model.named_buffers(), loaded.named_buffers(), strict=True):
@@ -55,7 +56,7 @@ def test_file_route_generates_each_weight_once(saved, monkeypatch):
     real = timm_popup.layers.random_weight
     monkeypatch.setattr(timm_popup.layers, "random_weight", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     loaded = _load("popup_conv4", path)
-    assert len(calls) == len(popup_layers(loaded)) and {c["seed"] for c in calls} == {7}
+    assert len(calls) == len(popup_masks(loaded)) and {c["seed"] for c in calls} == {7}
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(model(x), loaded(x))
 
@@ -64,7 +65,7 @@ def test_load_masks_reseeds_a_model_built_for_other_defaults(saved):
     model, path, _ = saved["popup_conv4"]
     other = timm.create_model("popup_conv4").eval()  # seed 0, k 0.5: the file says seed 7, k 0.4
     load_masks(other, path)
-    assert (other.popup_cfg["seed"], other.popup_cfg["k"]) == (7, 0.4)
+    assert (other.popup_config.seed, other.popup_config.k) == (7, 0.4)
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(model(x), other(x))
 
@@ -86,7 +87,8 @@ def test_other_num_classes_reinitialises_only_the_classifier(saved):
     model, path, _ = saved["popup_resnet18"]
     loaded = _load("popup_resnet18", path, num_classes=5)
     assert loaded.fc.out_features == 5
-    assert torch.equal(loaded.layer1[0].conv1.get_mask(), model.layer1[0].conv1.get_mask())
+    name = "layer1.0.conv1.weight"
+    assert torch.equal(popup_masks(loaded)[name].get_mask(), popup_masks(model)[name].get_mask())
     assert torch.equal(loaded.bn1.running_var, model.bn1.running_var)
 
 
@@ -130,15 +132,17 @@ def test_bad_inputs_each_give_a_clear_error(saved, tmp_path):
     cases.append(("popup_conv4", tmp_path / "flip.safetensors", {}, "checksum"))
     dense = tmp_path / "dense.safetensors"
     safetensors.torch.save_file(timm.create_model("resnet18").state_dict(), str(dense))
-    cases.append(("popup_resnet18", dense, {}, "dense checkpoint"))
+    cases.append(("popup_resnet18", dense, {}, "dense checkpoint .*methods.load_dense"))
     cases.append(("popup_conv4", r18, {}, "another architecture"))
     cases.append(("popup_conv2", conv4, {}, "another architecture"))
     cases.append(("popup_conv4", conv4, dict(seed=8), "found with seed=7"))
     cases.append(("popup_conv4", conv4, dict(k=0.5), "found with k=0.4"))
     cases.append(("popup_conv4", conv4, dict(weight_init="kaiming_normal"), "found with weight_init='signed_constant'"))
     newer = _rewrite(conv4, tmp_path / "newer.safetensors", **{"__popup__.format_version": lambda t: t + 1})
-    cases.append(("popup_conv4", newer, {}, "format version 2, newer"))
-    other_w = _rewrite(conv4, tmp_path / "fp.safetensors", **{"features.0.fingerprint": lambda t: 255 - t})
+    cases.append(("popup_conv4", newer, {}, "format version 3, newer"))
+    older = _rewrite(conv4, tmp_path / "older.safetensors", **{"__popup__.format_version": lambda t: t - 1})
+    cases.append(("popup_conv4", older, {}, "format version 1 .* no longer reads"))
+    other_w = _rewrite(conv4, tmp_path / "fp.safetensors", **{"features.0.weight.fingerprint": lambda t: 255 - t})
     cases.append(("popup_conv4", other_w, {}, "checksum"))
     cases.append(("popup_conv4", conv4, dict(width=2.0), "shape"))
     for name, path, kw, message in cases:
@@ -152,11 +156,36 @@ def test_fingerprint_catches_other_random_weights(saved, tmp_path):
 
     _, conv4, _ = saved["popup_conv4"]
     sd = safetensors.torch.load_file(str(conv4))
-    sd["features.0.fingerprint"] = 255 - sd["features.0.fingerprint"]
+    sd["features.0.weight.fingerprint"] = 255 - sd["features.0.weight.fingerprint"]
     sd["__popup__.checksum"] = masks._checksum(sd)
     safetensors.torch.save_file(sd, str(tmp_path / "other.safetensors"))
-    with pytest.raises(MaskError, match="features.0: the weights regenerated from seed 7 do not match"):
+    with pytest.raises(MaskError, match="features.0.weight: the weights regenerated from seed 7 do not match"):
         _load("popup_conv4", tmp_path / "other.safetensors")
+    # a rejected file leaves the model as it was (it used to be re-seeded before the check)
+    model = timm.create_model("popup_conv4").eval()
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    scores = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(MaskError, match="do not match"):
+        load_masks(model, tmp_path / "other.safetensors")
+    assert (model.popup_config.seed, model.popup_config.k) == (0, 0.5)
+    assert all(torch.equal(b, before[n]) for n, b in model.named_buffers())
+    assert all(torch.equal(p, scores[n]) for n, p in model.named_parameters())
+
+
+def test_artifact_info_counts_bits_of_tensors_not_a_multiple_of_8(tmp_path):
+    """Kept counts read with the same (little-endian) bit order the masks were packed in."""
+    model = convert(nn.Sequential(*[nn.Linear(n, 1, bias=False) for n in range(9, 16)]), k=0.4, seed=1)
+    with torch.no_grad():
+        for mask in popup_masks(model).values():
+            mask.scores.copy_(torch.arange(mask.scores.numel(), dtype=torch.float32).view_as(mask.scores))
+    save_masks(model, tmp_path / "m.safetensors")
+    info = artifact_info(read_mask_file(tmp_path / "m.safetensors"))
+    assert info["kept_weights"] == sum(round(0.4 * n) for n in range(9, 16))
+
+
+def test_registry_model_without_a_published_mask_says_how_to_load_one():
+    with pytest.raises(MaskError, match="no mask is published for popup_resnet18: .*pretrained_cfg_overlay"):
+        timm.create_model("popup_resnet18", pretrained=True)
 
 
 def test_unpublished_registry_mask_says_so(monkeypatch):

@@ -110,7 +110,7 @@ def _found_masks(found: Path) -> dict[str, torch.Tensor]:
 
 def _seeded_weights(k: float) -> dict[str, torch.Tensor]:
     model = timm.create_model("popup_conv2", width=0.125, num_classes=4, seed=int(SEED), k=k)
-    return {name: layer.weight for name, layer in timm_popup.popup_layers(model).items()}
+    return {name: layer.weight for name, layer in timm_popup.popup_masks(model).items()}
 
 
 # ------------------------------------------------------------------------------------------------- supermask
@@ -118,14 +118,14 @@ def _seeded_weights(k: float) -> dict[str, torch.Tensor]:
 
 def test_supermask_samples_in_training_and_is_deterministic_in_eval():
     model = make_supermask(timm.create_model("popup_conv2", width=0.125, num_classes=4, seed=1))
-    layers = timm_popup.popup_layers(model)
+    layers = timm_popup.popup_masks(model)
     assert {layer.mode for layer in layers.values()} == {"sample"}
     x = torch.randn(4, 3, 32, 32)
     model.train()
     first, second = model(x), model(x)
     assert not torch.equal(first, second)  # a fresh Bernoulli mask every training forward
     second.sum().backward()
-    layer = layers["features.0"]
+    layer = layers["features.0.weight"]
     assert layer.scores.grad is not None and layer.scores.grad.abs().sum() > 0
     assert not layer.weight.requires_grad  # weights stay at their seeded values
     model.eval()
@@ -136,7 +136,7 @@ def test_supermask_samples_in_training_and_is_deterministic_in_eval():
     assert 0.4 < layer.get_mask().float().mean() < 0.6
     # --k sets the initial keep probability
     low = make_supermask(timm.create_model("popup_conv2", width=0.125, num_classes=4, seed=1, k=0.2))
-    p = torch.sigmoid(timm_popup.popup_layers(low)["features.0"].scores.detach())
+    p = torch.sigmoid(timm_popup.popup_masks(low)["features.0.weight"].scores.detach())
     assert p.mean().item() == pytest.approx(0.2, abs=0.02)
 
 
@@ -156,22 +156,22 @@ def test_supermask_run_writes_a_compact_artifact_that_reproduces_its_accuracy(ru
     mean_std = {key: tuple(config["pretrained_cfg"][key]) for key in ("mean", "std")}
     model = timm.create_model("popup_conv2", pretrained=True, width=0.125, num_classes=4,
                               pretrained_cfg_overlay=dict(file=str(out / "model.safetensors"), **mean_std))
-    assert {layer.mode for layer in timm_popup.popup_layers(model).values()} == {"sample"}
+    assert {layer.mode for layer in timm_popup.popup_masks(model).values()} == {"sample"}
     measured, logged = _evaluate(model, data), _rows(out)[-1]
     assert measured["top1"] == logged["val_top1"]
     assert measured["loss"] == pytest.approx(logged["val_loss"], rel=1e-5)
-    for name, layer in timm_popup.popup_layers(model).items():
+    for name, layer in timm_popup.popup_masks(model).items():
         assert torch.equal(layer.get_mask(), masks[name])
     # a free-density file is verified: a changed kept count is caught (the checksum, recomputed, passes)
     from timm_popup.masks import _checksum
 
     bad = dict(sd)
-    bad["features.0.kept"] = bad["features.0.kept"] + 1
+    bad["features.0.weight.kept"] = bad["features.0.weight.kept"] + 1
     bad["__popup__.checksum"] = _checksum(bad)
     fresh = timm.create_model("popup_conv2", width=0.125, num_classes=4)
     with pytest.raises(timm_popup.MaskError, match="count the file records"):
         timm_popup.masks.filter_state_dict(bad, fresh)
-    assert {layer.mode for layer in timm_popup.popup_layers(fresh).values()} == {"topk"}  # left as it was
+    assert {layer.mode for layer in timm_popup.popup_masks(fresh).values()} == {"topk"}  # left as it was
 
 
 # ------------------------------------------------------------------------------- finetune and random-subnet
@@ -199,7 +199,8 @@ def test_subnetwork_weights_train_masked_ones_stay_zero(run, data, found, tmp_pa
     found_masks, seeded = _found_masks(found), _seeded_weights(k)
     kept_total = 0
     for name, mask in found_masks.items():
-        weight = trained[f"{name}.weight"]
+        owner, _, tensor = name.rpartition(".")  # checkpoints keep the mask's trainable weight unfolded
+        weight = trained[f"{owner}.parametrizations.{tensor}.0.weight"]
         nonzero = weight != 0
         if method == "finetune":
             assert torch.equal(nonzero, mask)

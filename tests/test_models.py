@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import timm_popup
-from timm_popup import PopupConv2d, PopupLinear, convert, popup_layers
+from timm_popup import convert, popup_masks
 
 ALL_MODELS = [
     "popup_conv2", "popup_conv4", "popup_conv6", "popup_conv8", "popup_fc", "popup_resnet18_cifar",
@@ -47,7 +47,7 @@ def test_builds_and_runs_batch_size_one(name):
         out = model(x)
     assert out.shape == (1, model.num_classes) and torch.isfinite(out).all()
     assert [n for n, _ in model.named_parameters() if not n.endswith("scores")] == []
-    assert len(popup_layers(model)) > 0
+    assert len(popup_masks(model)) > 0
 
 
 @pytest.mark.parametrize("name", ["popup_conv4", "popup_fc", "popup_resnet18_cifar"])
@@ -64,7 +64,7 @@ def test_batch_size_one_in_training_mode(name):
 ])
 def test_masked_weight_counts(name, count):
     model = _create(name)
-    layers = popup_layers(model)
+    layers = popup_masks(model)
     assert sum(layer.weight.numel() for layer in layers.values()) == count
     if name == "popup_resnet50":
         kept = sum(int(layer.get_mask().sum()) for layer in layers.values())
@@ -74,13 +74,12 @@ def test_masked_weight_counts(name, count):
 
 def test_defaults_follow_the_paper_and_kwargs_pass_through():
     conv4 = timm.create_model("popup_conv4")
-    assert {k: conv4.popup_cfg[k] for k in ("k", "weight_init", "seed", "dense")} == dict(
-        k=0.5, weight_init="signed_constant", seed=0, dense=[])
+    assert conv4.popup_config.popup_args() == dict(k=0.5, weight_init="signed_constant", seed=0, dense=[])
     r18 = timm.create_model("popup_resnet18", k=0.7, weight_init="kaiming_normal", seed=4, num_classes=7)
-    assert r18.popup_cfg["k"] == 0.7 and r18.num_classes == 7
-    layer = r18.layer1[0].conv1
+    assert r18.popup_config.k == 0.7 and r18.num_classes == 7
+    layer = popup_masks(r18)["layer1.0.conv1.weight"]
     assert (layer.k, layer.weight_init, layer.seed) == (0.7, "kaiming_normal", 4)
-    assert timm.create_model("popup_resnet18").popup_cfg["k"] == 0.3
+    assert timm.create_model("popup_resnet18").popup_config.k == 0.3
     wide = timm.create_model("popup_conv4", width=2.0, in_chans=1, img_size=28, num_classes=3)
     assert wide.features[0].out_channels == 128 and wide(torch.randn(2, 1, 28, 28)).shape == (2, 3)
 
@@ -89,7 +88,7 @@ def test_defaults_follow_the_paper_and_kwargs_pass_through():
 def test_every_layer_keeps_round_kn(k):
     for name in ("popup_conv4", "popup_resnet18_cifar"):
         model = timm.create_model(name, k=k)
-        for layer in popup_layers(model).values():
+        for layer in popup_masks(model).values():
             assert int(layer.get_mask().sum()) == round(k * layer.weight.numel())
 
 
@@ -102,6 +101,9 @@ def test_bad_arguments_are_clear_errors():
         timm.create_model("popup_conv2", weight_init="xavier")
     with pytest.raises(RuntimeError, match=r"Unknown model \(popup_resnet51\)"):
         timm.create_model("popup_resnet51")
+    # a k so small that a tensor keeps nothing would silently build a network that outputs constants
+    with pytest.raises(ValueError, match=r"k=1e-09 keeps 0 of the weights of features.0.weight \(64, 3, 3, 3\)"):
+        timm.create_model("popup_conv4", k=1e-9)
 
 
 def _state_hash(model: nn.Module) -> dict[str, str]:
@@ -117,7 +119,8 @@ def test_same_seed_same_network_in_another_process():
     import json
     assert json.loads(out.stdout) == _state_hash(model)
     other = timm.create_model("popup_conv4", seed=4)
-    assert not torch.equal(other.features[0].weight, model.features[0].weight)
+    with torch.no_grad():
+        assert not torch.equal(other.features[0].weight, model.features[0].weight)
 
 
 def test_twenty_sgd_steps_train_only_scores():
@@ -169,7 +172,8 @@ def test_convert_keeps_class_protocol_and_popup_classifier():
     assert torch.equal(model(x), model.forward_head(feats))
     assert model.forward_head(feats, pre_logits=True).shape == (2, 512)
     model.reset_classifier(5)
-    assert isinstance(model.get_classifier(), PopupLinear) and model(x).shape == (2, 5)
+    assert "fc.weight" in popup_masks(model) and model(x).shape == (2, 5)
+    assert popup_masks(model)["fc.weight"].weight.shape == (5, 512)
     assert [n for n, _ in model.named_parameters() if not n.endswith("scores")] == []
     clone = copy.deepcopy(model)
     clone.reset_classifier(3)
@@ -179,7 +183,7 @@ def test_convert_keeps_class_protocol_and_popup_classifier():
 def test_convert_can_leave_layers_dense():
     model = convert(timm.create_model("resnet18", num_classes=10), k=0.5, dense=("conv1", "fc"))
     assert type(model.conv1) is nn.Conv2d and type(model.fc) is nn.Linear
-    assert isinstance(model.layer1[0].conv1, PopupConv2d)
+    assert "layer1.0.conv1.weight" in popup_masks(model) and "conv1.weight" not in popup_masks(model)
     trainable = {n for n, p in model.named_parameters() if not n.endswith("scores")}
     assert trainable == {"conv1.weight", "fc.weight", "fc.bias"}
 
@@ -188,14 +192,89 @@ def test_convert_freezes_other_parameters_deterministically():
     a = timm.create_model("popup_vit_tiny_patch16_224", img_size=32, seed=2)
     b = timm.create_model("popup_vit_tiny_patch16_224", img_size=32, seed=2)
     assert torch.equal(a.pos_embed, b.pos_embed) and torch.equal(a.cls_token, b.cls_token)
-    assert isinstance(a.blocks[0].attn.qkv, PopupLinear)
+    assert "blocks.0.attn.qkv.weight" in popup_masks(a)
     assert torch.equal(a.blocks[0].norm1.weight, torch.ones(192))
+    frozen = a.popup_config.frozen
+    assert frozen["pos_embed"] == "draw:0.02" and frozen["blocks.0.norm1.weight"] == "norm:1"
 
 
-def test_convert_rejects_multihead_attention():
-    with pytest.raises(ValueError, match="MultiheadAttention"):
-        convert(nn.Sequential(nn.MultiheadAttention(8, 2)))
+def test_frozen_embeddings_have_the_documented_std():
+    """Generator v1 drew them at 0.02/sqrt(numel) (ViT-Tiny pos_embed 6.5e-4); the documented std is 0.02."""
+    model = timm.create_model("popup_vit_tiny_patch16_224")
+    for name in ("pos_embed", "cls_token"):
+        std = model.get_buffer(name).std().item()
+        assert abs(std - 0.02) < 0.05 * 0.02 or name == "cls_token" and abs(std - 0.02) < 0.25 * 0.02, (name, std)
+    big = model.pos_embed.flatten()
+    assert abs(big.std().item() - 0.02) / 0.02 < 0.05 and abs(big.mean().item()) < 0.002
+
+
+def test_parameter_policy_keeps_every_branch_alive():
+    """Norm over one feature, zero residual gains, layer scales: frozen values that do not zero a branch."""
+    ln1 = convert(nn.LayerNorm(1))
+    assert ln1.popup_config.frozen == {"weight": "norm:1", "bias": "norm:1"}
+    assert torch.equal(ln1(torch.randn(3, 1)), torch.ones(3, 1))  # non-affine it would output 0 forever
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.skipinit_gain = nn.Parameter(torch.tensor(0.0))
+            self.gamma = nn.Parameter(1e-6 * torch.ones(4))
+            self.temperature = nn.Parameter(torch.full((4,), 2.0))
+            self.w_g = nn.Parameter(torch.randn(4, 1))
+
+        def forward(self, x):
+            return x + self.fc(x) * self.skipinit_gain * self.gamma * self.temperature + x @ self.w_g
+
+    block = convert(Block(), seed=5)
+    assert block.popup_config.frozen == {"fc.bias": "bias:0", "skipinit_gain": "gain:1", "gamma": "gain:1",
+                                          "temperature": "const", "w_g": "draw:0.02"}
+    assert block.skipinit_gain.item() == 1.0 and torch.equal(block.temperature, torch.full((4,), 2.0))
+    x = torch.randn(2, 4)
+    block(x).sum().backward()
+    assert popup_masks(block)["fc.weight"].scores.grad.abs().sum() > 0
 
 
 def test_public_api():
     assert timm_popup.__version__ and callable(timm_popup.convert)
+
+
+def test_features_only_of_the_cifar_resnet():
+    model = timm.create_model("popup_resnet18_cifar", features_only=True)
+    feats = model(torch.randn(1, 3, 32, 32))
+    assert [f.shape[-1] for f in feats] == [32, 32, 16, 8, 4] and model.feature_info.reduction() == [1, 1, 2, 4, 8]
+
+
+@pytest.mark.parametrize("name,kwargs,size", [
+    ("popup_beit_base_patch16_224", dict(img_size=32, depth=2), 32),  # F.linear(x, self.qkv.weight) in attention
+    ("popup_test_nfnet", {}, 32),  # ScaledStdConv2d: weight standardisation and gain
+    ("popup_sequencer2d_s", dict(layers=(1, 1, 1, 1)), 32),  # LSTM weights
+])
+def test_any_timm_model_as_popup_learns_every_score(name, kwargs, size):
+    model = timm.create_model(name, num_classes=3, **kwargs).train()
+    assert type(model).__module__.startswith("timm.models")  # timm's own class, forward and protocol
+    assert model.pretrained_cfg["architecture"] == name and not model.pretrained_cfg.get("hf_hub_id")
+    masks = popup_masks(model)
+    assert {n for n, p in model.named_parameters()} == {n for n, p in model.named_parameters() if n.endswith("scores")}
+    assert len(masks) == len([p for p in model.parameters()])
+    model(torch.randn(2, 3, size, size)).pow(2).mean().backward()
+    dead = [n for n, m in masks.items() if m.scores.grad is None or not m.scores.grad.abs().sum() > 0]
+    assert dead == []
+    assert name in timm.list_models("popup_*") and "popup_beit_large_patch16_224" not in timm.list_models("popup_*")
+
+
+def test_popup_of_every_timm_name_is_creatable_but_not_listed():
+    assert timm.models.is_model("popup_efficientnet_b0") and not timm.models.is_model("popup_popup_conv4")
+    assert not timm.models.is_model("popup_not_a_model")
+    listed = timm.list_models("popup_*")
+    assert {"popup_conv4", "popup_resnet50"} <= set(listed) and len(listed) < 100
+
+
+def test_import_time_stays_low():
+    code = "import time, timm; t = time.perf_counter(); import timm_popup; print(time.perf_counter() - t)"
+    base = "import time; t = time.perf_counter(); import timm; print(time.perf_counter() - t)"
+    ours = min(float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                                    check=True).stdout) for _ in range(2))
+    timm_alone = min(float(subprocess.run([sys.executable, "-c", base], capture_output=True, text=True, timeout=120,
+                                          check=True).stdout) for _ in range(2))
+    assert ours < max(1.0, timm_alone), (ours, timm_alone)  # registering popup_<every model> costs nothing here

@@ -334,7 +334,7 @@ def test_non_default_columns_streaming(in_process, tmp_path):
     assert row["epoch"] == 1 and 0 <= row["val_top1"] <= 100
     model = timm.create_model("popup_conv2", pretrained=True, width=0.125, num_classes=len(CLASSES),
                               pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")))
-    assert model.popup_cfg["seed"] == 0
+    assert model.popup_config.seed == 0
 
 
 def test_dense_method_writes_a_dense_checkpoint(in_process, data, tmp_path):
@@ -455,15 +455,16 @@ def test_optimizer_never_sees_a_weight():
     recipe = train.RECIPES["cifar"]
     optimizer = train.build_optimizer(model, recipe, lr=0.1)
     seen = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    assert seen == {id(layer.scores) for layer in timm_popup.popup_layers(model).values()}
+    assert seen == {id(layer.scores) for layer in timm_popup.popup_masks(model).values()}
     dense = train.create_model("popup_conv2", method=get_method("dense"), num_classes=4, input_size=(3, 32, 32),
                                model_kwargs=dict(width=0.125))
     seen = {id(p) for g in train.build_optimizer(dense, recipe, lr=0.01).param_groups for p in g["params"]}
-    assert seen == {id(layer.weight) for layer in timm_popup.popup_layers(dense).values()}
-    # dense mode leaves edge-popup untouched: same seeded weights as a fresh popup model
+    # dense: the plain timm model, every weight trainable, starting from the seeded values
+    assert seen == {id(p) for p in dense.parameters()} and not timm_popup.popup_masks(dense)
     fresh = timm.create_model("popup_conv2", width=0.125, num_classes=4, weight_init="kaiming_normal", k=1.0)
-    assert all(torch.equal(a.weight, b.weight) for a, b in zip(timm_popup.popup_layers(fresh).values(),
-                                                               timm_popup.popup_layers(dense).values(), strict=True))
+    masks = timm_popup.popup_masks(fresh)
+    assert {n for n, _ in dense.named_parameters()} == set(masks)
+    assert all(torch.equal(dense.get_parameter(name), m.weight) for name, m in masks.items())
 
 
 def test_metrics_log_keeps_only_checkpointed_epochs_on_resume(tmp_path):

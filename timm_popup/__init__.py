@@ -5,16 +5,17 @@ into its edge-popup version. ``k`` is always the fraction of weights KEPT.
 """
 
 from . import models  # noqa: F401  (registers popup_* with timm)
-from .convert import convert, popup_layers
+from .config import PopupConfig
+from .convert import convert, popup_masks
 from .hub import push_artifact, push_to_hub, save_pretrained
-from .init import DEFAULT_WEIGHT_INIT, WEIGHT_INITS, random_weight
-from .layers import PopupConv2d, PopupLayer, PopupLinear, topk_mask
+from .init import DEFAULT_WEIGHT_INIT, WEIGHT_INITS, random_normal, random_weight
+from .layers import PopupMask, topk_mask
 from .masks import MaskError, load_masks, save_masks
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "convert", "popup_layers", "random_weight", "topk_mask", "PopupConv2d", "PopupLinear", "PopupLayer",
+    "convert", "popup_masks", "random_weight", "random_normal", "topk_mask", "PopupMask", "PopupConfig",
     "WEIGHT_INITS", "DEFAULT_WEIGHT_INIT", "save_pretrained", "push_to_hub", "push_artifact", "save_masks",
     "load_masks", "MaskError", "__version__",
 ]

@@ -31,36 +31,18 @@ import timm
 import timm.data
 import torch
 import torch.nn.functional as F
-from timm.models import filter_pretrained_cfg, get_pretrained_cfg_value, is_model, list_models, model_entrypoint
-from timm.models._hub import get_model_args, save_config_for_hf
+from timm.models import is_model, list_models
+from timm.models._hub import save_config_for_hf
 from torch import nn
 
 from ._io import atomic_write
-from .convert import convert, popup_layers
-from .masks import MaskError, artifact_info, load_masks, read_mask_file
+from .artifacts import HUB_PREFIX, ArtifactError, build_model, dense_size, require_architecture, resolve_artifact
+from .convert import popup_masks
+from .export import PLAIN_TWINS, ExportError, export_plain, plain_twin
+from .hub import CONFIG_NAME, WEIGHTS_NAME
+from .masks import MaskError, artifact_info, read_mask_file
 
-__all__ = ["main", "PLAIN_TWINS", "Artifact", "resolve_artifact", "build_model", "dense_state_dict",
-           "export_plain"]
-
-CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
-_HUB_PREFIX = "hf-hub:"
-_POPUP_ARGS = ("k", "weight_init", "seed", "dense")
-
-#: popup architectures and the plain timm architecture their folded weights load into, logit for logit.
-#: ConvNeXt: the popup versions have no layer scale; the plain ones get gamma = 1, an exact no-op.
-PLAIN_TWINS = {
-    "popup_resnet18": "resnet18",
-    "popup_resnet34": "resnet34",
-    "popup_resnet50": "resnet50",
-    "popup_resnet101": "resnet101",
-    "popup_wide_resnet50_2": "wide_resnet50_2",
-    "popup_wide_resnet101_2": "wide_resnet101_2",
-    "popup_vit_tiny_patch16_224": "vit_tiny_patch16_224",
-    "popup_vit_small_patch16_224": "vit_small_patch16_224",
-    "popup_convnext_atto": "convnext_atto",
-    "popup_convnext_tiny": "convnext_tiny",
-}
-
+__all__ = ["main"]
 
 class CliError(Exception):
     """A failure the CLI reports as one line; ``exit_code`` 2 marks bad input, 1 anything else."""
@@ -78,160 +60,6 @@ def _one_line(exc: BaseException | str) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-# ------------------------------------------------------------------------------------------------------ artifacts
-
-
-@dataclasses.dataclass
-class Artifact:
-    """A resolved ARTIFACT argument: the local mask file and, where there is one, its config.json."""
-
-    source: str
-    mask_file: Path
-    config: dict[str, Any] | None
-    architecture: str | None
-    directory: Path | None = None  # holds config.json + model.safetensors: loadable as local-dir:
-    hub_id: str | None = None  # org/name[@revision] for hf-hub: artifacts
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CliError(f"{path} is not readable JSON ({_one_line(e)}): write the artifact again") from e
-    if not isinstance(config, dict) or not isinstance(config.get("architecture"), str):
-        raise CliError(f"{path} names no architecture: it is not a timm config.json")
-    return config
-
-
-def _download(spec: str) -> Artifact:
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        HfHubHTTPError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    hub_id = spec[len(_HUB_PREFIX):]
-    repo_id, _, revision = hub_id.partition("@")
-    paths = {}
-    # model.safetensors is fetched here, before timm sees the repo: without one, timm's hf-hub loader would
-    # fall back to a pickled pytorch_model.bin.
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        try:
-            paths[name] = Path(hf_hub_download(repo_id, name, revision=revision or None))
-        except HFValidationError as e:
-            raise _usage(f"{spec!r} is not a valid Hub id: use hf-hub:org/name[@revision] ({_one_line(e)})") from e
-        except LocalEntryNotFoundError as e:  # offline or unreachable, and not in the cache
-            raise CliError(f"could not download {name} of {repo_id} from {constants.ENDPOINT} and it is not "
-                           f"cached: {_one_line(e)}") from e
-        except RepositoryNotFoundError as e:
-            raise _usage(f"repository {repo_id} was not found on {constants.ENDPOINT}: check the id (a private or "
-                         "gated repo needs a token: HF_TOKEN or `hf auth login`)") from e
-        except RevisionNotFoundError as e:
-            raise _usage(f"{repo_id} has no revision {revision!r}") from e
-        except EntryNotFoundError as e:
-            raise _usage(f"{repo_id} has no {name}: it is not a timm-popup artifact (config.json + "
-                         "model.safetensors)") from e
-        except (HfHubHTTPError, OSError) as e:
-            raise CliError(f"could not download {name} of {repo_id}: {_one_line(e)}") from e
-    config = _read_config(paths[CONFIG_NAME])
-    return Artifact(spec, paths[WEIGHTS_NAME], config, config["architecture"], hub_id=hub_id)
-
-
-def resolve_artifact(spec: str, model: str | None = None) -> Artifact:
-    """Find the mask file and config of ``spec``: a directory, a mask file or ``hf-hub:org/name[@rev]``.
-
-    ``model`` names the architecture of a mask file that has no config.json beside it.
-    """
-    if spec.startswith(_HUB_PREFIX):
-        art = _download(spec)
-    else:
-        path = Path(spec).expanduser()
-        if not path.exists():
-            raise _usage(f"{spec} does not exist: pass an artifact directory (config.json + model.safetensors), "
-                         "a model.safetensors file or hf-hub:org/name")
-        directory = path if path.is_dir() else None
-        if directory is not None and not (directory / WEIGHTS_NAME).is_file():
-            raise _usage(f"{directory} holds no {WEIGHTS_NAME}: it is not a timm-popup artifact directory")
-        if directory is None and path.name == WEIGHTS_NAME and (path.parent / CONFIG_NAME).is_file():
-            directory = path.parent  # the mask file of an artifact directory: use its config too
-        mask_file = directory / WEIGHTS_NAME if directory is not None else path
-        config = None
-        if directory is not None and (directory / CONFIG_NAME).is_file():
-            config = _read_config(directory / CONFIG_NAME)
-        elif directory is not None:
-            directory = None  # no config.json: not loadable as local-dir:, needs --model
-        art = Artifact(spec, mask_file, config, config["architecture"] if config else None, directory=directory)
-    if model is not None:
-        if art.architecture is not None and art.architecture != model:
-            raise _usage(f"{spec} is a {art.architecture} artifact (config.json) but --model says {model}: "
-                         "drop --model")
-        art.architecture = model
-    return art
-
-
-def _is_registered_popup(architecture: str) -> bool:
-    return is_model(architecture) and model_entrypoint(architecture).__module__.startswith("timm_popup.")
-
-
-def _require_architecture(art: Artifact) -> str:
-    if art.architecture is None:
-        raise _usage(f"{art.mask_file} has no config.json beside it: pass --model ARCH (e.g. --model popup_resnet50) "
-                     "to name the architecture it was saved from")
-    if not is_model(art.architecture):
-        raise RuntimeError(f"Unknown model ({art.architecture})")
-    return art.architecture
-
-
-def build_model(art: Artifact) -> nn.Module:
-    """Build the popup model of ``art`` and load its mask through timm's own loading path, verifying it.
-
-    Registered popup architectures load as ``local-dir:`` / ``hf-hub:`` / ``pretrained_cfg_overlay=dict(file=)``;
-    an architecture made popup with ``timm_popup.convert`` is rebuilt the same way and loaded with ``load_masks``
-    (as its model card shows). Either way the fingerprints are checked before the mask is applied.
-    """
-    architecture = _require_architecture(art)
-    if _is_registered_popup(architecture):
-        if art.hub_id is not None:
-            return timm.create_model(_HUB_PREFIX + art.hub_id, pretrained=True).eval()
-        if art.directory is not None:
-            return timm.create_model(f"local-dir:{art.directory}", pretrained=True).eval()
-        kwargs: dict[str, Any] = dict(pretrained_cfg_overlay=dict(file=str(art.mask_file)))
-        classifier = get_pretrained_cfg_value(architecture, "classifier")
-        shape_key = f"{classifier}.mask_shape" if isinstance(classifier, str) else None
-        tensors = read_mask_file(art.mask_file)
-        if shape_key in tensors:
-            # The loader re-initialises a classifier of another shape (another num_classes) instead of failing;
-            # here the file is all there is, so build the head it was saved with.
-            kwargs["num_classes"] = int(tensors[shape_key][0])
-        return timm.create_model(architecture, pretrained=True, **kwargs).eval()
-    config = art.config or {}
-    info = artifact_info(read_mask_file(art.mask_file))
-    model_args = {k: v for k, v in (config.get("model_args") or {}).items() if k not in _POPUP_ARGS}
-    dense = (config.get("model_args") or {}).get("dense") or (config.get("timm_popup") or {}).get("dense") or ()
-    kwargs = dict(pretrained_cfg=config["pretrained_cfg"]) if config.get("pretrained_cfg") else {}
-    model = timm.create_model(architecture, **kwargs, **model_args)
-    convert(model, k=info["k"], weight_init=info["weight_init"], seed=info["seed"], dense=tuple(dense))
-    return load_masks(model, art.mask_file).eval()
-
-
-def dense_size(model: nn.Module) -> tuple[int, int]:
-    """(parameters, bytes) of the fp32 dense checkpoint of the same network.
-
-    Parameters: every weight/bias the plain network would train (frozen ones here are non-persistent buffers;
-    scores are not among them). Bytes: all of its tensors, BatchNorm statistics included, as save_pretrained
-    counts them for the model card.
-    """
-    persistent = set(model.state_dict())
-    params = [t for n, t in model.named_parameters() if n.rsplit(".", 1)[-1] != "scores"]
-    params += [t for n, t in model.named_buffers() if n not in persistent]
-    buffers = [t for n, t in model.named_buffers() if n in persistent]
-    return sum(t.numel() for t in params), sum(t.numel() * t.element_size() for t in params + buffers)
-
-
 # ----------------------------------------------------------------------------------------------------------- info
 
 
@@ -245,7 +73,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     dense_params = None
     verified, verification = None, "skipped (--no-verify)"
     if not args.no_verify:
-        _require_architecture(art)
+        require_architecture(art)
         try:
             model = build_model(art)
         except MaskError as e:
@@ -254,9 +82,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             verified = True
             dense_params, dense_bytes = dense_size(model)
             dense_from = "built model"
-            layers = len(popup_layers(model))
-            verification = (f"OK: the weights regenerated from seed {model.popup_cfg['seed']} match all {layers} "
-                            f"layer fingerprints and the mask applies to {art.architecture}")
+            layers = len(popup_masks(model))
+            verification = (f"OK: the weights regenerated from seed {model.popup_config.seed} match all {layers} "
+                            f"tensor fingerprints and the mask applies to {art.architecture}")
     result = dict(artifact=art.source, mask_file=str(art.mask_file), architecture=art.architecture,
                   **info, file_bytes=file_bytes, dense_params=dense_params, dense_fp32_bytes=dense_bytes,
                   dense_bytes_from=dense_from,
@@ -294,7 +122,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _looks_like_artifact(spec: str) -> bool:
-    return spec.startswith(_HUB_PREFIX) or Path(spec).expanduser().exists() or spec.endswith(".safetensors") or (
+    return spec.startswith(HUB_PREFIX) or Path(spec).expanduser().exists() or spec.endswith(".safetensors") or (
         "/" in spec or os.sep in spec)
 
 
@@ -370,7 +198,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if count == 0:
         raise _usage(f"split {split!r} of {args.dataset} is empty")
     top1, top5, loss = 100 * correct1 / count, 100 * correct5 / count, loss_sum / count
-    popup = getattr(model, "popup_cfg", None)
+    popup = getattr(model, "popup_config", None)
     params = dense_size(model)[0] if popup else sum(p.numel() for p in model.parameters())
     result: dict[str, Any] = dict(
         model=args.model_or_artifact, architecture=model.pretrained_cfg.get("architecture"),
@@ -382,8 +210,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if top_k != 5:
         result["top5_is_top"] = top_k  # fewer than 5 classes: "top5" is top-num_classes (always 100)
     if popup:
-        kept = sum(int(layer.get_mask().sum()) for layer in popup_layers(model).values())
-        result.update(k=popup["k"], weight_init=popup["weight_init"], seed=popup["seed"], kept_weights=kept)
+        kept = sum(int(mask.get_mask().sum()) for mask in popup_masks(model).values())
+        result.update(k=popup.k, weight_init=popup.weight_init, seed=popup.seed, kept_weights=kept)
     print(f" * Acc@1 {top1:.3f} ({100 - top1:.3f}) Acc@{top_k} {top5:.3f} ({100 - top5:.3f}) loss {loss:.4f} "
           f"on {count} images, {count / elapsed:.1f} images/s", file=sys.stderr)
     print(json.dumps(result))
@@ -393,74 +221,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------------- export
 
 
-def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The plain state dict of an eval-mode popup ``model``: no scores, every weight as it computes.
-
-    Each popup layer's weight is ``weight * mask`` (exactly the tensor its forward uses) and its pinned bias is
-    written as zeros; the frozen norm scale/shift (1/0) and embeddings are written explicitly; BatchNorm
-    running statistics and dense layers come from the state dict.
-    """
-    state = model.state_dict()
-    out: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for name, layer in popup_layers(model).items():
-            out[f"{name}.weight"] = layer.masked_weight().detach().clone()
-            if layer.bias is not None:
-                out[f"{name}.bias"] = layer.bias.detach().clone()
-        for name, tensor in state.items():
-            if name.rsplit(".", 1)[-1] != "scores":
-                out.setdefault(name, tensor.detach().clone())
-        for name, tensor in model.named_buffers():
-            out.setdefault(name, tensor.detach().clone())
-    return out
-
-
-def plain_twin(architecture: str) -> str | None:
-    """The plain timm architecture a popup one exports to (itself for a ``convert``-ed timm model)."""
-    if architecture in PLAIN_TWINS:
-        return PLAIN_TWINS[architecture]
-    return architecture if is_model(architecture) and not _is_registered_popup(architecture) else None
-
-
-def export_plain(model: nn.Module, twin: str) -> tuple[nn.Module, float]:
-    """A plain ``twin`` model holding ``model``'s folded weights, and the max |logit difference| between them.
-
-    Fails unless the plain model's state dict is covered exactly (layer-scale gammas, which popup models
-    leave out, are set to 1) and its logits match the popup model's on a random batch.
-    """
-    model.eval()
-    state = dense_state_dict(model)
-    plain_args = {k: v for k, v in get_model_args(model).items() if k not in _POPUP_ARGS}
-    pretrained_cfg = filter_pretrained_cfg(dict(model.pretrained_cfg), remove_source=True, remove_null=True)
-    pretrained_cfg.pop("tag", None)
-    pretrained_cfg["architecture"] = twin
-    plain = timm.create_model(twin, pretrained_cfg=pretrained_cfg, **plain_args).eval()
-    target = plain.state_dict()
-    persistent = set(model.state_dict())
-    extra = sorted(n for n in set(state) - set(target) if n in persistent or n.endswith((".weight", ".bias")))
-    missing = sorted(n for n in set(target) - set(state) if n.rsplit(".", 1)[-1] != "gamma")
-    if extra or missing:
-        raise CliError(f"{twin} does not match the popup model (tensors only in the popup model: {extra[:3]}, only "
-                       f"in {twin}: {missing[:3]}): it cannot be exported to {twin}")
-    folded = {n: state[n] if n in state else torch.ones_like(t) for n, t in target.items()}
-    try:
-        plain.load_state_dict(folded, strict=True)
-    except RuntimeError as e:
-        raise CliError(f"{twin} does not match the popup model: {_one_line(e)[:300]}") from e
-    input_size = timm.data.resolve_data_config({}, model=model)["input_size"]
-    x = torch.randn((1, *input_size), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected, got = model(x), plain(x)
-    diff = (expected - got).abs().max().item()
-    if not torch.allclose(got, expected, rtol=0, atol=1e-6 * max(1.0, expected.abs().max().item())):
-        raise CliError(f"the exported {twin} computes other logits than the popup model (max |diff| {diff:.3g}): "
-                       "not exported")
-    return plain, diff
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     art = resolve_artifact(args.artifact, args.model)
-    architecture = _require_architecture(art)
+    architecture = require_architecture(art)
     twin = args.model_name or plain_twin(architecture)
     if twin is None:
         raise _usage(f"{architecture} has no plain timm twin to export to; exportable: {', '.join(PLAIN_TWINS)}, "
@@ -471,7 +234,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise _usage(f"{out} exists and is not a directory")
     model = build_model(art)
-    plain, diff = export_plain(model, twin)
+    try:
+        plain, diff = export_plain(model, twin)
+    except ExportError as e:
+        raise CliError(str(e)) from e
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -583,6 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         if isinstance(e, CliError):
             code, message = e.exit_code, str(e)
+        elif isinstance(e, ArtifactError):
+            code, message = 2 if e.bad_input else 1, str(e)
         elif isinstance(e, RuntimeError) and str(e).startswith("Unknown model"):
             code, message = 2, _unknown_model(str(e))
         elif isinstance(e, FileNotFoundError) or _is_data_error(e):

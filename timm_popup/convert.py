@@ -1,28 +1,91 @@
-"""Turn any ``nn.Module`` (a timm model) into its edge-popup version, in place."""
+"""Turn any ``nn.Module`` (a timm model) into its edge-popup version, in place.
+
+Every parameter of the model gets exactly one treatment, decided here and documented in docs/design.md:
+
+* **masked**: a floating tensor of >= 2 dims whose name is a weight's (``weight``, ``weight_ih_l0``,
+  ``in_proj_weight``): a :class:`PopupMask` parametrization with seeded random values and learned scores.
+* **frozen** (a non-trainable, non-persistent buffer; the value's policy is recorded in
+  ``model.popup_config.frozen``), the first rule that applies:
+
+  ====================  =============================================================================
+  ``norm:1`` / ``norm:0``  a normalisation layer's scale / shift: 1 / 0 (non-affine). A norm over a single
+                        feature outputs only its shift, so there the shift is 1 (``norm:1``), never a
+                        constant 0 that would kill every gradient through it.
+  ``draw:0.02``         position embeddings, class/register tokens, relative-position tables (names with
+                        pos / token / embed / rel / table / query / latent / prompt): seeded N(0, 0.02**2),
+                        timm's own initialisation std for them.
+  ``bias:0``            a bias (the paper's layers have none): 0.
+  ``gain:1``            a constant that timm initialises at (near) zero, |c| < 1e-3: a residual gain or layer
+                        scale (nfnet's skipinit, LayerScale): 1, the neutral gain. Frozen at ~0 it would
+                        silence its branch forever.
+  ``const``             any other constant (ScaledStdConv's gain, logit scales, temperatures): kept.
+  ``draw:0.02``         anything else timm draws at random: seeded N(0, 0.02**2), never torch's unseeded values.
+  ====================  =============================================================================
+
+The model keeps its classes and forwards; ``reset_classifier`` converts the new head like the rest.
+"""
 
 from __future__ import annotations
 
 import fnmatch
-import math
+import re
 from collections.abc import Sequence
 
 import torch
+from timm.models import filter_pretrained_cfg
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.utils import parametrize
 
-from .init import DEFAULT_WEIGHT_INIT, check_k, check_weight_init, random_weight
-from .layers import PopupConv2d, PopupLayer, PopupLinear
+from .config import PopupConfig
+from .init import DEFAULT_WEIGHT_INIT, check_k, check_weight_init, random_normal, random_weight
+from .layers import PopupMask, mask_tensor
 
-__all__ = ["convert", "reseed", "popup_layers", "EMBED_STD"]
+__all__ = ["convert", "reseed", "regenerated", "popup_masks", "frozen_tensors", "is_norm", "is_masked_weight",
+           "EMBED_STD", "NEAR_ZERO", "POPUP_PREFIX"]
 
-#: std of the frozen draw that replaces any other randomly initialised parameter (ViT's pos_embed,
-#: cls_token ...); timm initialises such embeddings with std 0.02.
+#: what timm_popup.models registers every popup version of a timm model as: popup_<name>
+POPUP_PREFIX = "popup_"
+#: std of every frozen random draw that is not a masked weight (timm initialises embeddings with 0.02)
 EMBED_STD = 0.02
+#: a constant parameter smaller than this in magnitude is a (near-)zero gain: frozen at 1 instead
+NEAR_ZERO = 1e-3
+
+_WEIGHT_NAME = re.compile(r"(^|_)weight($|_)")
+_EMBED_NAME = re.compile(r"pos|token|embed|rel|table|query|latent|prompt")
 
 
-def _is_norm(module: nn.Module) -> bool:
-    return isinstance(module, (_NormBase, nn.GroupNorm, nn.LayerNorm)) or (
+def is_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalisation layer (torch's, or any class named *Norm* with a weight)."""
+    return isinstance(module, (_NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)) or (
         "norm" in type(module).__name__.lower() and isinstance(getattr(module, "weight", None), nn.Parameter))
+
+
+def is_masked_weight(name: str, param: torch.Tensor) -> bool:
+    """Whether the parameter ``name`` (its leaf name) is a weight that edge-popup masks."""
+    return param.is_floating_point() and param.ndim >= 2 and bool(_WEIGHT_NAME.search(name))
+
+
+def _single_feature_norm(module: nn.Module) -> bool:
+    shape = getattr(module, "normalized_shape", None)
+    return shape is not None and int(torch.Size(shape).numel()) == 1
+
+
+def _frozen_value(module: nn.Module, name: str, p: torch.Tensor, *, seed: int,
+                  qualname: str) -> tuple[str, torch.Tensor]:
+    """The policy (module docstring) and the frozen value of parameter ``name`` of ``module``."""
+    if is_norm(module) and name in ("weight", "bias"):
+        one = name == "weight" or _single_feature_norm(module)
+        return ("norm:1", torch.ones_like(p)) if one else ("norm:0", torch.zeros_like(p))
+    if _EMBED_NAME.search(name):
+        return f"draw:{EMBED_STD}", random_normal(p.shape, seed=seed, name=qualname, std=EMBED_STD)
+    if "bias" in name:
+        return "bias:0", torch.zeros_like(p)
+    if p.numel() and bool((p == p.flatten()[0]).all()):
+        if abs(float(p.flatten()[0])) < NEAR_ZERO:
+            return "gain:1", torch.ones_like(p)
+        return "const", p.detach().clone()
+    return f"draw:{EMBED_STD}", random_normal(p.shape, seed=seed, name=qualname, std=EMBED_STD)
 
 
 def _freeze(module: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -31,15 +94,9 @@ def _freeze(module: nn.Module, name: str, value: torch.Tensor) -> None:
     module.register_buffer(name, value, persistent=False)
 
 
-def _embedding_draw(shape: torch.Size, seed: int, name: str) -> torch.Tensor:
-    """Frozen N(0, EMBED_STD) values for a non-conv/linear parameter, from the seeded generator."""
-    value = random_weight((1, math.prod(shape)), seed=seed, name=name, weight_init="kaiming_normal")
-    return (value * (EMBED_STD / math.sqrt(2.0))).reshape(shape)  # kaiming std at fan_in 1 is sqrt(2)
-
-
-def _set_child(model: nn.Module, qualname: str, child: nn.Module) -> None:
-    parent_name, _, attr = qualname.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, child)
+def _fan_shape(module: nn.Module, name: str) -> Sequence[int] | None:
+    # CondConv stores each expert's weight flattened to one row: its fans are those of the expert's shape
+    return getattr(module, "weight_shape", None) if name == "weight" else None
 
 
 class _PopupResetClassifier:
@@ -50,8 +107,8 @@ class _PopupResetClassifier:
 
     def __call__(self, *args, **kwargs):
         self.original(self.model, *args, **kwargs)
-        cfg = self.model.popup_cfg
-        convert(self.model, k=cfg["k"], weight_init=cfg["weight_init"], seed=cfg["seed"], dense=cfg["dense"])
+        cfg = self.model.popup_config
+        convert(self.model, k=cfg.k, weight_init=cfg.weight_init, seed=cfg.seed, dense=cfg.dense)
 
 
 def convert(
@@ -63,81 +120,123 @@ def convert(
 ) -> nn.Module:
     """Make ``model`` an edge-popup network in place and return it.
 
-    * every ``nn.Conv2d`` / ``nn.Linear`` (first and last included, as in the paper) becomes a
-      :class:`PopupConv2d` / :class:`PopupLinear` with seeded random weights, keeping the fraction ``k``
-      (of weights KEPT, 0 < k <= 1) by learned scores; biases are pinned at zero;
-    * layers whose qualified name matches a glob in ``dense`` (e.g. ``("conv1", "fc")``, the official
-      code's first/last-layer-dense options) stay ordinary trainable layers;
-    * normalisation layers become non-affine (scale 1, shift 0, frozen); BatchNorm running statistics
-      are still tracked;
-    * any other parameter is frozen: kept if constant (e.g. zeros), else redrawn from the seeded
-      generator with std ``EMBED_STD`` (so the whole network is a function of the seed);
-    * the model keeps its class and timm protocol; ``model.reset_classifier`` yields a popup head.
+    * every weight tensor (module docstring: conv, linear, embedding, LSTM, CondConv, weights read directly by
+      functional calls) is masked, keeping the fraction ``k`` (of weights KEPT, 0 < k <= 1) by learned scores
+      over seeded random values, first and last layer included, as in the paper;
+    * modules whose qualified name matches a glob in ``dense`` (e.g. ``("conv1", "fc")``, the official
+      code's first/last-layer-dense options) stay ordinary trainable modules;
+    * every other parameter is frozen by the policy in the module docstring (norms non-affine, biases 0,
+      near-zero gains 1, embeddings seeded N(0, 0.02**2)), so the whole network is a function of the seed;
+    * the model keeps its classes and timm protocol; ``model.reset_classifier`` yields a popup head.
 
-    After conversion the only trainable tensors are scores (and the parameters of ``dense`` layers).
+    After conversion the only trainable tensors are scores (and the parameters of ``dense`` modules). Calling
+    it again (as ``reset_classifier`` does) converts only what is new.
     """
-    k, weight_init = check_k(k), check_weight_init(weight_init)
-    if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
-        raise ValueError("convert: nn.MultiheadAttention reads its weights directly and cannot be "
-                         "score-masked; use a model built from nn.Linear attention (e.g. timm's ViT)")
+    k, weight_init, seed = check_k(k), check_weight_init(weight_init), int(seed)
     dense = tuple(dense)
+    cfg = getattr(model, "popup_config", None) or PopupConfig()
+    cfg.k, cfg.weight_init, cfg.seed, cfg.dense = k, weight_init, seed, dense
 
     def is_dense(name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in dense)
 
-    dense_modules = {m for name, m in model.named_modules() if dense and is_dense(name)}
-    kept = {id(p) for m in dense_modules for p in m.parameters()}
-    for name, module in list(model.named_modules()):
-        if isinstance(module, PopupLayer) or module in dense_modules:
-            continue
-        args = dict(k=k, weight_init=weight_init, seed=seed, name=name)
-        if isinstance(module, nn.Conv2d):
-            from timm.layers import Conv2dSame
-            _set_child(model, name, PopupConv2d.from_dense(
-                module, same_pad=isinstance(module, Conv2dSame), **args))
-        elif isinstance(module, nn.Linear):
-            _set_child(model, name, PopupLinear.from_dense(module, **args))
-
-    redrawn = list(getattr(model, "popup_cfg", {}).get("redrawn", ()))
-    for mod_name, module in model.named_modules():
-        if isinstance(module, PopupLayer) or module in dense_modules:
+    kept = {id(p) for name, m in model.named_modules() if dense and is_dense(name) for p in m.parameters()}
+    shared: dict[int, PopupMask] = {}  # tied weights share one mask
+    too_few = []
+    for mod_name, module in list(model.named_modules()):
+        if isinstance(module, (PopupMask, parametrize.ParametrizationList)):
             continue
         for p_name, p in list(module.named_parameters(recurse=False)):
             if id(p) in kept:
                 continue
             qualname = f"{mod_name}.{p_name}" if mod_name else p_name
-            with torch.no_grad():
-                if _is_norm(module) and p_name in ("weight", "bias"):
-                    value = torch.ones_like(p) if p_name == "weight" else torch.zeros_like(p)
-                elif p.numel() and bool((p == p.flatten()[0]).all()):
-                    value = p.detach().clone()
-                else:
-                    value = _embedding_draw(p.shape, seed, qualname).to(p.device, p.dtype)
-                    redrawn.append(qualname)
-            _freeze(module, p_name, value)
-
-    old = getattr(model, "popup_cfg", {})
-    model.popup_cfg = dict(old, k=k, weight_init=weight_init, seed=int(seed), dense=list(dense), redrawn=redrawn)
+            if is_masked_weight(p_name, p):
+                mask = shared.get(id(p))
+                if mask is None:
+                    mask = PopupMask(p.shape, name=qualname, k=k, weight_init=weight_init, seed=seed,
+                                     fan_shape=_fan_shape(module, p_name), device=p.device)
+                    shared[id(p)] = mask
+                    if round(k * p.numel()) == 0:
+                        too_few.append(f"{qualname} {tuple(p.shape)}")
+                mask_tensor(module, p_name, mask)
+            else:
+                with torch.no_grad():
+                    policy, value = _frozen_value(module, p_name, p, seed=seed, qualname=qualname)
+                _freeze(module, p_name, value.to(p.device, p.dtype))
+                cfg.frozen[qualname] = policy
+    if too_few:
+        raise ValueError(f"k={k} keeps 0 of the weights of {too_few[0]}"
+                         f"{f' (and {len(too_few) - 1} more tensors)' if len(too_few) > 1 else ''}: that "
+                         "tensor would be cut out of the network; use a larger k or keep it dense (dense=...)")
+    model.popup_config = cfg
+    _name_popup_architecture(model)
     if hasattr(type(model), "reset_classifier") and not isinstance(
             model.__dict__.get("reset_classifier"), _PopupResetClassifier):
         model.reset_classifier = _PopupResetClassifier(model, type(model).reset_classifier)
     return model
 
 
-def reseed(model: nn.Module, *, seed: int, k: float, weight_init: str) -> nn.Module:
-    """Regenerate a converted ``model``'s frozen random tensors for another seed / k / distribution."""
+def _name_popup_architecture(model: nn.Module) -> None:
+    """A converted timm model is ``popup_<name>``: its config.json must rebuild it as such, and its pretrained cfg
+    must no longer point at the dense weights of ``<name>``."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    arch = cfg.get("architecture") if isinstance(cfg, dict) else None
+    if arch and not arch.startswith(POPUP_PREFIX):
+        cfg = filter_pretrained_cfg(cfg, remove_source=True, remove_null=True)
+        cfg.pop("tag", None)
+        model.pretrained_cfg = model.default_cfg = dict(cfg, architecture=POPUP_PREFIX + arch)
+
+
+def _owner(model: nn.Module, qualname: str) -> tuple[nn.Module, str]:
+    mod_name, _, attr = qualname.rpartition(".")
+    return (model.get_submodule(mod_name) if mod_name else model), attr
+
+
+def regenerated(model: nn.Module, *, seed: int, k: float, weight_init: str) -> dict[str, torch.Tensor]:
+    """The random tensors of a converted ``model`` (masked weights and frozen draws, by name) for another seed /
+    k / distribution, computed without changing the model (a loader verifies them before it applies them)."""
     k, weight_init = check_k(k), check_weight_init(weight_init)
-    for layer in popup_layers(model).values():
-        layer.regenerate(seed=seed, k=k, weight_init=weight_init)
-    for qualname in model.popup_cfg.get("redrawn", ()):
-        mod_name, _, attr = qualname.rpartition(".")
-        module = model.get_submodule(mod_name)
-        old = getattr(module, attr)
-        setattr(module, attr, _embedding_draw(old.shape, seed, qualname).to(old.device, old.dtype))
-    model.popup_cfg.update(k=k, weight_init=weight_init, seed=int(seed))
+    out = {name: random_weight(mask.weight.shape, seed=seed, name=name, weight_init=weight_init, k=k,
+                               fan_shape=mask.fan_shape) for name, mask in popup_masks(model).items()}
+    for qualname, policy in model.popup_config.frozen.items():
+        if policy.startswith("draw:"):
+            old = getattr(*_owner(model, qualname))
+            out[qualname] = random_normal(old.shape, seed=seed, name=qualname, std=float(policy[len("draw:"):]))
+    return out
+
+
+def reseed(model: nn.Module, *, seed: int, k: float, weight_init: str,
+           tensors: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Regenerate a converted ``model``'s random tensors for another seed / k / distribution, in place.
+
+    ``tensors``: the :func:`regenerated` values, where the caller has them already."""
+    k, weight_init = check_k(k), check_weight_init(weight_init)
+    tensors = tensors if tensors is not None else regenerated(model, seed=seed, k=k, weight_init=weight_init)
+    for name, mask in popup_masks(model).items():
+        mask.k, mask.weight_init, mask.seed = k, weight_init, int(seed)
+        mask.weight, mask._cache = tensors[name].to(mask.weight.device, mask.weight.dtype), None
+    cfg = model.popup_config
+    for qualname, policy in cfg.frozen.items():
+        if policy.startswith("draw:"):
+            module, attr = _owner(model, qualname)
+            old = getattr(module, attr)
+            setattr(module, attr, tensors[qualname].to(old.device, old.dtype))
+    cfg.k, cfg.weight_init, cfg.seed = k, weight_init, int(seed)
     return model
 
 
-def popup_layers(model: nn.Module) -> dict[str, PopupLayer]:
-    """The popup layers of ``model`` by qualified name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, PopupLayer)}
+def popup_masks(model: nn.Module) -> dict[str, PopupMask]:
+    """The masked tensors of ``model``, by their qualified name in the original model (``conv1.weight``)."""
+    out: dict[str, PopupMask] = {}
+    for module in model.modules():
+        if isinstance(module, PopupMask):
+            out.setdefault(module.popup_name, module)
+    return out
+
+
+def frozen_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The tensors frozen by the parameter policy, in name order (what an artifact's frozen fingerprint covers).
+
+    Buffers a model fills itself (convit's lazily computed position indices) are not among them."""
+    cfg = model.popup_config
+    return [(name, getattr(*_owner(model, name))) for name in sorted(cfg.frozen)]

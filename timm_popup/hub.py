@@ -25,6 +25,7 @@ from timm.models._hub import save_config_for_hf
 from torch import nn
 
 from ._io import atomic_write
+from .export import dense_state_dict
 from .init import GENERATOR_VERSION
 from .masks import FORMAT_VERSION, MaskError, artifact_info, read_mask_file, save_masks
 
@@ -52,10 +53,9 @@ def _version() -> str:
 
 
 def _popup_args(model: nn.Module) -> dict[str, Any]:
-    cfg = model.popup_cfg
-    args = dict(k=cfg["k"], weight_init=cfg["weight_init"], seed=cfg["seed"])
-    if cfg.get("dense"):
-        args["dense"] = list(cfg["dense"])
+    args = model.popup_config.popup_args()
+    if not args["dense"]:
+        del args["dense"]
     return args
 
 
@@ -148,7 +148,7 @@ def save_pretrained(
     the right network before the mask is checked; the mask file carries them too, because registry
     ``pretrained=True`` never reads ``config.json``. Each file is written atomically.
     """
-    if getattr(model, "popup_cfg", None) is None:
+    if getattr(model, "popup_config", None) is None:
         raise MaskError("this model has no popup layers: build it with timm.create_model('popup_...') or "
                         "timm_popup.convert(model) before saving it")
     directory = Path(save_directory)
@@ -160,8 +160,7 @@ def save_pretrained(
     # Everything the card shows travels in config.json (timm ignores extra top-level keys), so the card can be
     # re-rendered from the files alone, e.g. by push_artifact for the repo it lands in.
     # the fp32 checkpoint of the same network: weights are (non-persistent) buffers here, scores are not in it
-    tensors = [*model.named_parameters(), *model.named_buffers()]
-    dense_bytes = sum(t.numel() * t.element_size() for n, t in tensors if not n.endswith("scores"))
+    dense_bytes = sum(t.numel() * t.element_size() for t in dense_state_dict(model).values())
     popup = dict(format_version=FORMAT_VERSION, generator_version=GENERATOR_VERSION, **_popup_args(model),
                  dense_bytes=dense_bytes, timm_popup_version=_version())
     popup.update(card_fields(metrics=metrics, dataset=dataset, recipe=recipe))

@@ -8,7 +8,8 @@ weights. Hence:
 * Random bits come from our own counter-based generator, not torch's RNG. Element ``i`` (row-major, C
   order) of a layer draws ``z_i = mix64(key + (i + 1) * 0x9E3779B97F4A7C15 mod 2**64)``, where ``mix64`` is
   SplitMix64's output function and ``key`` is the first 8 bytes (little-endian) of
-  ``sha256(f"timm-popup/v1|{seed}|{name}")``. This is exactly the stream of a SplitMix64 generator seeded
+  ``sha256(f"timm-popup/v2|{seed}|{name}")`` (``name``: the tensor's qualified name in the model, e.g.
+  ``layer1.0.conv1.weight``). This is exactly the stream of a SplitMix64 generator seeded
   with ``key``, so it can be reproduced in any language. Arithmetic is numpy ``uint64``, which wraps
   modulo 2**64 by definition.
 * Real numbers are made from the bits with IEEE-754 float64 operations that are correctly rounded on
@@ -24,6 +25,10 @@ Bit layout of ``z`` (bit 63 is the most significant):
   quantile (relative error < 1.2e-9), weight = sign * |x| * std.
 * signed constants: weight = sign * std.
 * ``kaiming_uniform``: u = (z >> 11 + 0.5) / 2**53 in (0, 1), weight = (2u - 1) * bound.
+* :func:`random_normal` (frozen embeddings and tables): the normal recipe with a given std.
+
+Version history: 1 keyed streams by module name and drew embeddings at std 0.02/sqrt(numel) (a bug);
+2 keys them by tensor name (``conv.weight``) and draws embeddings at exactly the documented std.
 """
 
 from __future__ import annotations
@@ -35,9 +40,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["WEIGHT_INITS", "DEFAULT_WEIGHT_INIT", "fans", "init_std", "stream_key", "random_weight"]
+__all__ = ["WEIGHT_INITS", "DEFAULT_WEIGHT_INIT", "GENERATOR_VERSION", "fans", "init_std", "stream_key",
+           "random_weight", "random_normal", "check_k", "check_weight_init"]
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 #: name -> (family, scaled by sqrt(1/k)).  std is Kaiming's sqrt(2 / fan_in) (ReLU gain, fan_in mode)
 #: unless the name says xavier (Glorot: sqrt(2 / (fan_in + fan_out))).
@@ -162,22 +168,8 @@ def _half_normal(p: np.ndarray) -> np.ndarray:
     return out
 
 
-def random_weight(
-    shape: Sequence[int],
-    *,
-    seed: int,
-    name: str,
-    weight_init: str,
-    k: float = 1.0,
-) -> torch.Tensor:
-    """The frozen random float32 weight of layer ``name`` (a pure function of its arguments).
-
-    Computed on the CPU; move it wherever it is needed (the values do not depend on where).
-    """
-    family, _ = WEIGHT_INITS[check_weight_init(weight_init)]
+def _draw(shape: Sequence[int], family: str, std: float, key: int) -> torch.Tensor:
     shape = tuple(int(s) for s in shape)
-    std = init_std(weight_init, shape, k)
-    key = stream_key(seed, name)
     n = math.prod(shape)
     out = np.empty(n, dtype=np.float32)
     for start in range(0, n, _CHUNK):
@@ -196,3 +188,27 @@ def random_weight(
             np.negative(vals, out=vals, where=negative)
         out[start:stop] = vals  # the one rounding to float32
     return torch.from_numpy(out).reshape(shape)
+
+
+def random_weight(
+    shape: Sequence[int],
+    *,
+    seed: int,
+    name: str,
+    weight_init: str,
+    k: float = 1.0,
+    fan_shape: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """The frozen random float32 weight of tensor ``name`` (a pure function of its arguments).
+
+    ``fan_shape`` is the shape whose fans set the std, where it differs from the stored shape (CondConv keeps
+    its experts' weights flattened). Computed on the CPU; the values do not depend on where they are used.
+    """
+    family, _ = WEIGHT_INITS[check_weight_init(weight_init)]
+    std = init_std(weight_init, tuple(fan_shape) if fan_shape is not None else tuple(shape), k)
+    return _draw(shape, family, std, stream_key(seed, name))
+
+
+def random_normal(shape: Sequence[int], *, seed: int, name: str, std: float) -> torch.Tensor:
+    """Seeded N(0, std**2) float32 values for the frozen tensor ``name`` (embeddings, position tables)."""
+    return _draw(shape, "normal", float(std), stream_key(seed, name))

@@ -1,12 +1,18 @@
-"""Score-masked conv/linear layers: edge-popup's forward pass and straight-through gradient.
+"""Score-masked weight tensors: edge-popup's forward pass and straight-through gradient, on any module.
 
-A popup layer computes with ``weight * h(|scores|)``, where ``h`` keeps exactly ``round(k * n)`` entries
-of the layer (the largest |score|s; ties go to the lowest flat index) and the gradient passes straight
-through ``h`` to the scores (paper eq. 5, with the sign of the score from ``abs``). ``weight`` is a
-frozen, non-persistent buffer regenerated from the seed (``timm_popup.init``); ``scores`` is the only
-parameter.
+A :class:`PopupMask` is a ``torch.nn.utils.parametrize`` parametrization of one weight tensor of any module
+(conv, linear, embedding, LSTM, CondConv experts, timm's Std/ScaledStd/Same convs ...): wherever the module
+reads ``self.weight`` - its own forward, ``F.linear(x, self.qkv.weight)`` in an attention block, weight
+standardisation - it gets ``frozen * h(|scores|)``, where ``h`` keeps exactly ``round(k * n)`` entries of the
+tensor (the largest |score|s; ties go to the lowest flat index) and the gradient passes straight through
+``h`` to the scores (paper eq. 5, with the sign of the score from ``abs``). The module keeps its class
+(``parametrize`` subclasses it), its forward and its timm protocol.
 
-The same layers serve the paper's baselines through a per-layer ``mode`` (set by ``timm_popup.methods``):
+``PopupMask.weight`` is the frozen tensor, a non-persistent buffer regenerated from the seed
+(``timm_popup.init``); ``scores`` is the only parameter. The parametrization list's ``original`` is an empty
+placeholder: the mask holds everything, so that modes that train the weight can swap it for a parameter.
+
+The same masks serve the paper's baselines through a per-tensor ``mode`` (set by ``timm_popup.methods``):
 
 * ``"topk"`` (edge-popup, the default): the mask above.
 * ``"sample"`` (Zhou et al.'s supermask): each training forward draws ``mask ~ Bernoulli(sigmoid(scores))``, the
@@ -20,15 +26,15 @@ The same layers serve the paper's baselines through a per-layer ``mode`` (set by
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
-from timm.layers.padding import pad_same
 from torch import nn
+from torch.nn.utils import parametrize
 
-from .init import DEFAULT_WEIGHT_INIT, check_k, check_weight_init, fans, random_weight, stream_key
+from .init import check_k, check_weight_init, fans, random_weight, stream_key
 
-__all__ = ["PopupConv2d", "PopupLinear", "PopupLayer", "MODES", "num_kept", "topk_mask"]
+__all__ = ["PopupMask", "MODES", "num_kept", "topk_mask", "mask_tensor", "unmask_tensor"]
 
 MODES = ("topk", "sample", "fixed", "dense")
 
@@ -112,8 +118,8 @@ class _SampledMask(_StraightThrough):
         return (grad * weight).mul_(p * (1 - p)), None, None
 
 
-class PopupLayer:
-    """What PopupConv2d and PopupLinear share: frozen seeded weight, scores, top-k mask."""
+class PopupMask(nn.Module):
+    """The parametrization ``weight -> frozen * h(scores)`` of one weight tensor (module docstring)."""
 
     weight: torch.Tensor
     scores: nn.Parameter
@@ -124,43 +130,35 @@ class PopupLayer:
     #: One of ``MODES`` (module docstring); only ``timm_popup.methods`` (and loading a supermask) changes it.
     mode: str = "topk"
 
-    @property
-    def dense_weight(self) -> bool:
-        """Whether ``weight`` is a trainable parameter used unmasked (the learned-dense baseline)."""
-        return self.mode == "dense"
+    def __init__(self, shape: Sequence[int], *, name: str, k: float, weight_init: str, seed: int,
+                 fan_shape: Sequence[int] | None = None, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        shape = tuple(int(s) for s in shape)
+        self.popup_name = name
+        self.fan_shape = tuple(fan_shape) if fan_shape is not None else shape
+        device = torch.device(device or "cpu")
+        if device.type == "meta":
+            device = torch.device("cpu")
+        self.register_buffer("weight", torch.empty(shape, device="meta"), persistent=False)
+        self.regenerate(seed=seed, k=k, weight_init=weight_init, device=device)
+        # Kaiming uniform as torch initialises a conv/linear weight (a=sqrt(5): bound 1/sqrt(fan_in)).
+        # Scores are trained, not published, so torch's RNG (seeded per tensor) is fine here.
+        bound = 1.0 / math.sqrt(fans(self.fan_shape)[0])
+        gen = torch.Generator().manual_seed(stream_key(seed, name + "#scores") >> 1)
+        self.scores = nn.Parameter(torch.empty(shape).uniform_(-bound, bound, generator=gen).to(device))
+
+    def regenerate(self, *, seed: int, k: float, weight_init: str, device: torch.device | None = None) -> None:
+        """Make ``weight`` the seeded draw for (seed, tensor name, k, weight_init); the scores stay as they are."""
+        self.k, self.weight_init, self.seed = check_k(k), check_weight_init(weight_init), int(seed)
+        weight = random_weight(self.weight.shape, seed=self.seed, name=self.popup_name,
+                               weight_init=self.weight_init, k=self.k, fan_shape=self.fan_shape)
+        self.weight = weight.to(device or self.weight.device)
+        self._cache: tuple | None = None
 
     @property
     def learns_weight(self) -> bool:
         """Whether ``weight`` is a trainable parameter (dense or fixed-mask modes) rather than frozen."""
         return self.mode in ("dense", "fixed")
-
-    def _make_popup(self, *, k: float, weight_init: str, seed: int, name: str) -> None:
-        shape, device = self.weight.shape, self.weight.device
-        if device.type == "meta":
-            device = torch.device("cpu")
-        has_bias = self.bias is not None
-        del self.weight, self.bias
-        self.popup_name = name
-        self.register_buffer("weight", torch.empty(shape, device="meta"), persistent=False)
-        self.regenerate(seed=seed, k=k, weight_init=weight_init, device=device)
-        if has_bias:  # the paper's layers have no bias: keep the slot, pinned at zero
-            self.register_buffer("bias", torch.zeros(shape[0], device=device), persistent=False)
-        else:
-            self.bias = None
-        # Kaiming uniform as torch initialises a conv/linear weight (a=sqrt(5): bound 1/sqrt(fan_in)).
-        # Scores are trained, not published, so torch's RNG (seeded per layer) is fine here.
-        bound = 1.0 / math.sqrt(fans(shape)[0])
-        gen = torch.Generator().manual_seed(stream_key(seed, name + "#scores") >> 1)
-        scores = torch.empty(shape).uniform_(-bound, bound, generator=gen)
-        self.scores = nn.Parameter(scores.to(device))
-
-    def regenerate(self, *, seed: int, k: float, weight_init: str, device: torch.device | None = None) -> None:
-        """Make ``weight`` the seeded draw for (seed, layer name, k, weight_init); the scores stay as they are."""
-        self.k, self.weight_init, self.seed = check_k(k), check_weight_init(weight_init), int(seed)
-        weight = random_weight(self.weight.shape, seed=self.seed, name=self.popup_name,
-                               weight_init=self.weight_init, k=self.k)
-        self.weight = weight.to(device or self.weight.device)
-        self._cache: tuple | None = None
 
     def get_mask(self) -> torch.Tensor:
         """The current boolean mask (shape of ``weight``): True where the weight is kept. For a supermask this
@@ -176,7 +174,7 @@ class PopupLayer:
             return self.fixed_mask
         return torch.ones_like(self.weight, dtype=torch.bool)
 
-    def masked_weight(self) -> torch.Tensor:
+    def forward(self, placeholder: torch.Tensor) -> torch.Tensor:
         """``weight * mask``; differentiable (straight-through) with respect to the scores."""
         mode = self.mode
         if mode == "topk":  # edge-popup's hot path: keep it first and unchanged
@@ -207,62 +205,32 @@ class PopupLayer:
             self._cache = (key, mask, self.weight * mask)
         return self._cache
 
-    def popup_repr(self) -> str:
+    def extra_repr(self) -> str:
         mode = "" if self.mode == "topk" else f", mode={self.mode}"
-        return f"k={self.k}, weight_init={self.weight_init}, seed={self.seed}{mode}"
+        return f"{self.popup_name}: {tuple(self.weight.shape)}, k={self.k}, weight_init={self.weight_init}, " \
+               f"seed={self.seed}{mode}"
 
 
-class PopupConv2d(nn.Conv2d, PopupLayer):
-    """An ``nn.Conv2d`` whose frozen random weight is masked by learned scores."""
+def mask_tensor(module: nn.Module, tensor_name: str, mask: PopupMask) -> None:
+    """Make ``module.<tensor_name>`` read as ``mask``'s masked weight, wherever and however the module reads it.
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 dilation=1, groups: int = 1, bias: bool = False, padding_mode: str = "zeros", *,
-                 k: float = 0.5, weight_init: str = DEFAULT_WEIGHT_INIT, seed: int = 0,
-                 name: str = "", same_pad: bool = False, device=None) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                         bias, padding_mode, device="meta")
-        self.same_pad = same_pad  # timm's Conv2dSame: TF-style padding computed from the input size
-        self._make_popup(k=k, weight_init=weight_init, seed=seed, name=name)
-        if device is not None:
-            self.to(device)
-
-    @classmethod
-    def from_dense(cls, conv: nn.Conv2d, *, k: float, weight_init: str, seed: int, name: str,
-                   same_pad: bool = False) -> PopupConv2d:
-        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                    conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, k=k,
-                    weight_init=weight_init, seed=seed, name=name, same_pad=same_pad)
-        return layer.to(conv.weight.device) if conv.weight.device.type != "meta" else layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.same_pad:
-            x = pad_same(x, self.kernel_size, self.stride, self.dilation)
-        return self._conv_forward(x, self.masked_weight(), self.bias)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + ", " + self.popup_repr()
+    The parameter is removed (its values are not needed: the mask regenerates them); an empty non-persistent
+    placeholder takes the place of ``parametrize``'s ``original``, so state dicts hold only the scores.
+    """
+    old = getattr(module, tensor_name)
+    delattr(module, tensor_name)
+    module.register_buffer(tensor_name, torch.empty(0, dtype=old.dtype, device=old.device), persistent=False)
+    parametrize.register_parametrization(module, tensor_name, mask, unsafe=True)
+    plist = module.parametrizations[tensor_name]
+    plist._non_persistent_buffers_set.add("original")
 
 
-class PopupLinear(nn.Linear, PopupLayer):
-    """An ``nn.Linear`` whose frozen random weight is masked by learned scores."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, k: float = 0.5,
-                 weight_init: str = DEFAULT_WEIGHT_INIT, seed: int = 0, name: str = "",
-                 device=None) -> None:
-        super().__init__(in_features, out_features, bias, device="meta")
-        self._make_popup(k=k, weight_init=weight_init, seed=seed, name=name)
-        if device is not None:
-            self.to(device)
-
-    @classmethod
-    def from_dense(cls, linear: nn.Linear, *, k: float, weight_init: str, seed: int,
-                   name: str) -> PopupLinear:
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, k=k,
-                    weight_init=weight_init, seed=seed, name=name)
-        return layer.to(linear.weight.device) if linear.weight.device.type != "meta" else layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.masked_weight(), self.bias)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + ", " + self.popup_repr()
+def unmask_tensor(module: nn.Module, tensor_name: str) -> nn.Parameter:
+    """Fold the mask of ``module.<tensor_name>`` into a plain parameter (the module as timm made it)."""
+    with torch.no_grad():
+        value = getattr(module, tensor_name).detach().clone()
+    parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
+    delattr(module, tensor_name)
+    param = nn.Parameter(value, requires_grad=True)
+    module.register_parameter(tensor_name, param)
+    return param

@@ -1,28 +1,34 @@
 """Masks as artifacts: bit-packed masks + seed in ``model.safetensors``, verified before they are trusted.
 
-File format (version 1), all tensors, because ``safetensors.torch.load_file`` drops header metadata:
+File format (version 2), all tensors, because ``safetensors.torch.load_file`` drops header metadata:
 
 * ``__popup__.format_version`` int64[1], ``__popup__.generator_version`` int64[1] (``timm_popup.init``),
   ``__popup__.seed`` int64[1], ``__popup__.k`` float64[1], ``__popup__.weight_init`` uint8[] (UTF-8).
-* per popup layer ``NAME``: ``NAME.mask`` uint8[ceil(n/8)], the layer's boolean mask flattened in C order
+* per masked tensor ``NAME`` (its qualified name in the model, e.g. ``layer1.0.conv1.weight``): ``NAME.mask``
+  uint8[ceil(n/8)], the tensor's boolean mask flattened in C order
   and packed little-endian within each byte (element i is bit ``i % 8`` of byte ``i // 8``);
   ``NAME.mask_shape`` int64[ndim]; ``NAME.fingerprint`` uint8[32], sha256 of the regenerated float32
   weight's little-endian bytes.
-* ``__popup__.frozen_fingerprint`` uint8[32]: sha256 over every other frozen tensor (non-affine norm
-  scale/shift, frozen embeddings), in name order.
+* ``__popup__.frozen_fingerprint`` uint8[32]: sha256 over every tensor the parameter policy froze
+  (``timm_popup.convert``: non-affine norm scale/shift, zero biases, gains, frozen embeddings), in name order.
 * everything else in the model's ``state_dict`` except scores: BatchNorm running statistics and the
   parameters of layers kept dense.
 * ``__popup__.checksum`` uint8[32]: sha256 over all other tensors (name order), so any corruption is caught.
 * free per-layer density (a supermask, whose density is learned, not ``round(k * n)``): ``__popup__.free_density``
   int64[1] = 1 and per layer ``NAME.kept`` int64[1], the layer's kept count, which replaces the ``round(k * n)``
   check (``k`` is then the supermask's initial keep probability, still needed for the scaled distributions).
-  Top-k files do not hold these keys and are unchanged; a reader without them rejects a free-density file with
+  Top-k files do not hold these keys; a reader without them rejects a free-density file with
   the "not round(k*n)" error, never silently.
+
+Version history: 1 keyed masks by module name (``conv1.mask``) on generator version 1; 2 keys them by tensor
+name on generator version 2 (any weight tensor of any module is masked). A version-1 file is refused with the
+reason.
 
 Loading (``filter_state_dict``, timm's ``pretrained_filter_fn``) adopts the file's seed, k and weight
 distribution unless the caller chose them, regenerates the weights, compares them with the fingerprints
-and only then turns each mask into scores (1 kept, 0 dropped: top-k of those is exactly the mask; for a
-free-density mask +1 / -1 and the layers switch to the supermask's ``sample`` mode, whose eval mask is scores > 0).
+and only then (a rejected file leaves the model as it was) turns each mask into scores (1 kept, 0 dropped:
+top-k of those is exactly the mask; for a free-density mask +1 / -1 and the masks switch to the supermask's
+``sample`` mode, whose eval mask is scores > 0).
 """
 
 from __future__ import annotations
@@ -38,14 +44,14 @@ import torch
 from torch import nn
 
 from ._io import atomic_write
-from .convert import popup_layers, reseed
+from .convert import frozen_tensors, popup_masks, regenerated, reseed
 from .init import GENERATOR_VERSION, check_k, check_weight_init
 from .layers import num_kept
 
 __all__ = ["FORMAT_VERSION", "MaskError", "mask_state_dict", "save_masks", "load_masks", "filter_state_dict",
            "pack_mask", "unpack_mask", "artifact_info", "recorded_args"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _META = "__popup__."
 
 
@@ -58,10 +64,15 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(bits)
 
 
+def unpack_bits(packed: torch.Tensor, n: int) -> np.ndarray:
+    """The ``n`` mask bits of a packed mask as a uint8 0/1 array (the one place that knows the bit order).
+
+    numpy, not torch: counting and converting bool tensors is ~100x slower in torch on CPU."""
+    return np.unpackbits(packed.numpy(), count=n, bitorder="little")
+
+
 def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    n = math.prod(shape)
-    bits = np.unpackbits(packed.numpy(), count=n, bitorder="little")
-    return torch.from_numpy(bits.astype(bool)).reshape(shape)
+    return torch.from_numpy(unpack_bits(packed, math.prod(shape)).astype(bool)).reshape(shape)
 
 
 def _sha256(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -72,11 +83,16 @@ def _sha256(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8)
 
 
-def _frozen_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """Frozen tensors other than popup weights: non-persistent buffers (norm affine, embeddings)."""
-    persistent = set(model.state_dict())
-    layers = {f"{name}.{b}" for name in popup_layers(model) for b in ("weight", "bias")}
-    return sorted((n, b) for n, b in model.named_buffers() if n not in persistent and n not in layers)
+def _classifiers(model: nn.Module) -> tuple[str, ...]:
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
+def _frozen_fingerprint(model: nn.Module, replaced: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """sha256 of the tensors the parameter policy froze, ``replaced`` ones (a re-seed under check) substituted.
+    The classifier's (its zero bias) are left out: a mask loads into a model with another num_classes."""
+    classifiers, replaced = _classifiers(model), replaced or {}
+    return _sha256([replaced.get(n, t) for n, t in frozen_tensors(model) if n.rpartition(".")[0] not in classifiers])
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -86,18 +102,18 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def mask_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The compact artifact tensors of a popup ``model`` (see the module docstring)."""
-    cfg = getattr(model, "popup_cfg", None)
-    layers = popup_layers(model)
+    cfg = getattr(model, "popup_config", None)
+    layers = popup_masks(model)
     if cfg is None or not layers:
         raise MaskError("this model has no popup layers: build it with timm.create_model('popup_...') or "
                         "timm_popup.convert(model) before saving a mask")
     out: dict[str, torch.Tensor] = {
         _META + "format_version": torch.tensor([FORMAT_VERSION]),
         _META + "generator_version": torch.tensor([GENERATOR_VERSION]),
-        _META + "seed": torch.tensor([cfg["seed"]]),
-        _META + "k": torch.tensor([cfg["k"]], dtype=torch.float64),
-        _META + "weight_init": torch.tensor(list(cfg["weight_init"].encode()), dtype=torch.uint8),
-        _META + "frozen_fingerprint": _sha256([b for _, b in _frozen_tensors(model)]),
+        _META + "seed": torch.tensor([cfg.seed]),
+        _META + "k": torch.tensor([cfg.k], dtype=torch.float64),
+        _META + "weight_init": torch.tensor(list(cfg.weight_init.encode()), dtype=torch.uint8),
+        _META + "frozen_fingerprint": _frozen_fingerprint(model),
     }
     free = any(layer.mode == "sample" for layer in layers.values())
     if free:
@@ -168,7 +184,7 @@ def artifact_info(sd: dict[str, torch.Tensor]) -> dict:
     _check_format(sd)
     layers = {n[: -len(".mask")]: tuple(sd[n + "_shape"].tolist()) for n in sd if n.endswith(".mask")}
     total = sum(math.prod(s) for s in layers.values())
-    kept = sum(int(np.unpackbits(sd[f"{n}.mask"].numpy(), count=math.prod(s)).sum()) for n, s in layers.items())
+    kept = sum(int(np.count_nonzero(unpack_bits(sd[f"{n}.mask"], math.prod(s)))) for n, s in layers.items())
     return dict(format_version=int(_scalar(sd, "format_version")), **_popup_args(sd),
                 generator_version=int(_scalar(sd, "generator_version")), layers=len(layers),
                 total_weights=total, kept_weights=kept, density="free" if _free_density(sd) else "top-k")
@@ -181,14 +197,20 @@ def _free_density(sd: dict[str, torch.Tensor]) -> bool:
 def _check_format(sd: dict[str, torch.Tensor]) -> None:
     if _META + "format_version" not in sd:
         if any(n.endswith(".weight") for n in sd):
-            raise MaskError("this is a dense checkpoint (it holds weights, not timm-popup masks): load it with "
-                            "plain timm, or pass a model.safetensors written by timm_popup.save_pretrained")
+            raise MaskError("this is a dense checkpoint (it holds weights, not timm-popup masks): a --method "
+                            "dense / finetune / random-subnet run loads with timm_popup.methods.load_dense(directory), "
+                            "a plain timm checkpoint with plain timm; a mask is the model.safetensors written by "
+                            "timm_popup.save_pretrained")
         raise MaskError("this file holds no timm-popup mask (no __popup__.format_version): pass a "
                         "model.safetensors written by timm_popup.save_pretrained")
     version = int(sd[_META + "format_version"].item())
     if version > FORMAT_VERSION:
         raise MaskError(f"this mask uses format version {version}, newer than this timm-popup reads "
                         f"({FORMAT_VERSION}): upgrade timm-popup (pip install -U timm-popup)")
+    if version < FORMAT_VERSION:
+        raise MaskError(f"this mask uses format version {version} (masks of generator version "
+                        f"{int(sd[_META + 'generator_version'].item())}), which this timm-popup no longer reads: "
+                        f"find the mask again with this release (format {FORMAT_VERSION})")
     generator = int(sd[_META + "generator_version"].item())
     if generator != GENERATOR_VERSION:
         raise MaskError(f"this mask was found on weights of generator version {generator}, this timm-popup "
@@ -200,70 +222,74 @@ def _check_format(sd: dict[str, torch.Tensor]) -> None:
 def filter_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """timm ``pretrained_filter_fn``: verify a mask artifact against ``model`` and turn it into a state dict.
 
-    Adopts the artifact's seed / k / weight distribution where the caller did not choose them (the model is
-    re-seeded in place), then checks every layer's regenerated weights against the stored fingerprints.
+    Adopts the artifact's seed / k / weight distribution where the caller did not choose them, then checks every
+    tensor's regenerated weights against the stored fingerprints. The model changes only once all checks pass.
     """
     sd = state_dict
     _check_format(sd)
-    cfg = model.popup_cfg
+    cfg = model.popup_config
     found = _popup_args(sd)
+    current = dict(seed=cfg.seed, k=cfg.k, weight_init=cfg.weight_init)
     for key, value in found.items():
-        if cfg[key] != value and key in cfg.get("explicit", ()):
+        if current[key] != value and key in cfg.explicit:
             raise MaskError(f"this mask was found with {key}={value!r} but the model was built with "
-                            f"{key}={cfg[key]!r}: drop the {key} argument (the mask's value is used) or pass {value!r}")
-    if any(cfg[key] != value for key, value in found.items()):
-        reseed(model, **found)
+                            f"{key}={current[key]!r}: drop the {key} argument (the mask's value is used) or pass "
+                            f"{value!r}")
+    new = regenerated(model, **found) if found != current else None
 
-    classifiers = model.pretrained_cfg.get("classifier") or ()
-    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
-    layers = popup_layers(model)
+    classifiers = _classifiers(model)
+    masks = popup_masks(model)
     stored = {n[: -len(".mask")] for n in sd if n.endswith(".mask")}
-    if stored - set(layers) or set(layers) - stored - set(classifiers):
-        missing, extra = sorted(set(layers) - stored)[:3], sorted(stored - set(layers))[:3]
-        raise MaskError(f"this mask is for another architecture (model layers without a mask: {missing}, "
-                        f"mask layers not in the model: {extra}): load it with the model it was saved from")
+    is_head = {name: name.rpartition(".")[0] in classifiers for name in masks}
+    if stored - set(masks) or {n for n in set(masks) - stored if not is_head[n]}:
+        missing, extra = sorted(set(masks) - stored)[:3], sorted(stored - set(masks))[:3]
+        raise MaskError(f"this mask is for another architecture (model tensors without a mask: {missing}, "
+                        f"mask tensors not in the model: {extra}): load it with the model it was saved from")
+    keys = {id(p): key for key, p in model.named_parameters()}
     out: dict[str, torch.Tensor] = {}
     free, to_sample = _free_density(sd), []
-    for name, layer in layers.items():
-        shape = tuple(layer.weight.shape)
+    for name, mask in masks.items():
+        shape = tuple(mask.weight.shape)
+        weight = new[name] if new is not None else mask.weight
         stored_shape = tuple(sd[f"{name}.mask_shape"].tolist()) if name in stored else None
         if stored_shape != shape:
-            if name in classifiers:  # another num_classes: keep the model's fresh popup classifier
-                out[f"{name}.scores"] = layer.scores.detach().clone()
+            if is_head[name]:  # another num_classes: keep the model's fresh popup classifier
+                out[keys[id(mask.scores)]] = mask.scores.detach().clone()
                 continue
-            raise MaskError(f"layer {name} has shape {shape} in the model but {stored_shape} in the mask: "
+            raise MaskError(f"tensor {name} has shape {shape} in the model but {stored_shape} in the mask: "
                             "the mask is for another architecture; build the model it was saved from")
-        if not torch.equal(_sha256([layer.weight.float()]), sd[f"{name}.fingerprint"]):
-            raise MaskError(f"layer {name}: the weights regenerated from seed {found['seed']} do not match the "
+        if not torch.equal(_sha256([weight.float()]), sd[f"{name}.fingerprint"]):
+            raise MaskError(f"tensor {name}: the weights regenerated from seed {found['seed']} do not match the "
                             "mask's fingerprint, so the mask was found on other random weights; never apply it")
-        # numpy, not torch: counting and converting bool tensors is ~100x slower in torch on CPU
-        bits = np.unpackbits(sd[f"{name}.mask"].numpy(), count=math.prod(shape), bitorder="little")
+        bits = unpack_bits(sd[f"{name}.mask"], math.prod(shape))
         kept = int(np.count_nonzero(bits))
         if free:
             if f"{name}.kept" not in sd or kept != int(sd[f"{name}.kept"].item()):
-                raise MaskError(f"layer {name} keeps {kept} of {bits.size} weights, not the count the file "
+                raise MaskError(f"tensor {name} keeps {kept} of {bits.size} weights, not the count the file "
                                 "records: the mask file is corrupt; download it again")
-            to_sample.append(layer)  # a free-density mask is not any layer's top-k
+            to_sample.append(mask)  # a free-density mask is not any tensor's top-k
             scores = bits.astype(np.float32) * 2 - 1
         else:
-            if kept != num_kept(bits.size, layer.k):
-                raise MaskError(f"layer {name} keeps {kept} of {bits.size} weights, not round(k*n) for "
-                                f"k={layer.k}: the mask was saved with another k or is corrupt")
+            if kept != num_kept(bits.size, found["k"]):
+                raise MaskError(f"tensor {name} keeps {kept} of {bits.size} weights, not round(k*n) for "
+                                f"k={found['k']}: the mask was saved with another k or is corrupt")
             scores = bits.astype(np.float32)
-        out[f"{name}.scores"] = torch.from_numpy(scores).reshape(shape).to(layer.scores.dtype)
-    if not torch.equal(_sha256([b for _, b in _frozen_tensors(model)]), sd[_META + "frozen_fingerprint"]):
-        raise MaskError("the model's frozen tensors (norm layers, embeddings) differ from the ones the mask was "
-                        "found with: build the same architecture and model arguments the mask was saved from")
-    for layer in to_sample:  # only once everything is verified: a rejected file leaves the model as it was
-        layer.mode, layer._cache = "sample", None
+        out[keys[id(mask.scores)]] = torch.from_numpy(scores).reshape(shape).to(mask.scores.dtype)
+    if not torch.equal(_frozen_fingerprint(model, new or {}), sd[_META + "frozen_fingerprint"]):
+        raise MaskError("the model's frozen tensors (norm layers, biases, gains, embeddings) differ from the ones "
+                        "the mask was found with: build the same architecture and model arguments the mask was "
+                        "saved from")
+    # only now that everything is verified: a rejected file leaves the model as it was
+    if new is not None:
+        reseed(model, **found, tensors=new)
+    for mask in to_sample:
+        mask.mode, mask._cache = "sample", None
     if free:
-        cfg["method"] = "supermask"
-    skip = set(stored) | {name for name in layers}
+        cfg.method = "supermask"
+    artifact_keys = {f"{n}.{suffix}" for n in stored for suffix in ("mask", "mask_shape", "fingerprint", "kept")}
     for name, tensor in sd.items():
-        owner = name.rsplit(".", 1)[0]
-        if name.startswith(_META) or owner in skip:
-            continue
-        out[name] = tensor
+        if not name.startswith(_META) and name not in artifact_keys:
+            out[name] = tensor
     return out
 
 

@@ -35,12 +35,14 @@ import safetensors.torch
 import timm
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ._io import atomic_write
-from .convert import _is_norm, popup_layers
+from .convert import is_norm, popup_masks
+from .export import dense_state_dict
 from .hub import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, _fmt, card_fields, push_artifact, save_pretrained
 from .init import random_weight
-from .layers import topk_mask
+from .layers import PopupMask, topk_mask, unmask_tensor
 from .masks import load_masks
 
 __all__ = ["Method", "METHODS", "get_method", "make_dense", "make_supermask", "make_finetune", "make_random_subnet",
@@ -91,35 +93,38 @@ def _to_parameter(module: nn.Module, name: str) -> None:
 def _learn_weights(model: nn.Module, method: str, masks: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
     """Make the weights of ``model`` trainable, in place: unmasked (``masks`` None) or under fixed ``masks``.
 
-    Every popup layer's seeded weight (and its zero bias, if it has one) becomes a trainable parameter and its
-    scores are dropped; norm layers get their learnable scale and shift back (starting at 1 and 0, PyTorch's
-    default); frozen redrawn tensors (ViT's position embedding) become trainable again. The state dict then has
-    the key layout of the plain timm model (a fixed mask is a non-persistent buffer: the method rebuilds it).
+    Unmasked, every masked tensor becomes the plain parameter it was in timm, holding its seeded value; under
+    fixed masks the mask's frozen weight becomes a trainable parameter multiplied by the fixed mask, starting at
+    zero where the mask drops it. Either way the scores are dropped, and every tensor the parameter policy
+    froze (norm scale/shift, biases, gains, embeddings) is trainable again from its frozen value, so the state
+    dict of a dense model has the key layout of the plain timm model.
     """
-    for name, layer in popup_layers(model).items():
-        if masks is not None:
-            mask = masks[name].to(device=layer.weight.device, dtype=torch.bool)
+    for module in list(model.modules()):
+        if not parametrize.is_parametrized(module):
+            continue
+        for tensor_name in list(module.parametrizations):
+            mask_module = module.parametrizations[tensor_name][0]
+            if not isinstance(mask_module, PopupMask):
+                continue
+            if masks is None:
+                mask_module.mode = "dense"
+                unmask_tensor(module, tensor_name)
+                continue
+            mask = masks[mask_module.popup_name].to(device=mask_module.weight.device, dtype=torch.bool)
             # zeroed from the start: their gradient (and weight decay) is then exactly zero, so they stay zero
-            layer.weight = torch.where(mask, layer.weight, torch.zeros_like(layer.weight))
-            layer.register_buffer("fixed_mask", mask, persistent=False)
-        _to_parameter(layer, "weight")
-        if layer.bias is not None:
-            _to_parameter(layer, "bias")
-        del layer.scores
-        layer.mode = "dense" if masks is None else "fixed"
-        layer._cache = None
-    for module in model.modules():
-        if _is_norm(module):
-            for name in ("weight", "bias"):
-                if name in module._buffers and module._buffers[name] is not None:
-                    _to_parameter(module, name)
-    for qualname in getattr(model, "popup_cfg", {}).get("redrawn", ()):
+            weight = torch.where(mask, mask_module.weight, torch.zeros_like(mask_module.weight))
+            del mask_module.weight
+            mask_module.weight = nn.Parameter(weight)
+            mask_module.register_buffer("fixed_mask", mask, persistent=False)
+            del mask_module.scores
+            mask_module.mode, mask_module._cache = "fixed", None
+    cfg = model.popup_config
+    for qualname in cfg.frozen:
         owner, _, name = qualname.rpartition(".")
         module = model.get_submodule(owner)
         if name in module._buffers:
             _to_parameter(module, name)
-    if hasattr(model, "popup_cfg"):
-        model.popup_cfg["method"] = method
+    cfg.method = method
     return model
 
 
@@ -135,14 +140,14 @@ def make_supermask(model: nn.Module, *, init_artifact: Path | None = None) -> nn
     every weight is first kept with probability ~k (clipped to [0.01, 0.99]: k = 1 would need infinite scores)
     and the eval mask at k = 0.5 is a seeded random half rather than a tie at the threshold.
     """
-    k = min(max(model.popup_cfg["k"], 0.01), 0.99)
+    k = min(max(model.popup_config.k, 0.01), 0.99)
     offset = math.log(k / (1 - k))
     with torch.no_grad():
-        for layer in popup_layers(model).values():
-            layer.scores.add_(offset)
-            layer.mode = "sample"
-            layer._cache = None
-    model.popup_cfg["method"] = "supermask"
+        for mask in popup_masks(model).values():
+            mask.scores.add_(offset)
+            mask.mode = "sample"
+            mask._cache = None
+    model.popup_config.method = "supermask"
     return model
 
 
@@ -156,7 +161,7 @@ def make_finetune(model: nn.Module, *, init_artifact: Path | None) -> nn.Module:
     if init_artifact is None:
         raise ValueError("finetune trains a found subnetwork: pass --init-artifact (an edge-popup run's directory)")
     load_masks(model, artifact_file(init_artifact))
-    masks = {name: layer.get_mask() for name, layer in popup_layers(model).items()}  # a supermask's too
+    masks = {name: mask.get_mask() for name, mask in popup_masks(model).items()}  # a supermask's too
     return _learn_weights(model, "finetune", masks)
 
 
@@ -177,16 +182,16 @@ def make_random_subnet(model: nn.Module, *, init_artifact: Path | None = None) -
     if init_artifact is not None:
         load_masks(model, artifact_file(init_artifact))
         for module in model.modules():
-            if _is_norm(module) and hasattr(module, "reset_running_stats"):
+            if is_norm(module) and hasattr(module, "reset_running_stats"):
                 module.reset_running_stats()
-    masks = {name: random_subnet_mask(layer.weight.shape, seed=layer.seed, name=name, k=layer.k)
-             for name, layer in popup_layers(model).items()}
+    masks = {name: random_subnet_mask(mask.weight.shape, seed=mask.seed, name=name, k=mask.k)
+             for name, mask in popup_masks(model).items()}
     return _learn_weights(model, "random-subnet", masks)
 
 
 def frozen_weights(model: nn.Module) -> list[torch.Tensor]:
-    """The seeded weights of ``model``'s popup layers that are frozen (edge-popup, supermask): never optimized."""
-    return [layer.weight for layer in popup_layers(model).values() if not layer.learns_weight]
+    """The seeded weights of ``model``'s masked tensors that are frozen (edge-popup, supermask): never optimized."""
+    return [mask.weight for mask in popup_masks(model).values() if not mask.learns_weight]
 
 
 def _dense_card(config: Mapping[str, Any], directory: Path) -> str:
@@ -227,25 +232,21 @@ def save_dense(model: nn.Module, save_directory: str | os.PathLike, *, metrics: 
     ``model.safetensors`` (the full state dict) and a ``README.md`` card. Each file is written atomically."""
     from timm.models._hub import save_config_for_hf
 
-    cfg = getattr(model, "popup_cfg", None)
-    if cfg is None or cfg.get("method") not in _DENSE_CHECKPOINTS:
+    cfg = getattr(model, "popup_config", None)
+    if cfg is None or cfg.method not in _DENSE_CHECKPOINTS:
         raise ValueError("save_dense expects a model whose weights were trained (make_dense, make_finetune, "
                          "make_random_subnet); save a popup model's mask with timm_popup.save_pretrained")
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
-    kept = total = 0
-    for name, layer in popup_layers(model).items():
-        if layer.mode == "fixed":  # fold the mask in: the checkpoint is then a plain dense one
-            key = f"{name}.weight" if name else "weight"
-            mask = layer.fixed_mask.cpu()
-            state[key] = torch.where(mask, state[key], torch.zeros_like(state[key]))
-            kept, total = kept + int(mask.sum()), total + mask.numel()
+    # fixed masks folded in: the checkpoint is then a plain dense one
+    state = {name: t.detach().cpu().contiguous() for name, t in dense_state_dict(model).items()}
+    fixed = [mask.fixed_mask for mask in popup_masks(model).values() if mask.mode == "fixed"]
+    kept, total = sum(int(m.sum()) for m in fixed), sum(m.numel() for m in fixed)
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: safetensors.torch.save_file(
         state, tmp, metadata={"format": "pt"}))
     # model_args rebuild the same popup network (so its seeded init is reproducible too) before make_dense.
-    init = dict(k=cfg["k"], weight_init=cfg["weight_init"], seed=cfg["seed"])
-    popup: dict[str, Any] = dict(method=cfg["method"], **init)
+    init = cfg.popup_args()
+    popup: dict[str, Any] = dict(method=cfg.method, **init)
     if total:
         popup.update(kept_weights=kept, total_weights=total)
     popup.update(card_fields(metrics=metrics, dataset=dataset, recipe=recipe))

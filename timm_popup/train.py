@@ -43,7 +43,7 @@ from timm.utils import AverageMeter, accuracy, distribute_bn
 from torch import nn
 from tqdm.auto import tqdm
 
-from .convert import popup_layers
+from .convert import popup_masks
 from .data import (
     BUILTIN_DATASETS,
     DataError,
@@ -57,7 +57,6 @@ from .data import (
     resolve_dataset,
 )
 from .init import WEIGHT_INITS
-from .layers import PopupLayer
 from .masks import pack_mask
 from .methods import Method, artifact_file, frozen_weights
 
@@ -657,10 +656,9 @@ def mask_digest(model: nn.Module) -> str:
     """sha256 of what the output holds: every popup layer's mask plus the rest of the state (BN statistics; the
     weights themselves in dense mode), scores excluded. Equal on all processes when training stayed in sync."""
     h = hashlib.sha256()
-    for name, layer in sorted(popup_layers(model).items()):
-        if not layer.dense_weight:
-            h.update(name.encode())
-            h.update(pack_mask(layer.get_mask()).numpy().tobytes())
+    for name, mask in sorted(popup_masks(model).items()):
+        h.update(name.encode())
+        h.update(pack_mask(mask.get_mask()).numpy().tobytes())
     for name, tensor in sorted(model.state_dict().items()):
         if not name.endswith("scores"):
             h.update(name.encode())
@@ -764,9 +762,9 @@ class MetricsLog:
 
 
 def count_weights(model: nn.Module) -> tuple[int, int, int]:
-    """(weights of popup layers, kept weights, trainable tensor elements) for the start-of-run summary."""
-    layers = popup_layers(model).values()
-    total = sum(layer.weight.numel() for layer in layers)
-    kept = sum(int(layer.get_mask().sum()) for layer in layers if isinstance(layer, PopupLayer))
+    """(masked weights, kept weights, trainable tensor elements) for the start-of-run summary."""
+    masks = popup_masks(model).values()
+    total = sum(mask.weight.numel() for mask in masks)
+    kept = sum(int(mask.get_mask().sum()) for mask in masks)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, kept, trainable

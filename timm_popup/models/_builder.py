@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from safetensors import SafetensorError
-from timm.models import build_model_with_cfg
+from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 from torch import nn
 
+from ..config import POPUP_ARGS, PopupConfig
 from ..convert import convert
 from ..init import DEFAULT_WEIGHT_INIT
 from ..masks import MaskError, filter_state_dict, recorded_args
@@ -19,11 +19,6 @@ __all__ = ["build_popup", "popup_cfg", "CIFAR_K", "IMAGENET_K", "HUB_ORG"]
 
 #: where the project publishes its masks (registry tags' hf_hub_id)
 HUB_ORG = "timm-popup"
-# build_model_with_cfg's own arguments: not model arguments, never written to config.json
-_BUILDER_KEYS = {"pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "features_only", "out_indices",
-                 "feature_cls", "pretrained_strict", "feature_cfg", "kwargs_filter", "pretrained_model_args"}
-_POPUP_KEYS = ("k", "weight_init", "seed", "dense")
-
 CIFAR_K = 0.5  # the paper's default for its CIFAR-10 networks
 IMAGENET_K = 0.3  # the paper's ImageNet setting (Table 2, Figure 8)
 
@@ -59,17 +54,21 @@ def build_popup(
     class timm instantiates, so timm's pretrained loading and features_only wrapping see the popup model.
     """
     popup = dict(k=default_k, weight_init=DEFAULT_WEIGHT_INIT, seed=0, dense=())
-    explicit = [key for key in _POPUP_KEYS if key in kwargs]
+    explicit = [key for key in POPUP_ARGS if key in kwargs]
     popup.update({key: kwargs.pop(key) for key in explicit})
-    model_args = {key: value for key, value in kwargs.items() if key not in _BUILDER_KEYS and _jsonable(value)}
     source = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
     if pretrained and source:  # build with the mask's seed / k / distribution: no second weight generation
         recorded = recorded_args(source) or {}
         popup.update({key: value for key, value in recorded.items() if key not in explicit})
 
+    if pretrained and not _has_source(variant, kwargs):
+        raise MaskError(f"no mask is published for {variant}: load one with pretrained_cfg_overlay=dict(file="
+                        "'.../model.safetensors'), timm.create_model('local-dir:DIR', pretrained=True) or "
+                        "timm.create_model('hf-hub:org/name', pretrained=True)")
+
     def popup_model_cls(**model_kwargs: Any) -> nn.Module:
         model = model_cls(**model_kwargs)
-        model.popup_cfg = dict(explicit=explicit, model_args=model_args)
+        model.popup_config = PopupConfig(explicit=tuple(explicit))
         return convert(model, **popup)
 
     try:
@@ -92,9 +91,8 @@ def build_popup(
             "timm.create_model('hf-hub:org/name', pretrained=True)") from e
 
 
-def _jsonable(value: Any) -> bool:
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return False
-    return True
+def _has_source(variant: str, kwargs: dict[str, Any]) -> bool:
+    """Whether the resolved pretrained cfg names a mask to load (else timm would warn and build a random mask)."""
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"),
+                                 pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay")).to_dict()
+    return any(cfg.get(key) for key in ("file", "url", "hf_hub_id", "state_dict"))

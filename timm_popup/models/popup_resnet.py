@@ -14,8 +14,9 @@ def _resnet_cifar(**kwargs) -> ResNet:
     model = ResNet(**kwargs)
     model.conv1 = nn.Conv2d(kwargs.get("in_chans", 3), 64, 3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
+    # stride-1 stem and no max-pool: the stem's features are at full resolution, each stage 4x finer than timm's
     for info in model.feature_info:
-        info["reduction"] //= 4
+        info["reduction"] = 1 if info["module"] == "act1" else info["reduction"] // 4
     return model
 
 

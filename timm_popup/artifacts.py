@@ -1,0 +1,175 @@
+"""Find an artifact (directory, mask file or ``hf-hub:`` repo) and build its verified popup model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+from timm.models import get_pretrained_cfg_value, is_model
+from torch import nn
+
+from .convert import frozen_tensors, popup_masks
+from .export import dense_state_dict
+from .hub import CONFIG_NAME, WEIGHTS_NAME
+from .masks import read_mask_file
+
+__all__ = ["Artifact", "ArtifactError", "HUB_PREFIX", "resolve_artifact", "require_architecture", "build_model",
+           "dense_size"]
+
+HUB_PREFIX = "hf-hub:"
+
+
+class ArtifactError(ValueError):
+    """An artifact that cannot be found or read. ``bad_input``: the caller named something wrong (else: a fault
+    on the way, e.g. the network)."""
+
+    def __init__(self, message: str, *, bad_input: bool = True) -> None:
+        super().__init__(message)
+        self.bad_input = bad_input
+
+
+@dataclass
+class Artifact:
+    """A resolved artifact: the local mask file and, where there is one, its config.json."""
+
+    source: str
+    mask_file: Path
+    config: dict[str, Any] | None
+    architecture: str | None
+    directory: Path | None = None  # holds config.json + model.safetensors: loadable as local-dir:
+    hub_id: str | None = None  # org/name[@revision] for hf-hub: artifacts
+
+
+def _one_line(exc: BaseException | str) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path} is not readable JSON ({_one_line(e)}): write the artifact again",
+                            bad_input=False) from e
+    if not isinstance(config, dict) or not isinstance(config.get("architecture"), str):
+        raise ArtifactError(f"{path} names no architecture: it is not a timm config.json", bad_input=False)
+    return config
+
+
+def _download(spec: str) -> Artifact:
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    hub_id = spec[len(HUB_PREFIX):]
+    repo_id, _, revision = hub_id.partition("@")
+    paths = {}
+    # model.safetensors is fetched here, before timm sees the repo: without one, timm's hf-hub loader would
+    # fall back to a pickled pytorch_model.bin.
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        try:
+            paths[name] = Path(hf_hub_download(repo_id, name, revision=revision or None))
+        except HFValidationError as e:
+            raise ArtifactError(f"{spec!r} is not a valid Hub id: use hf-hub:org/name[@revision] "
+                                f"({_one_line(e)})") from e
+        except LocalEntryNotFoundError as e:  # offline or unreachable, and not in the cache
+            raise ArtifactError(f"could not download {name} of {repo_id} from {constants.ENDPOINT} and it is not "
+                                f"cached: {_one_line(e)}", bad_input=False) from e
+        except RepositoryNotFoundError as e:
+            raise ArtifactError(f"repository {repo_id} was not found on {constants.ENDPOINT}: check the id (a "
+                                "private or gated repo needs a token: HF_TOKEN or `hf auth login`)") from e
+        except RevisionNotFoundError as e:
+            raise ArtifactError(f"{repo_id} has no revision {revision!r}") from e
+        except EntryNotFoundError as e:
+            raise ArtifactError(f"{repo_id} has no {name}: it is not a timm-popup artifact (config.json + "
+                                "model.safetensors)") from e
+        except (HfHubHTTPError, OSError) as e:
+            raise ArtifactError(f"could not download {name} of {repo_id}: {_one_line(e)}", bad_input=False) from e
+    config = _read_config(paths[CONFIG_NAME])
+    return Artifact(spec, paths[WEIGHTS_NAME], config, config["architecture"], hub_id=hub_id)
+
+
+def resolve_artifact(spec: str, model: str | None = None) -> Artifact:
+    """Find the mask file and config of ``spec``: a directory, a mask file or ``hf-hub:org/name[@rev]``.
+
+    ``model`` names the architecture of a mask file that has no config.json beside it.
+    """
+    if spec.startswith(HUB_PREFIX):
+        art = _download(spec)
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise ArtifactError(f"{spec} does not exist: pass an artifact directory (config.json + "
+                                "model.safetensors), a model.safetensors file or hf-hub:org/name")
+        directory = path if path.is_dir() else None
+        if directory is not None and not (directory / WEIGHTS_NAME).is_file():
+            raise ArtifactError(f"{directory} holds no {WEIGHTS_NAME}: it is not a timm-popup artifact directory")
+        if directory is None and path.name == WEIGHTS_NAME and (path.parent / CONFIG_NAME).is_file():
+            directory = path.parent  # the mask file of an artifact directory: use its config too
+        mask_file = directory / WEIGHTS_NAME if directory is not None else path
+        config = None
+        if directory is not None and (directory / CONFIG_NAME).is_file():
+            config = _read_config(directory / CONFIG_NAME)
+        elif directory is not None:
+            directory = None  # no config.json: not loadable as local-dir:, needs model=
+        art = Artifact(spec, mask_file, config, config["architecture"] if config else None, directory=directory)
+    if model is not None:
+        if art.architecture is not None and art.architecture != model:
+            raise ArtifactError(f"{spec} is a {art.architecture} artifact (config.json) but --model says {model}: "
+                                "drop --model")
+        art.architecture = model
+    return art
+
+
+def require_architecture(art: Artifact) -> str:
+    """The artifact's architecture, known to timm; an error saying what to pass otherwise."""
+    if art.architecture is None:
+        raise ArtifactError(f"{art.mask_file} has no config.json beside it: pass --model ARCH (e.g. --model "
+                            "popup_resnet50) to name the architecture it was saved from")
+    if not is_model(art.architecture):
+        raise RuntimeError(f"Unknown model ({art.architecture})")
+    return art.architecture
+
+
+def build_model(art: Artifact) -> nn.Module:
+    """Build the popup model of ``art`` and load its mask through timm's own loading path, verifying it.
+
+    ``hf-hub:`` / ``local-dir:`` where there is a config.json, else the architecture with
+    ``pretrained_cfg_overlay=dict(file=)``; every ``popup_<timm name>`` is registered, so all of them load so.
+    """
+    architecture = require_architecture(art)
+    if art.hub_id is not None:
+        return timm.create_model(HUB_PREFIX + art.hub_id, pretrained=True).eval()
+    if art.directory is not None:
+        return timm.create_model(f"local-dir:{art.directory}", pretrained=True).eval()
+    kwargs: dict[str, Any] = dict(pretrained_cfg_overlay=dict(file=str(art.mask_file)))
+    classifier = get_pretrained_cfg_value(architecture, "classifier")
+    shape_key = f"{classifier}.weight.mask_shape" if isinstance(classifier, str) else None
+    tensors = read_mask_file(art.mask_file)
+    if shape_key in tensors:
+        # The loader re-initialises a classifier of another shape (another num_classes) instead of failing;
+        # here the file is all there is, so build the head it was saved with.
+        kwargs["num_classes"] = int(tensors[shape_key][0])
+    return timm.create_model(architecture, pretrained=True, **kwargs).eval()
+
+
+def dense_size(model: nn.Module) -> tuple[int, int]:
+    """(parameters, bytes) of the fp32 dense checkpoint of the same network.
+
+    Parameters: every tensor the plain network would train (masked weights and the tensors the parameter
+    policy froze; scores are not among them). Bytes: all of its tensors, BatchNorm statistics included, as
+    save_pretrained counts them for the model card.
+    """
+    state = dense_state_dict(model)
+    params = sum(m.weight.numel() for m in popup_masks(model).values())
+    params += sum(t.numel() for _, t in frozen_tensors(model))
+    params += sum(p.numel() for n, p in model.named_parameters() if not n.endswith("scores"))
+    return params, sum(t.numel() * t.element_size() for t in state.values())

@@ -1,0 +1,38 @@
+"""The one typed record of how a model was made popup: what convert, the builder, loading and methods share."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .init import DEFAULT_WEIGHT_INIT
+
+__all__ = ["PopupConfig", "POPUP_ARGS"]
+
+#: the model arguments that choose the random network (``timm.create_model`` keyword arguments)
+POPUP_ARGS = ("k", "weight_init", "seed", "dense")
+
+
+@dataclass
+class PopupConfig:
+    """How a model's popup version was made; ``model.popup_config``.
+
+    ``frozen`` maps the qualified name of every other parameter of the original model to the policy that
+    froze it (``timm_popup.convert.PARAMETER_POLICY``); ``explicit`` names the arguments the caller chose
+    (a loaded mask supplies the others).
+    """
+
+    k: float = 0.5
+    weight_init: str = DEFAULT_WEIGHT_INIT
+    seed: int = 0
+    dense: tuple[str, ...] = ()
+    method: str = "edge-popup"
+    explicit: tuple[str, ...] = ()
+    frozen: dict[str, str] = field(default_factory=dict)
+
+    def popup_args(self) -> dict[str, Any]:
+        """k, weight_init, seed and dense as ``timm.create_model`` takes them."""
+        return dict(k=self.k, weight_init=self.weight_init, seed=self.seed, dense=list(self.dense))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

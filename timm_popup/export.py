@@ -1,0 +1,102 @@
+"""Fold a popup model into the plain timm model it is: masked weights as they compute, frozen tensors as set."""
+
+from __future__ import annotations
+
+import timm
+import timm.data
+import torch
+from timm.models import filter_pretrained_cfg, get_model_args, is_model, model_entrypoint
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .config import POPUP_ARGS
+
+__all__ = ["PLAIN_TWINS", "ExportError", "dense_state_dict", "plain_twin", "export_plain"]
+
+#: hand-written popup architectures and the plain timm architecture their folded weights load into.
+#: ConvNeXt: the popup versions have no layer scale; the plain ones get gamma = 1, an exact no-op.
+PLAIN_TWINS = {
+    "popup_resnet18": "resnet18",
+    "popup_resnet34": "resnet34",
+    "popup_resnet50": "resnet50",
+    "popup_resnet101": "resnet101",
+    "popup_wide_resnet50_2": "wide_resnet50_2",
+    "popup_wide_resnet101_2": "wide_resnet101_2",
+    "popup_vit_tiny_patch16_224": "vit_tiny_patch16_224",
+    "popup_vit_small_patch16_224": "vit_small_patch16_224",
+    "popup_convnext_atto": "convnext_atto",
+    "popup_convnext_tiny": "convnext_tiny",
+}
+
+
+class ExportError(ValueError):
+    """The popup model cannot be written as the plain architecture asked for; the message says why."""
+
+
+def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The plain timm state dict of a popup ``model``: no scores, every tensor as the model computes with it.
+
+    Each masked tensor is written as its masked value (exactly the tensor the model reads), each frozen tensor
+    (norm scale/shift, biases, gains, embeddings) at its frozen value, and BatchNorm running statistics and
+    dense modules from the state dict, all under the plain model's names.
+    """
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for mod_name, module in model.named_modules():
+            if parametrize.is_parametrized(module):
+                for tensor_name in module.parametrizations:
+                    key = f"{mod_name}.{tensor_name}" if mod_name else tensor_name
+                    out[key] = getattr(module, tensor_name).detach().clone()
+        for name, tensor in model.state_dict().items():
+            if ".parametrizations." not in f".{name}":
+                out.setdefault(name, tensor.detach().clone())
+        for name in model.popup_config.frozen:
+            out.setdefault(name, model.get_buffer(name).detach().clone())
+    return out
+
+
+def _is_popup_entry(architecture: str) -> bool:
+    return is_model(architecture) and model_entrypoint(architecture).__module__.startswith("timm_popup.")
+
+
+def plain_twin(architecture: str) -> str | None:
+    """The plain timm architecture a popup one exports to: ``popup_<name>`` -> ``<name>`` or a PLAIN_TWINS entry."""
+    if architecture in PLAIN_TWINS:
+        return PLAIN_TWINS[architecture]
+    base = architecture.removeprefix("popup_")
+    return base if is_model(base) and not _is_popup_entry(base) else None
+
+
+def export_plain(model: nn.Module, twin: str) -> tuple[nn.Module, float]:
+    """A plain ``twin`` model holding ``model``'s folded weights, and the max |logit difference| between them.
+
+    Fails unless the plain model's state dict is covered exactly (layer-scale gammas, which the hand-written
+    ConvNeXts leave out, are set to 1) and its logits match the popup model's on a random batch.
+    """
+    model.eval()
+    state = dense_state_dict(model)
+    plain_args = {k: v for k, v in get_model_args(model).items() if k not in POPUP_ARGS}
+    pretrained_cfg = filter_pretrained_cfg(dict(model.pretrained_cfg), remove_source=True, remove_null=True)
+    pretrained_cfg.pop("tag", None)
+    pretrained_cfg["architecture"] = twin
+    plain = timm.create_model(twin, pretrained_cfg=pretrained_cfg, **plain_args).eval()
+    target = plain.state_dict()
+    extra = sorted(set(state) - set(target))
+    missing = sorted(n for n in set(target) - set(state) if n.rsplit(".", 1)[-1] != "gamma")
+    if extra or missing:
+        raise ExportError(f"{twin} does not match the popup model (tensors only in the popup model: {extra[:3]}, "
+                          f"only in {twin}: {missing[:3]}): it cannot be exported to {twin}")
+    folded = {n: state[n] if n in state else torch.ones_like(t) for n, t in target.items()}
+    try:
+        plain.load_state_dict(folded, strict=True)
+    except RuntimeError as e:
+        raise ExportError(f"{twin} does not match the popup model: {' '.join(str(e).split())[:300]}") from e
+    input_size = timm.data.resolve_data_config({}, model=model)["input_size"]
+    x = torch.randn((1, *input_size), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = model(x), plain(x)
+    diff = (expected - got).abs().max().item()
+    if not torch.allclose(got, expected, rtol=0, atol=1e-6 * max(1.0, expected.abs().max().item())):
+        raise ExportError(f"the exported {twin} computes other logits than the popup model (max |diff| {diff:.3g}): "
+                          "not exported")
+    return plain, diff
