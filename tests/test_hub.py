@@ -34,6 +34,8 @@ MODELS = {
     "cifar": ("popup_resnet18_cifar", dict(seed=5), 32, "popup_resnet18_cifar.ep_k50_cifar10"),
     "resnet": ("popup_resnet18", dict(seed=3, k=0.4, num_classes=10), 32, None),
     "vit": ("popup_vit_tiny_patch16_224", dict(seed=11, img_size=32, num_classes=10), 32, None),
+    # any timm model as popup_<name> (registered on first use), its attention reading F.linear(x, qkv.weight)
+    "beit": ("popup_beit_base_patch16_224", dict(seed=2, img_size=32, depth=2, num_classes=10), 32, None),
 }
 METRICS, DATASET = {"top1": 91.25, "top5": 99.5, "loss": 0.31}, "uoft-cs/cifar10"
 RECIPE = {"method": "edge-popup", "epochs": 100, "lr": 0.1, "batch_size": 128}
@@ -138,7 +140,7 @@ print(json.dumps(dict(urls=urls, cards=cards)))
 
 def _spec(artifacts, repos: dict[str, str]) -> dict:
     root, dirs = artifacts
-    return {"models": {name: dict(arch=arch, kwargs={k: v for k, v in kw.items() if k in ("num_classes", "img_size")},
+    return {"models": {name: dict(arch=arch, kwargs={k: v for k, v in kw.items() if k in ("num_classes", "img_size", "depth")},
                                   registry=registry, repo=repos[name], dir=str(dirs[name]),
                                   io=str(root / f"{name}.io.safetensors"))
                        for name, (arch, kw, _, registry) in MODELS.items()}}
@@ -169,7 +171,7 @@ def test_push_then_load_through_all_routes_online_and_offline(artifacts, tmp_pat
         for results in (online[name], offline[name]):
             for route, r in results.items():
                 assert r["equal"], (name, route)
-                assert r["seed"] == kwargs["seed"] and r["k"] == kwargs.get("k", 0.5 if name == "cifar" else 0.3)
+                assert r["seed"] == kwargs["seed"] and r["k"] == kwargs.get("k", 0.3 if name in ("resnet", "vit") else 0.5)
 
 
 def test_uploaded_card_parses_and_carries_metadata_and_metrics(artifacts, tmp_path):
