@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from machine import check_idle
+
 _LOAD = r"""
 import json, sys, time
 import timm, torch
@@ -42,10 +44,12 @@ def _timed(name: str, file: str | None, plugin: bool, threads: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--allow-busy", action="store_true", help="time even when the CPU is busy (warns)")
     parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "wide_resnet50_2"])
     parser.add_argument("--rounds", type=int, default=3, help="fresh-process loads per variant (median reported)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    check_idle(args.allow_busy)
 
     import safetensors.torch
     import timm

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import timm
 import torch
 import torch.nn.functional as F
+from machine import check_idle
 
 import timm_popup  # noqa: F401  (registers popup_*)
 from timm_popup import layers
@@ -88,9 +89,11 @@ def bench_case(title: str, dense: torch.nn.Module, popup: torch.nn.Module, batch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--allow-busy", action="store_true", help="time even when the CPU is busy (warns)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per row per round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     args = parser.parse_args()
+    check_idle(args.allow_busy)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     bench_case("resnet18 vs popup_resnet18", timm.create_model("resnet18", num_classes=10),

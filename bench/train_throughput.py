@@ -18,6 +18,7 @@ import statistics
 import timm
 import torch
 from accelerate import Accelerator
+from machine import check_idle
 from torch import nn
 
 import timm_popup  # noqa: F401  (registers popup_*)
@@ -60,8 +61,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps per timed round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--allow-busy", action="store_true", help="time even when the CPU is busy (warns)")
     args = parser.parse_args()
     accelerator = Accelerator(cpu=args.cpu)
+    if accelerator.device.type == "cpu" and accelerator.is_main_process:
+        check_idle(args.allow_busy)
     defaults = GPU_MODELS if accelerator.device.type == "cuda" else CPU_MODELS
     models = {name: defaults.get(name, 64) for name in args.models} if args.models else defaults
     accelerator.print(f"device {accelerator.device}, {accelerator.num_processes} process(es), "

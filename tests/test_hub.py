@@ -140,7 +140,8 @@ print(json.dumps(dict(urls=urls, cards=cards)))
 
 def _spec(artifacts, repos: dict[str, str]) -> dict:
     root, dirs = artifacts
-    return {"models": {name: dict(arch=arch, kwargs={k: v for k, v in kw.items() if k in ("num_classes", "img_size", "depth")},
+    build = ("num_classes", "img_size", "depth")
+    return {"models": {name: dict(arch=arch, kwargs={k: v for k, v in kw.items() if k in build},
                                   registry=registry, repo=repos[name], dir=str(dirs[name]),
                                   io=str(root / f"{name}.io.safetensors"))
                        for name, (arch, kw, _, registry) in MODELS.items()}}
@@ -171,7 +172,8 @@ def test_push_then_load_through_all_routes_online_and_offline(artifacts, tmp_pat
         for results in (online[name], offline[name]):
             for route, r in results.items():
                 assert r["equal"], (name, route)
-                assert r["seed"] == kwargs["seed"] and r["k"] == kwargs.get("k", 0.3 if name in ("resnet", "vit") else 0.5)
+                default_k = 0.3 if name in ("resnet", "vit") else 0.5
+                assert r["seed"] == kwargs["seed"] and r["k"] == kwargs.get("k", default_k)
 
 
 def test_uploaded_card_parses_and_carries_metadata_and_metrics(artifacts, tmp_path):
