@@ -278,3 +278,30 @@ def test_import_time_stays_low():
     timm_alone = min(float(subprocess.run([sys.executable, "-c", base], capture_output=True, text=True, timeout=120,
                                           check=True).stdout) for _ in range(2))
     assert ours < max(1.0, timm_alone), (ours, timm_alone)  # registering popup_<every model> costs nothing here
+
+
+def test_built_without_dense_init_where_the_policy_allows():
+    """A model whose frozen values all follow from the policy is built on the meta device (no dense init, no
+    memory for it) and comes out identical to converting a CPU build; others are built on the CPU."""
+    from timm_popup.convert import build_converted
+
+    calls = []
+
+    def factory(name, **kw):
+        def make():
+            calls.append(torch.empty(0).device.type)  # the device the factory ran under
+            return timm.create_model(name, **kw)
+        return make
+
+    fast = build_converted(factory("resnet18", num_classes=10), k=0.3, seed=2)
+    assert calls == ["meta"]
+    reference = convert(timm.create_model("resnet18", num_classes=10), k=0.3, seed=2)
+    assert dict(fast.named_buffers()).keys() == dict(reference.named_buffers()).keys()
+    assert all(torch.equal(b, reference.get_buffer(n)) for n, b in fast.named_buffers())
+    assert all(torch.equal(p, reference.get_parameter(n)) for n, p in fast.named_parameters())
+    calls.clear()
+    build_converted(factory("test_nfnet"), k=0.5)  # ScaledStdConv2d's gain: a constant only timm's init knows
+    assert calls == ["meta", "cpu"]
+    calls.clear()
+    build_converted(factory("resnet18"), dense=("fc",))  # a dense module keeps timm's init
+    assert calls == ["cpu"]

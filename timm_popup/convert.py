@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from timm.models import filter_pretrained_cfg
@@ -41,8 +41,8 @@ from .config import PopupConfig
 from .init import DEFAULT_WEIGHT_INIT, check_k, check_weight_init, random_normal, random_weight
 from .layers import PopupMask, mask_tensor
 
-__all__ = ["convert", "reseed", "regenerated", "popup_masks", "frozen_tensors", "is_norm", "is_masked_weight",
-           "EMBED_STD", "NEAR_ZERO", "POPUP_PREFIX"]
+__all__ = ["convert", "build_converted", "reseed", "regenerated", "popup_masks", "frozen_tensors", "is_norm",
+           "is_masked_weight", "EMBED_STD", "NEAR_ZERO", "POPUP_PREFIX"]
 
 #: what timm_popup.models registers every popup version of a timm model as: popup_<name>
 POPUP_PREFIX = "popup_"
@@ -74,18 +74,58 @@ def _single_feature_norm(module: nn.Module) -> bool:
 def _frozen_value(module: nn.Module, name: str, p: torch.Tensor, *, seed: int,
                   qualname: str) -> tuple[str, torch.Tensor]:
     """The policy (module docstring) and the frozen value of parameter ``name`` of ``module``."""
+    device = "cpu" if p.is_meta else p.device  # a model built on the meta device is materialised here
+    ones, zeros = (lambda: torch.ones(p.shape, dtype=p.dtype, device=device),
+                   lambda: torch.zeros(p.shape, dtype=p.dtype, device=device))
     if is_norm(module) and name in ("weight", "bias"):
         one = name == "weight" or _single_feature_norm(module)
-        return ("norm:1", torch.ones_like(p)) if one else ("norm:0", torch.zeros_like(p))
+        return ("norm:1", ones()) if one else ("norm:0", zeros())
     if _EMBED_NAME.search(name):
         return f"draw:{EMBED_STD}", random_normal(p.shape, seed=seed, name=qualname, std=EMBED_STD)
     if "bias" in name:
-        return "bias:0", torch.zeros_like(p)
+        return "bias:0", zeros()
     if p.numel() and bool((p == p.flatten()[0]).all()):
         if abs(float(p.flatten()[0])) < NEAR_ZERO:
-            return "gain:1", torch.ones_like(p)
+            return "gain:1", ones()
         return "const", p.detach().clone()
     return f"draw:{EMBED_STD}", random_normal(p.shape, seed=seed, name=qualname, std=EMBED_STD)
+
+
+def _decided_without_values(module: nn.Module, name: str, p: torch.Tensor) -> bool:
+    """Whether the policy fixes this parameter's frozen value without reading timm's initial value."""
+    return (is_masked_weight(name, p) or (is_norm(module) and name in ("weight", "bias"))
+            or bool(_EMBED_NAME.search(name)) or "bias" in name)
+
+
+#: the only buffers a model built on the meta device may hold: BatchNorm statistics, at PyTorch's initial values
+_BN_STATS = {"running_mean": torch.zeros_like, "running_var": torch.ones_like, "num_batches_tracked": torch.zeros_like}
+
+
+def build_converted(factory: Callable[[], nn.Module], *, k: float = 0.5, weight_init: str = DEFAULT_WEIGHT_INIT,
+                    seed: int = 0, dense: Sequence[str] = ()) -> nn.Module:
+    """``convert(factory(), ...)``, skipping timm's dense initialisation where the parameter policy allows.
+
+    The model is first built on the meta device (no memory, no init). If every parameter's frozen value follows
+    from the policy alone and its only buffers are BatchNorm statistics, it is converted from there (the weights
+    are generated anyway; the result is identical to a CPU build); otherwise it is built again on the CPU.
+    """
+    model = None
+    if not dense:
+        try:
+            with torch.device("meta"):
+                model = factory()
+        except Exception:  # some constructors compute with tensors (e.g. .tolist()); they build on the CPU
+            model = None
+    modules = list(model.modules()) if model is not None else []
+    if model is not None and all(
+            name in _BN_STATS for m in modules for name, _ in m.named_buffers(recurse=False)) and all(
+            _decided_without_values(m, name, p) for m in modules for name, p in m.named_parameters(recurse=False)):
+        for module in model.modules():
+            for name, buf in list(module.named_buffers(recurse=False)):
+                module.register_buffer(name, _BN_STATS[name](buf, device="cpu"))
+    else:
+        model = factory()
+    return convert(model, k=k, weight_init=weight_init, seed=seed, dense=dense)
 
 
 def _freeze(module: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -162,7 +202,7 @@ def convert(
             else:
                 with torch.no_grad():
                     policy, value = _frozen_value(module, p_name, p, seed=seed, qualname=qualname)
-                _freeze(module, p_name, value.to(p.device, p.dtype))
+                _freeze(module, p_name, value.to(value.device if p.is_meta else p.device, p.dtype))
                 cfg.frozen[qualname] = policy
     if too_few:
         raise ValueError(f"k={k} keeps 0 of the weights of {too_few[0]}"

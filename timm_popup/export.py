@@ -42,7 +42,7 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for mod_name, module in model.named_modules():
+        for mod_name, module in model.named_modules(remove_duplicate=False):  # shared modules: every path
             if parametrize.is_parametrized(module):
                 for tensor_name in module.parametrizations:
                     key = f"{mod_name}.{tensor_name}" if mod_name else tensor_name
@@ -50,8 +50,10 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for name, tensor in model.state_dict().items():
             if ".parametrizations." not in f".{name}":
                 out.setdefault(name, tensor.detach().clone())
-        for name in model.popup_config.frozen:
-            out.setdefault(name, model.get_buffer(name).detach().clone())
+        frozen = {id(model.get_buffer(name)) for name in model.popup_config.frozen}
+        for name, tensor in model.named_buffers(remove_duplicate=False):
+            if id(tensor) in frozen:
+                out.setdefault(name, tensor.detach().clone())
     return out
 
 

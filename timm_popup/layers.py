@@ -219,7 +219,7 @@ def mask_tensor(module: nn.Module, tensor_name: str, mask: PopupMask) -> None:
     """
     old = getattr(module, tensor_name)
     delattr(module, tensor_name)
-    module.register_buffer(tensor_name, torch.empty(0, dtype=old.dtype, device=old.device), persistent=False)
+    module.register_buffer(tensor_name, torch.empty(0, dtype=old.dtype, device=mask.weight.device), persistent=False)
     parametrize.register_parametrization(module, tensor_name, mask, unsafe=True)
     plist = module.parametrizations[tensor_name]
     plist._non_persistent_buffers_set.add("original")

@@ -245,7 +245,9 @@ def filter_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> 
         missing, extra = sorted(set(masks) - stored)[:3], sorted(stored - set(masks))[:3]
         raise MaskError(f"this mask is for another architecture (model tensors without a mask: {missing}, "
                         f"mask tensors not in the model: {extra}): load it with the model it was saved from")
-    keys = {id(p): key for key, p in model.named_parameters()}
+    keys: dict[int, list[str]] = {}  # a module shared by several blocks (CoaT) has a key under each path
+    for key, p in model.named_parameters(remove_duplicate=False):
+        keys.setdefault(id(p), []).append(key)
     out: dict[str, torch.Tensor] = {}
     free, to_sample = _free_density(sd), []
     for name, mask in masks.items():
@@ -254,7 +256,7 @@ def filter_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> 
         stored_shape = tuple(sd[f"{name}.mask_shape"].tolist()) if name in stored else None
         if stored_shape != shape:
             if is_head[name]:  # another num_classes: keep the model's fresh popup classifier
-                out[keys[id(mask.scores)]] = mask.scores.detach().clone()
+                out.update({key: mask.scores.detach().clone() for key in keys[id(mask.scores)]})
                 continue
             raise MaskError(f"tensor {name} has shape {shape} in the model but {stored_shape} in the mask: "
                             "the mask is for another architecture; build the model it was saved from")
@@ -274,7 +276,8 @@ def filter_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> 
                 raise MaskError(f"tensor {name} keeps {kept} of {bits.size} weights, not round(k*n) for "
                                 f"k={found['k']}: the mask was saved with another k or is corrupt")
             scores = bits.astype(np.float32)
-        out[keys[id(mask.scores)]] = torch.from_numpy(scores).reshape(shape).to(mask.scores.dtype)
+        value = torch.from_numpy(scores).reshape(shape).to(mask.scores.dtype)
+        out.update({key: value for key in keys[id(mask.scores)]})
     if not torch.equal(_frozen_fingerprint(model, new or {}), sd[_META + "frozen_fingerprint"]):
         raise MaskError("the model's frozen tensors (norm layers, biases, gains, embeddings) differ from the ones "
                         "the mask was found with: build the same architecture and model arguments the mask was "

@@ -11,7 +11,7 @@ from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 from torch import nn
 
 from ..config import POPUP_ARGS, PopupConfig
-from ..convert import convert
+from ..convert import build_converted
 from ..init import DEFAULT_WEIGHT_INIT
 from ..masks import MaskError, filter_state_dict, recorded_args
 
@@ -67,9 +67,12 @@ def build_popup(
                         "timm.create_model('hf-hub:org/name', pretrained=True)")
 
     def popup_model_cls(**model_kwargs: Any) -> nn.Module:
-        model = model_cls(**model_kwargs)
-        model.popup_config = PopupConfig(explicit=tuple(explicit))
-        return convert(model, **popup)
+        def dense_model() -> nn.Module:
+            model = model_cls(**model_kwargs)
+            model.popup_config = PopupConfig(explicit=tuple(explicit))
+            return model
+
+        return build_converted(dense_model, **popup)
 
     try:
         return build_model_with_cfg(popup_model_cls, variant, pretrained,
