@@ -52,6 +52,7 @@ _FLAGS = ["-O3", "-fPIC", "-shared", "-std=c99", "-fno-fast-math", "-ffp-contrac
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
+_loading = False
 
 
 def _cache_dir() -> Path:
@@ -139,18 +140,23 @@ def _load() -> ctypes.CDLL:
 
 
 def _library() -> ctypes.CDLL | None:
-    global _lib, _tried
+    global _lib, _tried, _loading
     if _tried:
         return _lib
+    if _loading:  # re-entered from the self-check (init._draw may route to generate()): numpy serves meanwhile
+        return None
     with _lock:
         if not _tried:
             if os.environ.get("TIMM_POPUP_NATIVE", "1") != "0":
+                _loading = True
                 try:
                     _lib = _load()
                 except Exception as err:  # any failure: the exact PyTorch path serves instead
                     warnings.warn(f"timm_popup.native: C kernels unavailable, using the pure-PyTorch path ({err})",
                                   stacklevel=3)
                     _lib = None
+                finally:
+                    _loading = False
             _tried = True
     return _lib
 
