@@ -1,0 +1,515 @@
+/* Fused CPU kernels for timm-popup: exact top-k selection, masked weights, the straight-through backward and
+ * the counter-based weight generator of timm_popup/init.py.
+ *
+ * Plain C99 + OpenMP on raw pointers, compiled at first use by timm_popup/native.py with
+ * -O3 -fno-fast-math -ffp-contract=off, loaded through ctypes. Every function takes the number of threads to
+ * use (torch.get_num_threads() from the caller), so the kernels follow torch's own setting.
+ *
+ * Exactness contracts (tested in tests/test_native.py against the PyTorch reference):
+ *  - selection: keep the `keep` largest |s|; of the entries equal to the threshold keep those with the lowest
+ *    flat indices. Reported as (thr, cut): i is kept iff |s_i| > thr or (|s_i| == thr and i <= cut).
+ *  - masked weight: w * (float)kept, the same product torch's `weight * mask` computes (so a dropped negative
+ *    weight is -0.0 there as here).
+ *  - backward: (g * w) * sign(s), sign(+-0) = +0, in that order.
+ *  - generator: the same IEEE-exact float64 operations, in the same order, as init.py's numpy code, rounded
+ *    once to float32. No libm transcendental is used (their last bit differs between libms).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#define TEAM_ID omp_get_thread_num()
+#define TEAM_SIZE omp_get_num_threads()
+#else
+#define TEAM_ID 0
+#define TEAM_SIZE 1
+#endif
+
+/* Below this many elements a parallel region costs more than it saves. */
+#define PAR_MIN 32768
+#define MAX_THREADS 256
+
+int popup_has_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* |x| as an order-preserving integer: for non-NaN floats with the sign bit cleared, the bit pattern is
+ * monotonic in the value, and +0/-0 map to the same key (as fabsf does). Selection works on these keys. */
+static inline uint32_t abs_key(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    return u & 0x7fffffffu;
+}
+
+static inline float key_value(uint32_t k) {
+    float f;
+    memcpy(&f, &k, sizeof f);
+    return f;
+}
+
+static inline int clamp_threads(int nt, int64_t n) {
+    if (nt < 1 || n < PAR_MIN) return 1;
+    return nt > MAX_THREADS ? MAX_THREADS : nt;
+}
+
+/* Contiguous block [*b, *e) of thread t among `team`: static blocks keep every gather in flat-index order. */
+static inline void block_of(int64_t n, int t, int team, int64_t *b, int64_t *e) {
+    const int64_t q = n / team, r = n % team;
+    *b = q * t + (t < r ? t : r);
+    *e = *b + q + (t < r);
+}
+
+/* Serial radix select: the k-th largest (1-based) of keys[0..m), keys < 2^31. Destroys keys (compacts the
+ * candidates in place each round), so the caller passes a scratch copy. Worst case 3 passes per round over
+ * a shrinking array: no quickselect pathologies on sorted, periodic or all-equal input. */
+static uint32_t kth_largest_key(uint32_t *keys, int64_t m, int64_t k) {
+    static const int shifts[3] = {20, 9, 0};
+    static const uint32_t masks[3] = {0x7ff, 0x7ff, 0x1ff};
+    int64_t hist[2048];
+    for (int r = 0; r < 3; r++) {
+        const int sh = shifts[r];
+        const uint32_t mk = masks[r];
+        memset(hist, 0, sizeof hist);
+        for (int64_t i = 0; i < m; i++) hist[(keys[i] >> sh) & mk]++;
+        int64_t acc = 0;
+        uint32_t b = mk;
+        for (;; b--) {
+            if (acc + hist[b] >= k) break;
+            acc += hist[b];
+        }
+        k -= acc;
+        int64_t j = 0;
+        for (int64_t i = 0; i < m; i++)
+            if (((keys[i] >> sh) & mk) == b) keys[j++] = keys[i];
+        m = j;
+    }
+    return keys[0];
+}
+
+/* Flat index of the `tie_need`-th entry (1-based, in index order) with key == tk. Only called when ties must be
+ * cut, which is rare for trained float scores, so it is a separate pass rather than indices kept in the band. */
+static int64_t find_cut(const float *s, int64_t n, uint32_t tk, int64_t tie_need, int nt) {
+    int64_t counts[MAX_THREADS];
+    int team = 1;
+    nt = clamp_threads(nt, n);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int t = TEAM_ID;
+        int64_t b, e, c = 0;
+        if (t == 0) team = TEAM_SIZE;
+        block_of(n, t, TEAM_SIZE, &b, &e);
+        for (int64_t i = b; i < e; i++) c += abs_key(s[i]) == tk;
+        counts[t] = c;
+    }
+    int64_t before = 0;
+    for (int t = 0; t < team; t++) {
+        if (before + counts[t] >= tie_need) {
+            int64_t b, e;
+            block_of(n, t, team, &b, &e);
+            for (int64_t i = b; i < e; i++)
+                if (abs_key(s[i]) == tk && ++before == tie_need) return i;
+        }
+        before += counts[t];
+    }
+    return n - 1; /* unreachable when tie_need <= number of ties */
+}
+
+/* Threshold key and cut from a band of keys that holds the keep-th largest: `above` entries lie above the band,
+ * and need = keep - above of the band's m entries are kept. Returns 0, or -1 if memory ran out. */
+static int select_in_band(const float *s, int64_t n, int64_t keep, int64_t above, const uint32_t *band,
+                          int64_t m, int nt, uint32_t *tk_out, int64_t *cut_out) {
+    uint32_t *scratch = (uint32_t *)malloc((size_t)(m > 0 ? m : 1) * sizeof(uint32_t));
+    if (!scratch) return -1;
+    memcpy(scratch, band, (size_t)m * sizeof(uint32_t));
+    const uint32_t tk = kth_largest_key(scratch, m, keep - above);
+    free(scratch);
+    int64_t gt = above, eq = 0; /* every entry equal to the threshold lies in the band */
+    for (int64_t i = 0; i < m; i++) {
+        gt += band[i] > tk;
+        eq += band[i] == tk;
+    }
+    const int64_t tie_need = keep - gt;
+    *cut_out = tie_need < eq ? find_cut(s, n, tk, tie_need, nt) : n - 1;
+    *tk_out = tk;
+    return 0;
+}
+
+/* Histogram path, exact for any input: one parallel pass histograms the top 11 bits of |s|'s key, a second
+ * gathers the one bucket holding the keep-th largest (exact sizes from the per-thread histograms, so no
+ * overflow), and the bucket is selected serially. Returns 0, or -1 if memory ran out. The bucket's value
+ * range and count are reported so the caller can size the next hint. */
+static int select_by_histogram(const float *s, int64_t n, int64_t keep, int nt, float *thr_out,
+                               int64_t *cut_out, double *bucket_lo, double *bucket_hi, int64_t *bucket_n) {
+    nt = clamp_threads(nt, n);
+    int64_t(*hist)[2048] = (int64_t(*)[2048])calloc((size_t)nt, sizeof *hist);
+    if (!hist) return -1;
+    int team = 1;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int t = TEAM_ID;
+        int64_t b, e;
+        if (t == 0) team = TEAM_SIZE;
+        block_of(n, t, TEAM_SIZE, &b, &e);
+        /* four interleaved sub-histograms: neighbouring scores mostly share a bucket, and one counter would
+         * make every increment wait for the previous store */
+        int64_t sub[4][2048];
+        memset(sub, 0, sizeof sub);
+        int64_t i = b;
+        for (; i + 4 <= e; i += 4) {
+            sub[0][abs_key(s[i]) >> 20]++;
+            sub[1][abs_key(s[i + 1]) >> 20]++;
+            sub[2][abs_key(s[i + 2]) >> 20]++;
+            sub[3][abs_key(s[i + 3]) >> 20]++;
+        }
+        for (; i < e; i++) sub[0][abs_key(s[i]) >> 20]++;
+        int64_t *h = hist[t];
+        for (int j = 0; j < 2048; j++) h[j] = sub[0][j] + sub[1][j] + sub[2][j] + sub[3][j];
+    }
+    int64_t acc = 0, m = 0;
+    uint32_t bucket = 2047;
+    for (;; bucket--) {
+        int64_t c = 0;
+        for (int t = 0; t < team; t++) c += hist[t][bucket];
+        if (acc + c >= keep) {
+            m = c;
+            break;
+        }
+        acc += c;
+    }
+    int64_t offsets[MAX_THREADS];
+    int64_t off = 0;
+    for (int t = 0; t < team; t++) {
+        offsets[t] = off;
+        off += hist[t][bucket];
+    }
+    free(hist);
+    uint32_t *band = (uint32_t *)malloc((size_t)m * sizeof(uint32_t));
+    if (!band) return -1;
+    /* the blocks must be the histogram's; a smaller team than asked for takes several */
+#pragma omp parallel num_threads(team) if (team > 1)
+    for (int t = TEAM_ID; t < team; t += TEAM_SIZE) {
+        int64_t b, e;
+        block_of(n, t, team, &b, &e);
+        uint32_t *dst = band + offsets[t];
+        for (int64_t i = b; i < e; i++) {
+            uint32_t k = abs_key(s[i]);
+            if ((k >> 20) == bucket) *dst++ = k; /* one bucket in 2048: rarely true, well predicted */
+        }
+    }
+    uint32_t tk;
+    const int status = select_in_band(s, n, keep, acc, band, m, nt, &tk, cut_out);
+    free(band);
+    if (status != 0) return -1;
+    *thr_out = key_value(tk);
+    *bucket_lo = key_value(bucket << 20);
+    *bucket_hi = key_value((bucket << 20) | 0xfffffu);
+    *bucket_n = m;
+    return 0;
+}
+
+/* Exact threshold and tie cut of the `keep` largest |s| (see the file comment).
+ *
+ * hint[0..1] is a value bracket [lo, hi] expected to hold the threshold (the previous step's, from the caller;
+ * NaN or lo > hi = none). One parallel pass counts what lies above hi and gathers the thin band [lo, hi] into
+ * per-thread buffers; the band is then selected serially. If the bracket misses (or its band overflows the
+ * buffers) the histogram path above gives the exact result instead. On return hint holds the bracket to use
+ * next time, sized from the band's density so that it holds about max(2048, n/128) entries.
+ *
+ * Returns 0 if the hint was used, 1 if the histogram path was (no or missed hint), -1 if memory ran out
+ * (outputs untouched: the caller falls back). */
+int popup_topk_select(const float *s, int64_t n, int64_t keep, double *hint, int nt, float *thr_out,
+                      int64_t *cut_out) {
+    if (keep >= n) { /* everything kept: |s| > -inf holds for every non-NaN score */
+        *thr_out = -INFINITY;
+        *cut_out = n - 1;
+        return 0;
+    }
+    if (keep <= 0) {
+        *thr_out = INFINITY;
+        *cut_out = -1;
+        return 0;
+    }
+    const double target = fmax(2048.0, (double)n / 128.0);
+    double lo = hint[0], hi = hint[1];
+    const int have_hint = lo == lo && hi == hi && lo <= hi && hi >= 0.0; /* NaN-free, ordered, reachable */
+    int missed_drift = 0;
+    if (have_hint) {
+        nt = clamp_threads(nt, n);
+        const uint32_t lk = lo <= 0.0 ? 0u : abs_key((float)lo);
+        const uint32_t hk = hi >= (double)INFINITY ? 0x7f800000u : abs_key((float)hi);
+        const uint32_t span = hk >= lk ? hk - lk : 0u;
+        /* Room for 1/16 of a block (and a floor for small tensors): a band wider than that means a poor hint. */
+        const int64_t cap = n / (16 * (int64_t)nt) + 1024;
+        uint32_t *buf = (uint32_t *)malloc((size_t)nt * (size_t)cap * sizeof(uint32_t));
+        if (!buf) return -1;
+        int64_t above_t[MAX_THREADS], count_t[MAX_THREADS];
+        int team = 1;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+        {
+            int t = TEAM_ID;
+            int64_t b, e, above = 0, c = 0;
+            if (t == 0) team = TEAM_SIZE;
+            block_of(n, t, TEAM_SIZE, &b, &e);
+            uint32_t *dst = buf + (size_t)t * (size_t)cap;
+            for (int64_t i = b; i < e; i++) {
+                const uint32_t k = abs_key(s[i]);
+                above += k > hk; /* branch-free: k > hk is a coin flip at k = 0.5 */
+                /* one unsigned range test, rarely true and so well predicted (k >= lk alone is a coin flip) */
+                if (k - lk <= span) {
+                    if (c < cap) dst[c] = k;
+                    c++;
+                }
+            }
+            above_t[t] = above;
+            count_t[t] = c;
+        }
+        int64_t above = 0, m = 0, overflow = 0;
+        for (int t = 0; t < team; t++) {
+            above += above_t[t];
+            m += count_t[t];
+            overflow |= count_t[t] > cap;
+        }
+        const int64_t need = keep - above;
+        if (!overflow && need >= 1 && need <= m) {
+            /* compact the per-thread buffers (in place: block t moves left only) */
+            int64_t off = 0;
+            for (int t = 0; t < team; t++) {
+                memmove(buf + off, buf + (size_t)t * (size_t)cap, (size_t)count_t[t] * sizeof(uint32_t));
+                off += count_t[t];
+            }
+            uint32_t tk;
+            const int status = select_in_band(s, n, keep, above, buf, m, nt, &tk, cut_out);
+            free(buf);
+            if (status != 0) return -1;
+            float thr = key_value(tk);
+            *thr_out = thr;
+            /* next bracket: keep the band near target, halving or doubling at most */
+            double half = 0.5 * (hi - lo);
+            double scale = m > 0 ? target / (double)m : 2.0;
+            scale = scale < 0.5 ? 0.5 : (scale > 2.0 ? 2.0 : scale);
+            half *= scale;
+            if (!(half > 0.0)) half = fmax((double)thr * 1e-4, 1e-30);
+            hint[0] = (double)thr - half;
+            hint[1] = (double)thr + half;
+            return 0;
+        }
+        free(buf);
+        missed_drift = !overflow;
+    }
+    double blo, bhi;
+    int64_t bn;
+    if (select_by_histogram(s, n, keep, nt, thr_out, cut_out, &blo, &bhi, &bn) != 0) return -1;
+    /* density of the selected bucket sets the bracket width; a drift miss at least doubles the old one */
+    double half = bn > 0 ? 0.5 * target * (bhi - blo) / (double)bn : 0.5 * (bhi - blo);
+    if (missed_drift && half < hi - lo) half = hi - lo;
+    if (!(half > 0.0)) half = fmax((double)*thr_out * 1e-4, 1e-30);
+    hint[0] = (double)*thr_out - half;
+    hint[1] = (double)*thr_out + half;
+    return 1;
+}
+
+/* Keep flags as floats: loops split at the cut so each half is a plain vectorisable comparison. */
+#define KEEP_LOOP(BODY)                                                                         \
+    do {                                                                                        \
+        const int ntc = clamp_threads(nt, n);                                                   \
+        (void)ntc; /* unused in a serial (no OpenMP) build */                                  \
+        _Pragma("omp parallel num_threads(ntc) if (ntc > 1)") {                                 \
+            int64_t b, e;                                                                       \
+            block_of(n, TEAM_ID, TEAM_SIZE, &b, &e);                                            \
+            int64_t mid = cut + 1 < b ? b : (cut + 1 > e ? e : cut + 1);                        \
+            for (int64_t i = b; i < mid; i++) {                                                 \
+                const float kf = (float)(fabsf(s[i]) >= thr);                                   \
+                BODY;                                                                           \
+            }                                                                                   \
+            for (int64_t i = mid; i < e; i++) {                                                 \
+                const float kf = (float)(fabsf(s[i]) > thr);                                    \
+                BODY;                                                                           \
+            }                                                                                   \
+        }                                                                                       \
+    } while (0)
+
+static inline float sign_weight(const uint8_t *bits, int64_t i, float stdf) {
+    return ((bits[i >> 3] >> (i & 7)) & 1) ? -stdf : stdf;
+}
+
+/* out[i] = w[i] * kept(i). */
+void popup_masked_weight(const float *s, const float *w, int64_t n, float thr, int64_t cut, float *out, int nt) {
+    KEEP_LOOP(out[i] = w[i] * kf);
+}
+
+/* The same for signed-constant weights held as packed sign bits (bit i%8 of byte i/8, 1 = negative):
+ * w[i] = -+(float)std, exactly init.py's draw, without storing the fp32 weight. */
+void popup_masked_weight_signs(const float *s, const uint8_t *bits, double std, int64_t n, float thr,
+                               int64_t cut, float *out, int nt) {
+    const float stdf = (float)std;
+    KEEP_LOOP(out[i] = sign_weight(bits, i, stdf) * kf);
+}
+
+/* The boolean mask itself (torch.bool is one byte, 0 or 1). */
+void popup_build_mask(const float *s, int64_t n, float thr, int64_t cut, uint8_t *out, int nt) {
+    KEEP_LOOP(out[i] = (uint8_t)kf);
+}
+
+static inline float sign_of(float x) { return (float)((x > 0.0f) - (x < 0.0f)); }
+
+/* d(loss)/d(scores) = (g * w) * sign(s). */
+void popup_ste_backward(const float *g, const float *w, const float *s, int64_t n, float *out, int nt) {
+    nt = clamp_threads(nt, n);
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+    for (int64_t i = 0; i < n; i++) out[i] = (g[i] * w[i]) * sign_of(s[i]);
+}
+
+void popup_ste_backward_signs(const float *g, const uint8_t *bits, double std, const float *s, int64_t n,
+                              float *out, int nt) {
+    const float stdf = (float)std;
+    nt = clamp_threads(nt, n);
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+    for (int64_t i = 0; i < n; i++) out[i] = (g[i] * sign_weight(bits, i, stdf)) * sign_of(s[i]);
+}
+
+/* ---- the generator of timm_popup/init.py ---------------------------------------------------------------- */
+
+static const double ACK_A[6] = {-3.969683028665376e01, 2.209460984245205e02, -2.759285104469687e02,
+                                1.383577518672690e02, -3.066479806614716e01, 2.506628277459239e00};
+static const double ACK_B[5] = {-5.447609879822406e01, 1.615858368580409e02, -1.556989798598866e02,
+                                6.680131188771972e01, -1.328068155288572e01};
+static const double ACK_C[6] = {-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e00,
+                                -2.549732539343734e00, 4.374664141464968e00, 2.938163982698783e00};
+static const double ACK_D[4] = {7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e00,
+                                3.754408661907416e00};
+#define P_LOW 0.02425
+#define LN2 0.6931471805599453
+#define SQRT_HALF 0.7071067811865476
+
+/* SplitMix64 output number idx + 1 of the generator seeded with key (init._bits). */
+static inline uint64_t mix64(uint64_t key, uint64_t idx) {
+    uint64_t z = (idx + 1u) * 0x9E3779B97F4A7C15ull + key;
+    z ^= z >> 30;
+    z *= 0xBF58476D1CE4E5B9ull;
+    z ^= z >> 27;
+    z *= 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return z;
+}
+
+/* init._horner: out = c0; out = out * x + c, as two separately rounded operations (no FMA). */
+static inline double horner(double x, const double *c, int len) {
+    double out = c[0];
+    for (int j = 1; j < len; j++) {
+        out *= x;
+        out += c[j];
+    }
+    return out;
+}
+
+/* init._log: frexp, then 2 atanh(s) by an 11-term odd series, plus e * ln 2. */
+static double series_log(double x) {
+    int e;
+    double m = frexp(x, &e);
+    if (m < SQRT_HALF) {
+        m = m * 2.0;
+        e = e - 1;
+    }
+    const double ef = (double)e;
+    const double s = (m - 1.0) / (m + 1.0);
+    const double s2 = s * s;
+    double acc = 1.0 / 21.0;
+    for (int j = 9; j >= 0; j--) {
+        acc *= s2;
+        acc += 1.0 / (double)(2 * j + 1);
+    }
+    return 2.0 * s * acc + ef * LN2;
+}
+
+/* init._half_normal's tail: -Phi^-1(p) for p < P_LOW. */
+static double tail_normal(double p) {
+    const double qt = sqrt(-2.0 * series_log(p));
+    return -horner(qt, ACK_C, 6) / (horner(qt, ACK_D, 4) * qt + 1.0);
+}
+
+/* init._half_normal's central formula, valid for P_LOW <= p < 1/2; evaluated for every p (as numpy does) so
+ * the loop below has no branch and vectorises, then the ~5% tail draws are overwritten. */
+static inline double central_normal(double p) {
+    const double q = p - 0.5;
+    const double r = q * q;
+    double out = horner(r, ACK_A, 6);
+    out *= q;
+    out /= horner(r, ACK_B, 5) * r + 1.0;
+    return -out;
+}
+
+/* Negate v where bit 63 of z is set: IEEE negation is exactly a sign-bit flip, done without a branch on a
+ * random bit. */
+static inline double apply_sign(double v, uint64_t z) {
+    uint64_t u;
+    memcpy(&u, &v, sizeof u);
+    u ^= z & 0x8000000000000000ull;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
+#define GEN_BLOCK 512
+
+/* Draws start .. start+n-1 of the normal family, one block of GEN_BLOCK at a time (stack temporaries). */
+static void generate_normal(uint64_t key, int64_t start, int64_t n, double std, float *out) {
+    uint64_t z[GEN_BLOCK];
+    double p[GEN_BLOCK], v[GEN_BLOCK];
+    for (int64_t b = 0; b < n; b += GEN_BLOCK) {
+        const int len = (int)(n - b < GEN_BLOCK ? n - b : GEN_BLOCK);
+        for (int j = 0; j < len; j++) {
+            z[j] = mix64(key, (uint64_t)(start + b + j));
+            p[j] = ((double)((z[j] >> 11) & ((1ull << 52) - 1u)) + 0.5) * 0x1p-53;
+        }
+        for (int j = 0; j < len; j++) v[j] = central_normal(p[j]);
+        for (int j = 0; j < len; j++)
+            if (p[j] < P_LOW) v[j] = tail_normal(p[j]);
+        for (int j = 0; j < len; j++) out[b + j] = (float)apply_sign(v[j] * std, z[j]); /* one rounding */
+    }
+}
+
+/* Values start .. start+n-1 of a tensor drawn by init._draw(family, std, key) into out[0..n).
+ * family: 0 normal, 1 signed, 2 uniform. Returns -1 for an unknown family. */
+int popup_generate(uint64_t key, int64_t start, int64_t n, int family, double std, float *out, int nt) {
+    if (family < 0 || family > 2) return -1;
+    nt = clamp_threads(nt, n);
+    if (family == 0) {
+#pragma omp parallel num_threads(nt) if (nt > 1)
+        {
+            int64_t b, e;
+            block_of(n, TEAM_ID, TEAM_SIZE, &b, &e);
+            generate_normal(key, start + b, e - b, std, out + b);
+        }
+    } else if (family == 1) {
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+        for (int64_t i = 0; i < n; i++) out[i] = (float)apply_sign(std, mix64(key, (uint64_t)(start + i)));
+    } else {
+        const double ubound = sqrt(3.0) * std; /* numpy: (2u - 1) * (math.sqrt(3.0) * std) */
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+        for (int64_t i = 0; i < n; i++) {
+            const double u = ((double)(mix64(key, (uint64_t)(start + i)) >> 11) + 0.5) * 0x1p-53;
+            out[i] = (float)((2.0 * u - 1.0) * ubound);
+        }
+    }
+    return 0;
+}
+
+/* Packed sign bits (bit 63 of each draw; bit i%8 of byte i/8, 1 = negative) of elements 0..n-1. */
+void popup_generate_sign_bits(uint64_t key, int64_t n, uint8_t *out, int nt) {
+    const int64_t nbytes = (n + 7) / 8;
+    nt = clamp_threads(nt, n);
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+    for (int64_t j = 0; j < nbytes; j++) {
+        uint8_t byte = 0;
+        for (int b = 0; b < 8; b++) {
+            const int64_t i = 8 * j + b;
+            if (i < n) byte |= (uint8_t)((mix64(key, (uint64_t)i) >> 63) << b);
+        }
+        out[j] = byte;
+    }
+}

@@ -1,0 +1,430 @@
+"""Fused CPU kernels for edge-popup's hot path and the weight generator, with an exact pure-PyTorch fallback.
+
+The profile of a popup training step shows ~13 extra passes over every weight tensor (abs, bracket
+comparisons, count, band gather, final comparison, ``weight * mask``, and three in backward) plus host syncs.
+``csrc/popup_kernels.c`` does the same work in three passes (select, mask, backward) and regenerates seeded
+weights at a few ns per weight in parallel. It is plain C + OpenMP, compiled here on first use with the
+system C compiler into a per-user cache, and loaded with ctypes, so the package needs no build step.
+
+Everything here is exact: masks, masked weights, gradients and generated weights are bit-identical to
+``timm_popup.layers`` / ``timm_popup.init`` (tests/test_native.py). Where the kernels cannot run (no
+compiler, ``TIMM_POPUP_NATIVE=0``, a CUDA tensor, a non-contiguous or non-float32 tensor) a pure-PyTorch
+implementation computes the same values without host syncs (no ``.item()``, ``nonzero`` or boolean indexing).
+
+The tensor ops are ``torch.library`` custom ops (``torch.ops.timm_popup.*``) with fake implementations, so
+they trace under ``torch.compile``; ``masked_weight`` has its straight-through backward registered.
+
+The selection takes a *hint*: a float64 tensor ``[lo, hi]`` bracketing the threshold (:func:`new_hint` makes an
+empty one). The kernel reads it and writes the bracket for the next call, so a layer that keeps one hint
+tensor selects in one pass over its scores from the second step on. A wrong hint only costs time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+__all__ = ["available", "new_hint", "topk_threshold", "topk_mask", "masked_weight", "masked_weight_signs",
+           "ste_backward", "generate", "sign_bits", "FAMILIES"]
+
+#: generator families of ``timm_popup.init._draw`` and their codes in the C kernel
+FAMILIES = {"normal": 0, "signed": 1, "uniform": 2}
+
+_SOURCE = Path(__file__).with_name("csrc") / "popup_kernels.c"
+# -O3 vectorises the kernels (-O2 in gcc 12 does not); no -ffast-math and -ffp-contract=off (no fused
+# multiply-add) keep every float64 operation rounding exactly as numpy's does.
+_FLAGS = ["-O3", "-fPIC", "-shared", "-std=c99", "-fno-fast-math", "-ffp-contract=off"]
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_loading = False
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("TIMM_POPUP_CACHE"):
+        return Path(os.environ["TIMM_POPUP_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "timm_popup"
+
+
+def _compiler() -> list[str]:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise RuntimeError("no C compiler found (set CC)")
+    return shlex.split(cc)
+
+
+def _compile(cc: list[str], target: Path, openmp: bool) -> None:
+    """Compile the kernels into ``target`` atomically: a temp file in the same directory, renamed on success."""
+    fd, tmp = tempfile.mkstemp(prefix=".popup_kernels-", suffix=".so.tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = [*cc, *_FLAGS, *(["-fopenmp"] if openmp else []), str(_SOURCE), "-o", tmp, "-lm"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-500:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, f32, f64, u64, ptr, cint = (ctypes.c_int64, ctypes.c_float, ctypes.c_double, ctypes.c_uint64,
+                                     ctypes.c_void_p, ctypes.c_int)
+    sigs = {
+        "popup_has_openmp": ([], cint),
+        "popup_topk_select": ([ptr, i64, i64, ptr, cint, ptr, ptr], cint),
+        "popup_masked_weight": ([ptr, ptr, i64, f32, i64, ptr, cint], None),
+        "popup_masked_weight_signs": ([ptr, ptr, f64, i64, f32, i64, ptr, cint], None),
+        "popup_build_mask": ([ptr, i64, f32, i64, ptr, cint], None),
+        "popup_ste_backward": ([ptr, ptr, ptr, i64, ptr, cint], None),
+        "popup_ste_backward_signs": ([ptr, ptr, f64, ptr, i64, ptr, cint], None),
+        "popup_generate": ([u64, i64, i64, cint, f64, ptr, cint], cint),
+        "popup_generate_sign_bits": ([u64, i64, ptr, cint], None),
+    }
+    for name, (args, res) in sigs.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+
+
+def _self_check(lib: ctypes.CDLL) -> None:
+    """Refuse a library whose generator is not bit-identical to init.py (e.g. a compiler that contracts FMAs
+    regardless of flags): published masks are only valid on exactly those weights."""
+    from .init import _draw
+
+    n = 4096  # ~200 tail draws of the normal family, every branch of the generator
+    for family in FAMILIES:
+        ref = _draw((n,), family, 0.5, 0x0123456789ABCDEF)
+        out = torch.empty(n)
+        lib.popup_generate(0x0123456789ABCDEF, 0, n, FAMILIES[family], 0.5, out.data_ptr(), 1)
+        if not torch.equal(out.view(torch.int32), ref.view(torch.int32)):
+            raise RuntimeError(f"compiled generator differs from timm_popup.init for family {family!r}")
+
+
+def _load() -> ctypes.CDLL:
+    cc = _compiler()
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30)
+    if version.returncode != 0:
+        raise RuntimeError(f"{' '.join(cc)} --version failed")
+    tag = hashlib.sha256("\0".join([_SOURCE.read_text(), " ".join(cc), version.stdout, " ".join(_FLAGS),
+                                    sys.platform, platform.machine()]).encode()).hexdigest()[:16]
+    cache = _cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    target = cache / f"popup_kernels-{tag}.so"
+    if not target.exists():
+        try:
+            _compile(cc, target, openmp=True)
+        except RuntimeError as err:  # e.g. Apple clang without libomp: serial kernels are still exact and fast
+            _compile(cc, target, openmp=False)
+            warnings.warn(f"timm_popup.native: compiled without OpenMP (serial kernels): {err}", stacklevel=3)
+    lib = ctypes.CDLL(str(target))
+    _declare(lib)
+    _self_check(lib)
+    return lib
+
+
+def _library() -> ctypes.CDLL | None:
+    global _lib, _tried, _loading
+    if _tried:
+        return _lib
+    if _loading:  # re-entered from the self-check (init._draw may route to generate()): numpy serves meanwhile
+        return None
+    with _lock:
+        if not _tried:
+            if os.environ.get("TIMM_POPUP_NATIVE", "1") != "0":
+                _loading = True
+                try:
+                    _lib = _load()
+                except Exception as err:  # any failure: the exact PyTorch path serves instead
+                    warnings.warn(f"timm_popup.native: C kernels unavailable, using the pure-PyTorch path ({err})",
+                                  stacklevel=3)
+                    _lib = None
+                finally:
+                    _loading = False
+            _tried = True
+    return _lib
+
+
+def available() -> bool:
+    """Whether the compiled C kernels are in use (compiles them on the first call)."""
+    return _library() is not None
+
+
+def _reset() -> None:
+    """Forget the loaded library so the next call compiles/loads again (tests change the environment)."""
+    global _lib, _tried
+    with _lock:
+        _lib, _tried = None, False
+
+
+def _native(*tensors: torch.Tensor) -> ctypes.CDLL | None:
+    """The library if every tensor is a contiguous CPU tensor of a dtype the kernels take, else None."""
+    for t in tensors:
+        if t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in (torch.float32, torch.uint8):
+            return None
+    return _library()
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def num_kept(n: int, k: float) -> int:
+    """``round(k * n)`` (Python's round, as ``timm_popup.layers.num_kept``)."""
+    return round(k * n)
+
+
+# ---- pure-PyTorch reference (any device, no host syncs) ---------------------------------------------------
+
+
+def _torch_select(scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    a = scores.detach().abs().flatten()
+    n = a.numel()
+    if keep >= n:
+        return a.new_full((), -math.inf), torch.full((), n - 1, dtype=torch.int64, device=a.device)
+    if keep <= 0:
+        return a.new_full((), math.inf), torch.full((), -1, dtype=torch.int64, device=a.device)
+    thr = a.kthvalue(n - keep + 1).values
+    tied = a == thr
+    need = keep - (a > thr).sum()  # how many of the tied entries are kept (>= 1)
+    ranks = tied.cumsum(0)
+    # the need-th tie sits at the first position whose running count reaches need
+    cut = torch.where(ranks[-1] == need, n - 1, (ranks < need).sum())
+    return thr, cut
+
+
+def _torch_mask(scores: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+    a = scores.detach().abs()
+    idx = torch.arange(a.numel(), device=a.device).view_as(a)
+    return (a > thr) | ((a == thr) & (idx <= cut))
+
+
+def _unpack_signs(bits: torch.Tensor, std: float, like: torch.Tensor) -> torch.Tensor:
+    """The signed-constant weight -+float32(std) from packed sign bits, shaped like ``like``."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    neg = ((bits.flatten().unsqueeze(-1) >> shifts) & 1).flatten()[: like.numel()]
+    stdf = torch.tensor(std, dtype=torch.float32, device=bits.device)  # rounded once, as init._draw does
+    return (1.0 - 2.0 * neg.to(torch.float32)).mul_(stdf).view_as(like)
+
+
+# ---- custom ops ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("timm_popup::topk_select", mutates_args=("hint",))
+def _topk_select(scores: torch.Tensor, keep: int, hint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    lib = _native(scores)
+    if (lib is not None and scores.dtype == torch.float32 and hint.dtype == torch.float64
+            and hint.device.type == "cpu" and hint.is_contiguous() and hint.numel() == 2):
+        thr = torch.empty((), dtype=torch.float32)
+        cut = torch.empty((), dtype=torch.int64)
+        status = lib.popup_topk_select(scores.data_ptr(), scores.numel(), keep, hint.data_ptr(), _threads(),
+                                       thr.data_ptr(), cut.data_ptr())
+        if status >= 0:
+            return thr, cut
+    return _torch_select(scores, keep)
+
+
+@_topk_select.register_fake
+def _(scores: torch.Tensor, keep: int, hint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return scores.new_empty(()), scores.new_empty((), dtype=torch.int64)
+
+
+@torch.library.custom_op("timm_popup::build_mask", mutates_args=())
+def _build_mask(scores: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+    lib = _native(scores)
+    if lib is not None and scores.dtype == torch.float32 and thr.device.type == "cpu":
+        out = torch.empty(scores.shape, dtype=torch.bool)
+        lib.popup_build_mask(scores.data_ptr(), scores.numel(), float(thr), int(cut), out.data_ptr(), _threads())
+        return out
+    return _torch_mask(scores, thr, cut)
+
+
+@_build_mask.register_fake
+def _(scores: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(scores, dtype=torch.bool)
+
+
+@torch.library.custom_op("timm_popup::masked_weight", mutates_args=())
+def _masked_weight(scores: torch.Tensor, weight: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+    lib = _native(scores, weight)
+    if (lib is not None and scores.dtype == weight.dtype == torch.float32 and scores.shape == weight.shape
+            and thr.device.type == "cpu"):
+        out = torch.empty_like(weight)
+        lib.popup_masked_weight(scores.data_ptr(), weight.data_ptr(), weight.numel(), float(thr), int(cut),
+                                out.data_ptr(), _threads())
+        return out
+    return weight * _torch_mask(scores, thr, cut)
+
+
+@_masked_weight.register_fake
+def _(scores: torch.Tensor, weight: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(weight)
+
+
+@torch.library.custom_op("timm_popup::masked_weight_signs", mutates_args=())
+def _masked_weight_signs(scores: torch.Tensor, signs: torch.Tensor, std: float, thr: torch.Tensor,
+                         cut: torch.Tensor) -> torch.Tensor:
+    lib = _native(scores, signs)
+    if lib is not None and scores.dtype == torch.float32 and signs.dtype == torch.uint8 and thr.device.type == "cpu":
+        out = torch.empty_like(scores)
+        lib.popup_masked_weight_signs(scores.data_ptr(), signs.data_ptr(), std, scores.numel(), float(thr),
+                                      int(cut), out.data_ptr(), _threads())
+        return out
+    return _unpack_signs(signs, std, scores) * _torch_mask(scores, thr, cut)
+
+
+@_masked_weight_signs.register_fake
+def _(scores: torch.Tensor, signs: torch.Tensor, std: float, thr: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(scores)
+
+
+@torch.library.custom_op("timm_popup::ste_backward", mutates_args=())
+def _ste_backward(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    lib = _native(grad, weight, scores)
+    if (lib is not None and grad.dtype == weight.dtype == scores.dtype == torch.float32
+            and grad.shape == weight.shape == scores.shape):
+        out = torch.empty_like(scores)
+        lib.popup_ste_backward(grad.data_ptr(), weight.data_ptr(), scores.data_ptr(), scores.numel(),
+                               out.data_ptr(), _threads())
+        return out
+    return (grad * weight).mul_(scores.sign())
+
+
+@_ste_backward.register_fake
+def _(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(scores)
+
+
+@torch.library.custom_op("timm_popup::ste_backward_signs", mutates_args=())
+def _ste_backward_signs(grad: torch.Tensor, signs: torch.Tensor, std: float, scores: torch.Tensor) -> torch.Tensor:
+    lib = _native(grad, signs, scores)
+    if (lib is not None and grad.dtype == scores.dtype == torch.float32 and signs.dtype == torch.uint8
+            and grad.shape == scores.shape):
+        out = torch.empty_like(scores)
+        lib.popup_ste_backward_signs(grad.data_ptr(), signs.data_ptr(), std, scores.data_ptr(), scores.numel(),
+                                     out.data_ptr(), _threads())
+        return out
+    return (grad * _unpack_signs(signs, std, scores)).mul_(scores.sign())
+
+
+@_ste_backward_signs.register_fake
+def _(grad: torch.Tensor, signs: torch.Tensor, std: float, scores: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(scores)
+
+
+def _mw_setup(ctx, inputs, output) -> None:
+    scores, weight, _, _ = inputs
+    ctx.save_for_backward(scores, weight)
+
+
+def _mw_backward(ctx, grad: torch.Tensor):
+    scores, weight = ctx.saved_tensors
+    return torch.ops.timm_popup.ste_backward(grad, weight, scores), None, None, None
+
+
+def _mws_setup(ctx, inputs, output) -> None:
+    scores, signs, std, _, _ = inputs
+    ctx.save_for_backward(scores, signs)
+    ctx.std = std
+
+
+def _mws_backward(ctx, grad: torch.Tensor):
+    scores, signs = ctx.saved_tensors
+    return torch.ops.timm_popup.ste_backward_signs(grad, signs, ctx.std, scores), None, None, None, None
+
+
+# Straight-through (paper eq. 5): the gradient reaches the scores as if the mask were the identity; the frozen
+# weight, the threshold and the cut get none.
+torch.library.register_autograd("timm_popup::masked_weight", _mw_backward, setup_context=_mw_setup)
+torch.library.register_autograd("timm_popup::masked_weight_signs", _mws_backward, setup_context=_mws_setup)
+
+
+# ---- public API -------------------------------------------------------------------------------------------------
+
+
+def new_hint() -> torch.Tensor:
+    """An empty threshold bracket (float64 ``[nan, nan]``) for a layer to keep and pass on every call."""
+    return torch.full((2,), math.nan, dtype=torch.float64)
+
+
+def topk_threshold(scores: torch.Tensor, k: float, hint: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(thr, cut)`` of the ``round(k * n)`` largest ``|scores|``: entry ``i`` (flat) is kept iff
+    ``|s_i| > thr`` or ``|s_i| == thr and i <= cut``. Both are 0-dim tensors on ``scores``' device (no sync).
+    ``hint`` (see :func:`new_hint`) is read and updated in place when the C kernel runs."""
+    keep = num_kept(scores.numel(), k)
+    return torch.ops.timm_popup.topk_select(scores.detach(), keep, new_hint() if hint is None else hint)
+
+
+def topk_mask(scores: torch.Tensor, k: float, hint: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask identical to ``timm_popup.layers.topk_mask(scores, k)``."""
+    thr, cut = topk_threshold(scores, k, hint)
+    return torch.ops.timm_popup.build_mask(scores.detach(), thr, cut)
+
+
+def masked_weight(scores: torch.Tensor, weight: torch.Tensor, k: float, hint: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight * topk_mask(scores, k), thr)``, differentiable in ``scores`` by the straight-through rule
+    ``d/d(scores) = grad * weight * sign(scores)`` (as ``layers._StraightThrough``)."""
+    thr, cut = topk_threshold(scores, k, hint)
+    return torch.ops.timm_popup.masked_weight(scores, weight, thr, cut), thr
+
+
+def masked_weight_signs(scores: torch.Tensor, signs: torch.Tensor, std: float, k: float,
+                        hint: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`masked_weight` for a signed-constant weight given as packed sign bits (:func:`sign_bits`) and its
+    std: the weight is ``-+float32(std)``, exactly ``init._draw``'s, and is never materialised in fp32."""
+    thr, cut = topk_threshold(scores, k, hint)
+    return torch.ops.timm_popup.masked_weight_signs(scores, signs, float(std), thr, cut), thr
+
+
+def ste_backward(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """``(grad * weight) * sign(scores)`` in one pass (bit-identical to ``layers._StraightThrough.backward``)."""
+    return torch.ops.timm_popup.ste_backward(grad, weight, scores)
+
+
+def generate(shape: Sequence[int], key: int, family: str, std: float) -> torch.Tensor:
+    """Bit-identical to ``timm_popup.init._draw(shape, family, std, key)``, in parallel when the kernels run."""
+    shape = tuple(int(s) for s in shape)
+    lib = _library()
+    if lib is None:
+        from .init import _draw
+
+        return _draw(shape, family, std, key)
+    out = torch.empty(shape, dtype=torch.float32)
+    if lib.popup_generate(key, 0, out.numel(), FAMILIES[family], float(std), out.data_ptr(), _threads()) != 0:
+        raise ValueError(f"unknown family {family!r}")
+    return out
+
+
+def sign_bits(shape: Sequence[int], key: int) -> torch.Tensor:
+    """Packed sign bits of the stream ``key`` (bit 63 of each draw: the sign of every "signed"/"normal" weight),
+    bit ``i % 8`` of byte ``i // 8``, 1 = negative; uint8 of length ``ceil(n / 8)``."""
+    n = math.prod(int(s) for s in shape)
+    out = torch.empty((n + 7) // 8, dtype=torch.uint8)
+    lib = _library()
+    if lib is not None:
+        lib.popup_generate_sign_bits(key, n, out.data_ptr(), _threads())
+        return out
+    import numpy as np
+
+    from .init import _bits
+
+    negative = (_bits(key, 0, n) >> np.uint64(63)).astype(np.uint8)
+    return torch.from_numpy(np.packbits(negative, bitorder="little"))
