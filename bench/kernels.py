@@ -1,15 +1,13 @@
 """Fused C kernels (timm_popup.native) versus the PyTorch path they replace, side by side.
 
-    python bench/kernels.py [--rounds 5] [--step]
+    python bench/kernels.py [--rounds 5]
 
-1. Per-step mask work over every weight tensor of resnet18: PyTorch's ``layers.topk_mask`` + ``weight * mask``
-   + the straight-through backward, versus the fused select (with the previous step's hint) + masked weight +
-   backward kernels.
-2. Weight generation throughput: numpy (``init._draw``) versus the C generator, per family.
-3. ``--step``: whole training steps (resnet18 @32px batch 64, Conv4 batch 128): dense, popup as in layers.py, and
-   popup with ``PopupMask.forward`` routed through ``native.masked_weight`` (the proposed integration).
+1. Per-step mask work over every weight tensor of resnet18: the exact pure-PyTorch path (what runs without a
+   compiler, and on GPUs) versus the fused select (with the previous step's hint) + masked weight + backward
+   kernels. Whole training steps are bench/step_time.py's.
+2. Weight generation throughput (weights/s): numpy (``init.draw_reference``) versus the C generator, per family.
 
-Timings are interleaved medians; on a shared machine they are indicative only, so the load average is printed.
+Timings are interleaved medians of a CPU checked idle first (``machine.check_idle``).
 """
 
 from __future__ import annotations
@@ -22,12 +20,11 @@ from collections.abc import Callable
 
 import timm
 import torch
-import torch.nn.functional as F
+from machine import check_idle
 
 import timm_popup  # noqa: F401  (registers popup_*)
 from timm_popup import layers, native
-from timm_popup.init import _draw
-from timm_popup.models import ConvNet
+from timm_popup.init import draw_reference as _draw
 
 
 def _median_ms(fns: dict[str, Callable[[], object]], rounds: int, reps: int) -> dict[str, float]:
@@ -55,7 +52,8 @@ def bench_mask_work(rounds: int, k: float = 0.5) -> None:
 
     def torch_path() -> None:
         for scores, weight, grad in tensors:
-            out = weight * layers.topk_mask(scores, k)
+            thr, cut = native.torch_select(scores, layers.num_kept(scores.numel(), k))
+            out = weight * native.torch_mask(scores, thr, cut)
             (grad * weight).mul_(scores.sign())
             del out
 
@@ -75,12 +73,12 @@ def bench_mask_work(rounds: int, k: float = 0.5) -> None:
         for scores, _, _ in tensors:
             scores.add_(scores, alpha=1e-3)
 
-    fns = {"pytorch (layers.py)": torch_path, "fused, hinted": fused_path, "fused, no hint": fused_no_hint}
+    fns = {"pytorch (fallback)": torch_path, "fused, hinted": fused_path, "fused, no hint": fused_no_hint}
     res = _median_ms({name: (lambda f=f: (drift(), f())) for name, f in fns.items()}, rounds, 3)
     n = sum(s.numel() for s, _, _ in tensors)
     print(f"\nmask work per training step, resnet18 weights ({len(shapes)} tensors, {n / 1e6:.1f}M weights, k={k}, "
           f"{torch.get_num_threads()} threads; {_load()})")
-    base = res["pytorch (layers.py)"]
+    base = res["pytorch (fallback)"]
     for name, ms in res.items():
         print(f"  {name:22s} {ms:8.2f} ms  {base / ms:5.1f}x")
 
@@ -97,58 +95,15 @@ def bench_generation(rounds: int, n: int = 1 << 23) -> None:
     print(f"  sign bits (packed)  C {res['sign bits'] / n * 1e6:6.2f} ns/w")
 
 
-def _fused_forward(self: layers.PopupMask, placeholder: torch.Tensor) -> torch.Tensor:
-    """PopupMask.forward with the training path of mode "topk" routed through the fused kernels."""
-    if self.mode == "topk" and self.training:
-        hint = self.__dict__.setdefault("_native_hint", native.new_hint())
-        return native.masked_weight(self.scores, self.weight, self.k, hint)[0]
-    return _original_forward(self, placeholder)
-
-
-_original_forward = layers.PopupMask.forward
-
-
-def bench_steps(rounds: int) -> None:
-    cases = [("resnet18 @32 b64", lambda: timm.create_model("resnet18", num_classes=10),
-              lambda: timm.create_model("popup_resnet18", num_classes=10), 64),
-             ("Conv4 b128", lambda: ConvNet(stages=(64, 128)), lambda: timm.create_model("popup_conv4"), 128)]
-    for title, make_dense, make_popup, batch in cases:
-        torch.manual_seed(0)
-        x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-        models = {"dense": make_dense().train(), "popup (layers.py)": make_popup().train()}
-        models["popup (fused)"] = models["popup (layers.py)"]
-
-        def step_fn(model: torch.nn.Module, fused: bool, x: torch.Tensor = x, y: torch.Tensor = y
-                    ) -> Callable[[], None]:
-            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
-
-            def step() -> None:
-                layers.PopupMask.forward = _fused_forward if fused else _original_forward
-                try:
-                    opt.zero_grad(set_to_none=True)
-                    F.cross_entropy(model(x), y).backward()
-                    opt.step()
-                finally:
-                    layers.PopupMask.forward = _original_forward
-
-            return step
-
-        res = _median_ms({name: step_fn(m, "fused" in name) for name, m in models.items()}, rounds, 2)
-        print(f"\ntraining step, {title} ({torch.get_num_threads()} threads; {_load()})")
-        for name, ms in res.items():
-            print(f"  {name:20s} {ms:8.1f} ms  {ms / res['dense']:5.2f}x dense")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--step", action="store_true", help="also time whole training steps")
+    parser.add_argument("--allow-busy", action="store_true", help="time even when the CPU is busy (warns)")
     args = parser.parse_args()
+    check_idle(args.allow_busy)
     print(f"native kernels available: {native.available()}")
     bench_mask_work(args.rounds)
     bench_generation(args.rounds)
-    if args.step:
-        bench_steps(args.rounds)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
     python bench/step_time.py [--steps 10] [--rounds 3]
 
-Rows: dense (weights trained), popup (our top-k), and reference rows with the mask chosen by the
-paper's full sort (Algorithm 1) and by torch.kthvalue. Each row's timing is interleaved with the others
+Rows: dense (weights trained), popup (ours: the fused selection + masking of ``timm_popup.native``), and
+reference rows with the mask chosen by the paper's full sort (Algorithm 1) and by torch.kthvalue. Each row's
+timing is interleaved with the others
 in rounds, on the current device, and reported as the median step time and its ratio to dense.
 """
 
@@ -40,6 +41,13 @@ def kthvalue_mask(scores: torch.Tensor, k: float) -> torch.Tensor:
     return (flat >= flat.kthvalue(flat.numel() - keep + 1).values).view_as(scores)
 
 
+def with_selection(mask_fn: Callable[[torch.Tensor, float], torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """A training forward that selects with ``mask_fn`` and applies the mask with the straight-through rule."""
+    def masked_weight(scores: torch.Tensor, weight: torch.Tensor, k: float, hint: torch.Tensor) -> torch.Tensor:
+        return layers._StraightThrough.apply(scores, weight, mask_fn(scores, k))
+    return masked_weight
+
+
 def step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9,
                           weight_decay=1e-4)
@@ -59,26 +67,26 @@ def bench_case(title: str, dense: torch.nn.Module, popup: torch.nn.Module, batch
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     dense, popup = dense.to(device).train(), popup.to(device).train()
+    ours = layers.fused_masked_weight
     rows = {
-        "dense": (dense, layers.topk_mask),
-        "popup (ours)": (popup, layers.topk_mask),
-        "popup, full sort (paper)": (popup, sort_mask),
-        "popup, kthvalue": (popup, kthvalue_mask),
+        "dense": (dense, ours),
+        "popup (ours)": (popup, ours),
+        "popup, full sort (paper)": (popup, with_selection(sort_mask)),
+        "popup, kthvalue": (popup, with_selection(kthvalue_mask)),
     }
     fns = {name: step_fn(model, x, y) for name, (model, _) in rows.items()}
     times: dict[str, list[float]] = {name: [] for name in rows}
-    original = layers.topk_mask
     try:
         for _ in range(rounds):
-            for name, (_, mask_fn) in rows.items():
-                layers.topk_mask = mask_fn
+            for name, (_, masked_weight) in rows.items():
+                layers.fused_masked_weight = masked_weight
                 fns[name]()  # warm-up for this selection
                 for _ in range(steps):
                     t0 = time.perf_counter()
                     fns[name]()
                     times[name].append(time.perf_counter() - t0)
     finally:
-        layers.topk_mask = original
+        layers.fused_masked_weight = ours
     base = statistics.median(times["dense"])
     print(f"\n{title}  (batch {batch}, {size}x{size}, {device.type}, {torch.get_num_threads()} threads)")
     print(f"  {'':28s} {'ms/step':>9s} {'x dense':>8s}")

@@ -13,7 +13,14 @@ import pytest
 import torch
 
 from timm_popup import layers, native
-from timm_popup.init import _bits, _draw
+
+try:
+    from reference_topk import reference_topk_mask
+except ImportError:  # tests/ turned into a package
+    from tests.reference_topk import reference_topk_mask
+
+from timm_popup.init import draw_reference as _draw
+from timm_popup.init import splitmix64 as _bits
 
 SIZES = [1, 7, 9, 1000, 70_001, 300_001]
 
@@ -59,7 +66,7 @@ def test_mask_matches_layers_with_and_without_hints(n):
     assert native.available()
     for name, scores in _patterns(n).items():
         for k in _ks(n):
-            expected = layers.topk_mask(scores, k)
+            expected = reference_topk_mask(scores, k)
             assert torch.equal(native.topk_mask(scores, k), expected), (name, k)
             hint = native.new_hint()
             native.topk_mask(scores, k, hint)  # sets the hint: the second call takes the one-pass route
@@ -75,7 +82,7 @@ def test_hint_follows_drifting_scores(n):
     scores = torch.randn(n, generator=torch.Generator().manual_seed(0))
     hint = native.new_hint()
     for step in range(6):
-        assert torch.equal(native.topk_mask(scores, 0.3, hint), layers.topk_mask(scores, 0.3)), step
+        assert torch.equal(native.topk_mask(scores, 0.3, hint), reference_topk_mask(scores, 0.3)), step
         scores = scores + 0.02 * torch.randn(n, generator=torch.Generator().manual_seed(step + 1))
 
 
@@ -94,7 +101,7 @@ def test_kernel_takes_the_hint_route_when_the_hint_brackets_the_threshold():
     assert lo < float(thr) < hi
     assert select(hint) == 0  # the bracket holds the threshold: one pass
     assert select(torch.tensor([10.0, 20.0], dtype=torch.float64)) == 1  # missed: exact anyway
-    expected = layers.topk_mask(scores, 0.3)
+    expected = reference_topk_mask(scores, 0.3)
     assert float(thr) == float(scores.abs()[expected].min()) and int(cut) == 199_999
 
 
@@ -108,18 +115,18 @@ def test_fallback_gives_the_same_threshold_cut_and_mask(n, monkeypatch):
                 thr_t, cut_t = native.topk_threshold(scores, k)
                 mask_t = native.topk_mask(scores, k)
             assert torch.equal(thr, thr_t) and torch.equal(cut, cut_t), (name, k)
-            assert torch.equal(mask_t, layers.topk_mask(scores, k)), (name, k)
+            assert torch.equal(mask_t, reference_topk_mask(scores, k)), (name, k)
 
 
 def test_non_contiguous_scores_take_the_fallback_exactly():
     scores = torch.randn(300, 700, generator=torch.Generator().manual_seed(2)).t()
     assert not scores.is_contiguous()
-    assert torch.equal(native.topk_mask(scores, 0.5), layers.topk_mask(scores, 0.5))
+    assert torch.equal(native.topk_mask(scores, 0.5), reference_topk_mask(scores, 0.5))
 
 
 def _reference_step(scores, weight, k, grad):
     s = scores.detach().clone().requires_grad_()
-    out = layers._StraightThrough.apply(s, weight, layers.topk_mask(s, k))
+    out = layers._StraightThrough.apply(s, weight, reference_topk_mask(s, k))
     out.backward(grad)
     return out.detach(), s.grad
 
@@ -143,7 +150,7 @@ def test_masked_weight_and_backward_are_the_reference_bit_for_bit(shape, use_fal
         assert torch.equal(_bits_of(out), _bits_of(ref_out)), k  # dropped negative weights are -0.0 in both
         assert torch.equal(_bits_of(s.grad), _bits_of(ref_grad)), k
         assert torch.equal(_bits_of(native.ste_backward(grad, weight, scores)), _bits_of(ref_grad)), k
-        kept = layers.topk_mask(scores, k)
+        kept = reference_topk_mask(scores, k)
         assert float(thr) == float(scores.abs()[kept].min())
 
 
@@ -206,7 +213,7 @@ def test_disabled_by_environment_uses_the_fallback(monkeypatch, fresh_native):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # switched off on purpose: no warning
         assert not native.available()
-        assert torch.equal(native.topk_mask(scores, 0.5), layers.topk_mask(scores, 0.5))
+        assert torch.equal(native.topk_mask(scores, 0.5), reference_topk_mask(scores, 0.5))
         assert torch.equal(_bits_of(native.generate((1000,), 7, "normal", 1.0)),
                            _bits_of(_draw((1000,), "normal", 1.0, 7)))
     assert not fresh_native.exists()
@@ -231,7 +238,7 @@ def test_failing_compiler_falls_back_and_leaves_no_temp_files(compiler, monkeypa
         assert not native.available()
     assert not native.available()  # decided once: no second attempt, no second warning
     scores = torch.randn(1000, generator=torch.Generator().manual_seed(6))
-    assert torch.equal(native.topk_mask(scores, 0.3), layers.topk_mask(scores, 0.3))
+    assert torch.equal(native.topk_mask(scores, 0.3), reference_topk_mask(scores, 0.3))
     leftovers = list(fresh_native.iterdir()) if fresh_native.exists() else []
     assert leftovers == []
 
@@ -261,7 +268,7 @@ def test_fallback_is_sync_free(fallback, monkeypatch):
     scores.view(-1)[:40] = 0.5  # ties at the threshold exercise the cut
     weight, grad = torch.randn(64, 3, 3, 3, generator=gen), torch.randn(64, 3, 3, 3, generator=gen)
     signs = native.sign_bits(weight.shape, 11)
-    expected = layers.topk_mask(scores, 0.9)
+    expected = reference_topk_mask(scores, 0.9)
     s = scores.clone().requires_grad_()
     with monkeypatch.context() as m:
         _NoSync(m)
@@ -284,8 +291,8 @@ def test_fallback_is_sync_free(fallback, monkeypatch):
 def test_fallback_has_no_data_dependent_ops():
     # On the meta device any data-dependent op (nonzero, item, boolean indexing) raises.
     scores = torch.empty(300_001, device="meta")
-    thr, cut = native._torch_select(scores, 1234)
-    mask = native._torch_mask(scores, thr, cut)
+    thr, cut = native.torch_select(scores, 1234)
+    mask = native.torch_mask(scores, thr, cut)
     assert mask.shape == scores.shape and thr.shape == () and cut.shape == ()
 
 
@@ -300,3 +307,22 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(ops.masked_weight, (scores.clone().requires_grad_(), weight, thr, cut))
     torch.library.opcheck(ops.masked_weight_signs, (scores.clone().requires_grad_(), signs, 0.2, thr, cut))
     torch.library.opcheck(ops.ste_backward, (weight, weight, scores))
+
+
+@pytest.mark.parametrize("name,kwargs", [("popup_resnet18", {}), ("popup_vit_tiny_patch16_224", dict(img_size=32))])
+@pytest.mark.parametrize("k", [0.1, 0.5, 0.9])
+def test_fused_training_masks_equal_the_reference_on_every_tensor(name, kwargs, k):
+    """What a training forward computes (selection + masked weight, with and without a carried hint) against the
+    previous implementation, on every masked tensor of a real model."""
+    import timm
+
+    import timm_popup
+
+    model = timm.create_model(name, k=k, **kwargs)
+    for tensor_name, mask in timm_popup.popup_masks(model).items():
+        expected = reference_topk_mask(mask.scores, k)
+        hint = native.new_hint()
+        for _ in range(2):  # the second call selects through the hint the first one left
+            out = layers.fused_masked_weight(mask.scores, mask.weight, k, hint)
+            assert torch.equal(out != 0, expected), tensor_name  # signed-constant weights are never 0
+            assert torch.equal(out, mask.weight * expected), tensor_name

@@ -40,8 +40,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from . import native
+
 __all__ = ["WEIGHT_INITS", "DEFAULT_WEIGHT_INIT", "GENERATOR_VERSION", "fans", "init_std", "stream_key",
-           "random_weight", "random_normal", "check_k", "check_weight_init"]
+           "random_weight", "random_normal", "check_k", "check_weight_init", "draw_reference", "splitmix64"]
 
 GENERATOR_VERSION = 2
 
@@ -118,7 +120,7 @@ def stream_key(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
-def _bits(key: int, start: int, stop: int) -> np.ndarray:
+def splitmix64(key: int, start: int, stop: int) -> np.ndarray:
     """SplitMix64 outputs number start+1 .. stop of the generator seeded with ``key``."""
     z = np.arange(start + 1, stop + 1, dtype=np.uint64)
     z *= _GOLDEN
@@ -168,13 +170,15 @@ def _half_normal(p: np.ndarray) -> np.ndarray:
     return out
 
 
-def _draw(shape: Sequence[int], family: str, std: float, key: int) -> torch.Tensor:
+def draw_reference(shape: Sequence[int], family: str, std: float, key: int) -> torch.Tensor:
+    """The definition of every frozen value (module docstring) in numpy; ``timm_popup.native`` computes the same
+    bits in C, in parallel, and is used when it is available (it checks itself against this on load)."""
     shape = tuple(int(s) for s in shape)
     n = math.prod(shape)
     out = np.empty(n, dtype=np.float32)
     for start in range(0, n, _CHUNK):
         stop = min(n, start + _CHUNK)
-        z = _bits(key, start, stop)
+        z = splitmix64(key, start, stop)
         if family == "uniform":
             u = ((z >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
             vals = (2.0 * u - 1.0) * (math.sqrt(3.0) * std)
@@ -206,9 +210,9 @@ def random_weight(
     """
     family, _ = WEIGHT_INITS[check_weight_init(weight_init)]
     std = init_std(weight_init, tuple(fan_shape) if fan_shape is not None else tuple(shape), k)
-    return _draw(shape, family, std, stream_key(seed, name))
+    return native.generate(shape, stream_key(seed, name), family, std)
 
 
 def random_normal(shape: Sequence[int], *, seed: int, name: str, std: float) -> torch.Tensor:
     """Seeded N(0, std**2) float32 values for the frozen tensor ``name`` (embeddings, position tables)."""
-    return _draw(shape, "normal", float(std), stream_key(seed, name))
+    return native.generate(shape, stream_key(seed, name), "normal", float(std))

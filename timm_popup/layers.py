@@ -32,65 +32,30 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import native
 from .init import check_k, check_weight_init, fans, random_weight, stream_key
 
-__all__ = ["PopupMask", "MODES", "num_kept", "topk_mask", "mask_tensor", "unmask_tensor"]
+__all__ = ["PopupMask", "MODES", "num_kept", "topk_mask", "fused_masked_weight", "mask_tensor", "unmask_tensor"]
 
 MODES = ("topk", "sample", "fixed", "dense")
 
-_SAMPLE = 4096  # scores sampled to bracket the threshold; the bracket holds ~4% of a layer
-_SMALL = 1 << 16  # below this many weights a plain kthvalue is as fast
-
-
 def num_kept(n: int, k: float) -> int:
-    """Number of weights a layer of ``n`` keeps at fraction ``k`` (Python's ``round``)."""
+    """Number of weights a tensor of ``n`` keeps at fraction ``k`` (Python's ``round``)."""
     return round(k * n)
 
 
-def _kth_largest(a: torch.Tensor, keep: int) -> tuple[torch.Tensor, int]:
-    """Exact value of the ``keep``-th largest element of 1-D ``a``, and how many elements are >= it.
-
-    A strided sample brackets the value; one pass counts what lies above the bracket and gathers the
-    thin band inside it, and ``kthvalue`` runs on the band only. Falls back to a full ``kthvalue`` if
-    the bracket missed (the result is exact either way, and deterministic).
-    """
-    n = a.numel()
-    if n > _SMALL:
-        sample = a[:: n // _SAMPLE].sort().values
-        m = sample.numel()
-        q = (n - keep) / n
-        margin = 4.0 * math.sqrt(m * q * (1 - q)) + 8
-        j_lo, j_hi = int(q * m - margin), int(q * m + margin)
-        inside = a >= sample[j_lo] if j_lo >= 0 else torch.ones_like(a, dtype=torch.bool)
-        n_above = 0
-        if j_hi < m:
-            above = a > sample[j_hi]
-            inside &= ~above
-            n_above = int(torch.count_nonzero(above))
-        band = a[inside]
-        need = keep - n_above  # how many of the band are kept
-        if 0 < need <= band.numel():
-            threshold = band.kthvalue(band.numel() - need + 1).values
-            return threshold, n_above + int(torch.count_nonzero(band >= threshold))
-    threshold = a.kthvalue(n - keep + 1).values
-    return threshold, int(torch.count_nonzero(a >= threshold))
-
-
 def topk_mask(scores: torch.Tensor, k: float) -> torch.Tensor:
-    """Boolean mask of the ``round(k * n)`` largest ``|scores|``; ties broken by lowest flat index."""
-    a = scores.detach().abs().flatten()
-    n = a.numel()
-    keep = num_kept(n, k)
-    if keep >= n:
-        return torch.ones_like(scores, dtype=torch.bool)
-    if keep <= 0:
-        return torch.zeros_like(scores, dtype=torch.bool)
-    threshold, n_ge = _kth_largest(a, keep)
-    mask = a >= threshold
-    if n_ge > keep:  # ties at the threshold: drop the tied entries with the highest indices
-        tied = (a == threshold).nonzero().flatten()
-        mask[tied[tied.numel() - (n_ge - keep):]] = False
-    return mask.view_as(scores)
+    """Boolean mask of the ``round(k * n)`` largest ``|scores|``; ties broken by lowest flat index.
+
+    Exact and free of host synchronisation (``timm_popup.native``: fused C kernels on the CPU, PyTorch ops
+    elsewhere)."""
+    return native.topk_mask(scores, k)
+
+
+def fused_masked_weight(scores: torch.Tensor, weight: torch.Tensor, k: float, hint: torch.Tensor) -> torch.Tensor:
+    """``weight * topk_mask(scores, k)`` with the straight-through gradient to ``scores``, in two passes over the
+    tensor (select, apply) and one in backward; ``hint`` carries the threshold bracket from step to step."""
+    return native.masked_weight(scores, weight, k, hint)[0]
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -154,6 +119,7 @@ class PopupMask(nn.Module):
                                weight_init=self.weight_init, k=self.k, fan_shape=self.fan_shape)
         self.weight = weight.to(device or self.weight.device)
         self._cache: tuple | None = None
+        self._hint = native.new_hint()  # the threshold bracket the fused selection carries from step to step
 
     @property
     def learns_weight(self) -> bool:
@@ -178,9 +144,10 @@ class PopupMask(nn.Module):
         """``weight * mask``; differentiable (straight-through) with respect to the scores."""
         mode = self.mode
         if mode == "topk":  # edge-popup's hot path: keep it first and unchanged
-            if self.training or (torch.is_grad_enabled() and self.scores.requires_grad):
-                mask = topk_mask(self.scores, self.k) if self.training else self._cached()[1]
-                return _StraightThrough.apply(self.scores, self.weight, mask)
+            if self.training:
+                return fused_masked_weight(self.scores, self.weight, self.k, self._hint)
+            if torch.is_grad_enabled() and self.scores.requires_grad:
+                return _StraightThrough.apply(self.scores, self.weight, self._cached()[1])
             return self._cached()[2]
         if mode == "sample":
             if self.training:  # a fresh subnetwork every forward (torch's RNG, seeded per epoch by the trainer)

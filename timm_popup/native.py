@@ -39,9 +39,9 @@ from pathlib import Path
 import torch
 
 __all__ = ["available", "new_hint", "topk_threshold", "topk_mask", "masked_weight", "masked_weight_signs",
-           "ste_backward", "generate", "sign_bits", "FAMILIES"]
+           "ste_backward", "generate", "sign_bits", "torch_select", "torch_mask", "FAMILIES"]
 
-#: generator families of ``timm_popup.init._draw`` and their codes in the C kernel
+#: generator families of ``timm_popup.init.draw_reference`` and their codes in the C kernel
 FAMILIES = {"normal": 0, "signed": 1, "uniform": 2}
 
 _SOURCE = Path(__file__).with_name("csrc") / "popup_kernels.c"
@@ -106,11 +106,11 @@ def _declare(lib: ctypes.CDLL) -> None:
 def _self_check(lib: ctypes.CDLL) -> None:
     """Refuse a library whose generator is not bit-identical to init.py (e.g. a compiler that contracts FMAs
     regardless of flags): published masks are only valid on exactly those weights."""
-    from .init import _draw
+    from .init import draw_reference
 
     n = 4096  # ~200 tail draws of the normal family, every branch of the generator
     for family in FAMILIES:
-        ref = _draw((n,), family, 0.5, 0x0123456789ABCDEF)
+        ref = draw_reference((n,), family, 0.5, 0x0123456789ABCDEF)
         out = torch.empty(n)
         lib.popup_generate(0x0123456789ABCDEF, 0, n, FAMILIES[family], 0.5, out.data_ptr(), 1)
         if not torch.equal(out.view(torch.int32), ref.view(torch.int32)):
@@ -143,7 +143,7 @@ def _library() -> ctypes.CDLL | None:
     global _lib, _tried, _loading
     if _tried:
         return _lib
-    if _loading:  # re-entered from the self-check (init._draw may route to generate()): numpy serves meanwhile
+    if _loading:  # re-entered from the self-check (init.draw_reference may route to generate()): numpy serves meanwhile
         return None
     with _lock:
         if not _tried:
@@ -193,7 +193,8 @@ def num_kept(n: int, k: float) -> int:
 # ---- pure-PyTorch reference (any device, no host syncs) ---------------------------------------------------
 
 
-def _torch_select(scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+def torch_select(scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(thr, cut)`` of the ``keep`` largest ``|scores|`` with PyTorch ops only, kept on the device (no sync)."""
     a = scores.detach().abs().flatten()
     n = a.numel()
     if keep >= n:
@@ -209,7 +210,8 @@ def _torch_select(scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.
     return thr, cut
 
 
-def _torch_mask(scores: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+def torch_mask(scores: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+    """The mask of :func:`torch_select`'s ``(thr, cut)``: above the threshold, or tied at it up to index ``cut``."""
     a = scores.detach().abs()
     idx = torch.arange(a.numel(), device=a.device).view_as(a)
     return (a > thr) | ((a == thr) & (idx <= cut))
@@ -219,7 +221,7 @@ def _unpack_signs(bits: torch.Tensor, std: float, like: torch.Tensor) -> torch.T
     """The signed-constant weight -+float32(std) from packed sign bits, shaped like ``like``."""
     shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
     neg = ((bits.flatten().unsqueeze(-1) >> shifts) & 1).flatten()[: like.numel()]
-    stdf = torch.tensor(std, dtype=torch.float32, device=bits.device)  # rounded once, as init._draw does
+    stdf = torch.tensor(std, dtype=torch.float32, device=bits.device)  # rounded once, as init.draw_reference does
     return (1.0 - 2.0 * neg.to(torch.float32)).mul_(stdf).view_as(like)
 
 
@@ -237,7 +239,7 @@ def _topk_select(scores: torch.Tensor, keep: int, hint: torch.Tensor) -> tuple[t
                                        thr.data_ptr(), cut.data_ptr())
         if status >= 0:
             return thr, cut
-    return _torch_select(scores, keep)
+    return torch_select(scores, keep)
 
 
 @_topk_select.register_fake
@@ -252,7 +254,7 @@ def _build_mask(scores: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor) -> t
         out = torch.empty(scores.shape, dtype=torch.bool)
         lib.popup_build_mask(scores.data_ptr(), scores.numel(), float(thr), int(cut), out.data_ptr(), _threads())
         return out
-    return _torch_mask(scores, thr, cut)
+    return torch_mask(scores, thr, cut)
 
 
 @_build_mask.register_fake
@@ -269,7 +271,7 @@ def _masked_weight(scores: torch.Tensor, weight: torch.Tensor, thr: torch.Tensor
         lib.popup_masked_weight(scores.data_ptr(), weight.data_ptr(), weight.numel(), float(thr), int(cut),
                                 out.data_ptr(), _threads())
         return out
-    return weight * _torch_mask(scores, thr, cut)
+    return weight * torch_mask(scores, thr, cut)
 
 
 @_masked_weight.register_fake
@@ -286,7 +288,7 @@ def _masked_weight_signs(scores: torch.Tensor, signs: torch.Tensor, std: float, 
         lib.popup_masked_weight_signs(scores.data_ptr(), signs.data_ptr(), std, scores.numel(), float(thr),
                                       int(cut), out.data_ptr(), _threads())
         return out
-    return _unpack_signs(signs, std, scores) * _torch_mask(scores, thr, cut)
+    return _unpack_signs(signs, std, scores) * torch_mask(scores, thr, cut)
 
 
 @_masked_weight_signs.register_fake
@@ -389,7 +391,7 @@ def masked_weight(scores: torch.Tensor, weight: torch.Tensor, k: float, hint: to
 def masked_weight_signs(scores: torch.Tensor, signs: torch.Tensor, std: float, k: float,
                         hint: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`masked_weight` for a signed-constant weight given as packed sign bits (:func:`sign_bits`) and its
-    std: the weight is ``-+float32(std)``, exactly ``init._draw``'s, and is never materialised in fp32."""
+    std: the weight is ``-+float32(std)``, exactly ``init.draw_reference``'s, and is never materialised in fp32."""
     thr, cut = topk_threshold(scores, k, hint)
     return torch.ops.timm_popup.masked_weight_signs(scores, signs, float(std), thr, cut), thr
 
@@ -400,13 +402,13 @@ def ste_backward(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor)
 
 
 def generate(shape: Sequence[int], key: int, family: str, std: float) -> torch.Tensor:
-    """Bit-identical to ``timm_popup.init._draw(shape, family, std, key)``, in parallel when the kernels run."""
+    """Bit-identical to ``timm_popup.init.draw_reference(shape, family, std, key)``; parallel C where available."""
     shape = tuple(int(s) for s in shape)
     lib = _library()
     if lib is None:
-        from .init import _draw
+        from .init import draw_reference
 
-        return _draw(shape, family, std, key)
+        return draw_reference(shape, family, std, key)
     out = torch.empty(shape, dtype=torch.float32)
     if lib.popup_generate(key, 0, out.numel(), FAMILIES[family], float(std), out.data_ptr(), _threads()) != 0:
         raise ValueError(f"unknown family {family!r}")
@@ -424,7 +426,7 @@ def sign_bits(shape: Sequence[int], key: int) -> torch.Tensor:
         return out
     import numpy as np
 
-    from .init import _bits
+    from .init import splitmix64
 
-    negative = (_bits(key, 0, n) >> np.uint64(63)).astype(np.uint8)
+    negative = (splitmix64(key, 0, n) >> np.uint64(63)).astype(np.uint8)
     return torch.from_numpy(np.packbits(negative, bitorder="little"))
