@@ -524,8 +524,8 @@ def _parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("eval", help="top-1/top-5 of a model or artifact on a dataset; a JSON result line")
     ev.add_argument("model_or_artifact", metavar="MODEL_OR_ARTIFACT",
                     help="a model name (popup_conv4, ...), an artifact directory / mask file or hf-hub:org/name")
-    ev.add_argument("--dataset", required=True, help="Hugging Face dataset id, save_to_disk directory, image folder or a "
-                    "built-in name (fashion-mnist)")
+    ev.add_argument("--dataset", required=True,
+                    help="Hub dataset id, save_to_disk directory, image folder or a built-in name (fashion-mnist)")
     ev.add_argument("--split", default=None, help="split to evaluate (default: the validation/test split found)")
     ev.add_argument("--pretrained", action="store_true", help="load the registry's mask for a model name")
     ev.add_argument("--model", default=None, help=arch_help)

@@ -23,6 +23,7 @@ from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, Mo
 from huggingface_hub import constants as hf_constants
 from timm.models import is_model
 from timm.models._hub import save_config_for_hf
+from timm.models._input import get_model_input_config
 from torch import nn
 
 from ._io import atomic_write
@@ -151,7 +152,7 @@ def model_stats(model: nn.Module) -> dict[str, int]:
     try:
         model.eval()
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, *model.pretrained_cfg["input_size"], device=device))
+            model(torch.zeros(1, *get_model_input_config(model)["input_size"], device=device))
     finally:
         for hook in hooks:
             hook.remove()
