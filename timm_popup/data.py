@@ -591,6 +591,11 @@ class Augmentation:
         """Whether the training loop mixes batches (timm's ``Mixup``)."""
         return self.mixup > 0 or self.cutmix > 0
 
+    @property
+    def jitters(self) -> bool:
+        """Whether colour jitter applies: as in timm, an auto-augment policy (other than 3-Augment) replaces it."""
+        return bool(self.color_jitter) and not (self.aa and "3a" not in self.aa)
+
     def describe(self) -> str:
         """What is applied, e.g. ``pad-crop 4, hflip 0.5`` or ``none``; shown at start and in the card."""
         parts = []
@@ -601,7 +606,7 @@ class Augmentation:
         parts += [f"{name} {_num(p)}" for name, p in (("hflip", self.hflip), ("vflip", self.vflip)) if p]
         if self.aa:
             parts.append(f"aa {self.aa}")
-        if self.color_jitter:
+        if self.jitters:
             parts.append(f"color-jitter {_num(self.color_jitter)}")
         if self.reprob:
             parts.append(f"reprob {_num(self.reprob)} ({self.remode}, x{self.recount})")
@@ -673,7 +678,7 @@ def build_transforms(data_config: dict, *, is_training: bool, cifar_style: bool,
                       if p]
             if aug.aa:
                 steps.append(_auto_augment(aug.aa, (height, width), mean))
-            if aug.color_jitter:
+            if aug.jitters:
                 steps.append(T.ColorJitter(*(aug.color_jitter,) * 3))
             if aug.reprob:
                 from timm.data.random_erasing import RandomErasing
@@ -689,7 +694,7 @@ def build_transforms(data_config: dict, *, is_training: bool, cifar_style: bool,
     if is_training:
         config.update(scale=aug.scale, ratio=aug.ratio, hflip=aug.hflip, vflip=aug.vflip,
                       color_jitter=aug.color_jitter or None, auto_augment=aug.aa, re_prob=aug.reprob,
-                      re_mode=aug.remode, re_count=aug.recount, force_color_jitter=bool(aug.aa and aug.color_jitter))
+                      re_mode=aug.remode, re_count=aug.recount)
     return T.Compose([convert, timm.data.create_transform(**config, is_training=is_training)])
 
 
