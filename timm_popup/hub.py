@@ -101,6 +101,7 @@ def model_card(config: Mapping[str, Any], info: Mapping[str, Any], *, repo_id: s
         card_data, template_path=str(_template_path()),
         free_density=info.get("density") == "free",
         model_id=model_id, load_name=f"hf-hub:{repo_id}" if repo_id else f"local-dir:{directory_name}",
+        eval_name=f"hf-hub:{repo_id}" if repo_id else directory_name, k_percent=f"{100 * float(info['k']):g}",
         architecture=architecture, registered=architecture.startswith("popup_") and is_model(architecture),
         base_architecture=architecture.removeprefix("popup_"), k=info["k"], weight_init=info["weight_init"],
         seed=info["seed"], kept_weights=f"{kept:,}", total_weights=f"{total:,}",
