@@ -423,3 +423,37 @@ def test_card_usage_code_runs_and_names_the_classes(named_artifact, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = proc.stdout.strip().splitlines()
     assert len(printed) == 3 and sorted(line.rsplit(":", 1)[0] for line in printed) == sorted(names), printed
+
+
+def test_push_preflight_names_what_is_missing(monkeypatch):
+    """check_push_access's answers to a read-only token and to a repo it may not write (the loopback server's
+    token always writes; the unreachable endpoint and the missing token run end to end in test_train.py)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from timm_popup.hub import PushError, check_push_access
+
+    def whoami(role):
+        return lambda self, *a, **k: {"name": "me", "auth": {"accessToken": {"role": role}}}
+
+    created = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: created.append((repo_id, kwargs))
+                        or f"https://hub.example/{repo_id}")
+    monkeypatch.setattr(HfApi, "whoami", whoami("read"))
+    with pytest.raises(PushError, match="the token is read-only"):
+        check_push_access("org/name")
+    assert not created
+    monkeypatch.setattr(HfApi, "whoami", whoami("write"))
+    assert check_push_access("org/name", private=True) == "https://hub.example/org/name"
+    assert created == [("org/name", dict(repo_type="model", private=True, exist_ok=True))]
+
+    class Forbidden:  # the parts of an HTTP response HfHubHTTPError reads
+        status_code, headers, url, text, request = 403, {}, "https://hub.example/api/repos/create", "", None
+
+    def forbidden(self, repo_id, **kwargs):
+        raise HfHubHTTPError("403 Forbidden: you don't have the rights to create a model under this namespace",
+                             response=Forbidden())
+
+    monkeypatch.setattr(HfApi, "create_repo", forbidden)
+    with pytest.raises(PushError, match=r"cannot create or use the repo .* \(no write access\)"):
+        check_push_access("someone-else/name")
