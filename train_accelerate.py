@@ -265,9 +265,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"process(es) x {recipe.batch_size} x {recipe.grad_accum}), {recipe.opt} lr {lr:.4g}, wd "
         f"{recipe.weight_decay}, {recipe.sched} schedule, {_precision(accelerator.mixed_precision)}, "
         f"{accelerator.device}; output {output_dir}")
-    say(f"augmentation: {augmentation.describe()}" + ("" if args.no_aug or any(
-        getattr(args, name) is not None for name in _AUG_FLAGS) else " (the default for this data and budget; "
-                                                                      "--no-aug, --hflip ... change it)"))
+    chosen = args.no_aug or any(getattr(args, name) is not None for name in _AUG_FLAGS)
+    say(f"augmentation: {augmentation.describe()}"
+        + ("" if chosen else " (the default for this data and budget; --no-aug, --hflip ... change it)"))
 
     # 6. Train, evaluate, log and checkpoint every epoch.
     for epoch in range(start_epoch, recipe.epochs):

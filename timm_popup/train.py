@@ -778,10 +778,13 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, *, epoch: int, s
         for stale in root.glob(f"{_TMP_PREFIX}*"):  # left by a killed run
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
+    error: BaseException | None = None
     try:
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+        accelerator.save_state(str(tmp))  # each process writes its own part (the main one: model and optimizer)
+    except (OSError, RuntimeError) as e:  # safetensors reports a full disk as a RuntimeError
+        error = e
+    if _all_processes_ok(accelerator, error) and accelerator.is_main_process:
+        try:
             payload = dict(state, version=_STATE_VERSION, epoch=epoch)
             with open(tmp / TRAINER_STATE, "w") as f:
                 json.dump(payload, f, indent=2)
@@ -790,17 +793,29 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, *, epoch: int, s
             if final.exists():  # this epoch was redone after a crash: the new state replaces it
                 shutil.rmtree(final)
             os.rename(tmp, final)
-    except (OSError, RuntimeError) as e:  # safetensors reports a full disk as a RuntimeError
+        except OSError as e:
+            error = e
+    if not _all_processes_ok(accelerator, error):  # every process stops, none waits for the others forever
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         previous = list_checkpoints(output_dir)
         kept = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
-        raise WriteError(f"cannot write the checkpoint {final}: {write_error_cause(e)}{kept}") from e
+        cause = write_error_cause(error) if error is not None else "another process could not write its part"
+        raise WriteError(f"cannot write the checkpoint {final}: {cause}{kept}") from error
     if accelerator.is_main_process:
         for old in list_checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _all_processes_ok(accelerator: Accelerator, error: BaseException | None) -> bool:
+    """Whether no process failed (a collective: every process must call it, in the same order)."""
+    if accelerator.num_processes == 1:
+        return error is None
+    from accelerate.utils import gather_object
+
+    return all(gather_object([error is None]))
 
 
 class WriteError(OSError):
