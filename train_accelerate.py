@@ -75,6 +75,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value")
     g.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
 
+    g = p.add_argument_group("augmentation (timm train.py's flags; default: by data and budget, printed at start)")
+    g.add_argument("--no-aug", action="store_true", help="no training augmentation at all (and no mixup)")
+    g.add_argument("--pad-crop", type=int, default=None, metavar="PIXELS",
+                   help="the paper's CIFAR crop: pad by PIXELS and crop back (images <= 32 px); 0 turns it off")
+    g.add_argument("--scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="random resized crop scale range")
+    g.add_argument("--ratio", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="random resized crop aspect ratio range")
+    g.add_argument("--hflip", type=float, default=None, help="horizontal flip probability")
+    g.add_argument("--vflip", type=float, default=None, help="vertical flip probability")
+    g.add_argument("--aa", default=None, help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1, augmix-m5, v0")
+    g.add_argument("--color-jitter", type=float, default=None, help="colour jitter factor (0: off)")
+    g.add_argument("--reprob", type=float, default=None, help="random erasing probability")
+    g.add_argument("--remode", default=None, help="random erasing mode: pixel, rand or const")
+    g.add_argument("--recount", type=int, default=None, help="random erasing count")
+    g.add_argument("--mixup", type=float, default=None, help="mixup alpha (0: off)")
+    g.add_argument("--cutmix", type=float, default=None, help="cutmix alpha (0: off)")
+    g.add_argument("--mixup-prob", type=float, default=None, help="probability of mixing a batch")
+    g.add_argument("--mixup-switch-prob", type=float, default=None, help="probability of cutmix when both are on")
+    g.add_argument("--mixup-mode", default=None, help="batch, pair or elem")
+
     g = p.add_argument_group("data")
     g.add_argument("--train-split", default=None)
     g.add_argument("--val-split", default=None)
@@ -118,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import timm.data
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, gather_object, set_seed
+    from timm.loss import SoftTargetCrossEntropy
     from torch import nn
 
     from timm_popup import train
@@ -143,13 +165,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         resumed = train.read_trainer_state(resume_from) if resume_from else None
         if resumed is None:
             train.check_fresh_output_dir(output_dir, overwrite=args.overwrite)
-        if args.push_to_hub:
+        trackers = _trackers(args.log_with, train.TrainError)
+        if args.push_to_hub:  # last: the endpoint, the token and write access, before any training
             from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            from timm_popup.hub import check_push_access
             try:
                 validate_repo_id(args.push_to_hub)
             except HFValidationError as e:
                 raise train.TrainError(f"--push-to-hub {args.push_to_hub!r} is not a valid repo id: {e}") from e
-        trackers = _trackers(args.log_with, train.TrainError)
+            check_push_access(args.push_to_hub, private=args.hub_private or None)
     except ValueError as e:  # TrainError and the library's other one-line ValueErrors
         return _fail(e)
 
@@ -169,28 +194,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             ds = train.load_data(args.dataset, train_split=args.train_split, val_split=args.val_split,
                                  image_column=args.image_column, label_column=args.label_column,
                                  streaming=args.streaming, cache_dir=args.data_cache, train_samples=args.train_samples,
-                                 val_samples=args.val_samples, seed=args.seed)
+                                 val_samples=args.val_samples, seed=args.seed, notify=say)
         input_size = train.resolve_input_size(model_name, ds, in_chans=args.in_chans, img_size=args.img_size)
         mean, std = train.input_stats(model_name, ds, input_size, mean=args.mean, std=args.std, seed=args.seed)
         model = train.create_model(model_name, method=method, num_classes=ds.num_classes, input_size=input_size,
                                    k=k, weight_init=weight_init, seed=args.seed, model_kwargs=args.model_kwargs,
-                                   mean=mean, std=std, init_artifact=init_artifact)
+                                   mean=mean, std=std, init_artifact=init_artifact, label_names=ds.class_names)
+        data_config = timm.data.resolve_data_config({}, model=model)
+        augmentation = train.resolve_augmentation(data_config, epochs=recipe.epochs, no_aug=args.no_aug,
+                                                  overrides={name: getattr(args, name) for name in _AUG_FLAGS})
+        mixup_fn = train.build_mixup(augmentation, num_classes=ds.num_classes,
+                                     label_smoothing=recipe.label_smoothing, batch_size=recipe.batch_size)
         run = dict(model=model_name, method=method.name, k=model.popup_config.k,
                    weight_init=model.popup_config.weight_init, seed=args.seed, num_classes=ds.num_classes,
                    input_size=list(input_size), mean=list(mean), std=list(std), model_kwargs=args.model_kwargs,
-                   dataset=args.dataset, **dataclasses.asdict(recipe), num_processes=accelerator.num_processes,
-                   mixed_precision=accelerator.mixed_precision)
+                   dataset=args.dataset, **dataclasses.asdict(recipe), augmentation=augmentation.describe(),
+                   num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision)
         if init_artifact is not None:
             run["init_artifact"] = str(init_artifact)
         if resumed is not None:
             for note in train.check_resume_compatible(resumed, run):
                 say(f"note: resuming with a changed setting ({note})")
-        data_config = timm.data.resolve_data_config({}, model=model)
         workers = args.workers if args.workers is not None else _default_workers(accelerator.num_processes)
         train_loader, val_loader = train.build_loaders(
             ds, data_config, batch_size=recipe.batch_size, workers=workers, seed=args.seed,
             num_processes=accelerator.num_processes, process_index=accelerator.process_index,
-            pin_memory=accelerator.device.type == "cuda")
+            pin_memory=accelerator.device.type == "cuda", augmentation=augmentation)
     except ValueError as e:  # TrainError, DataError, MaskError: one-line messages
         return _fail(e)
 
@@ -207,7 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps = len(train_loader)
     updates_per_epoch = -(-steps // recipe.grad_accum) if steps else None
     scheduler = train.build_scheduler(optimizer.optimizer, recipe, updates_per_epoch=updates_per_epoch)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    # with mixup, timm's Mixup makes soft targets and applies the label smoothing itself
+    loss_fn = SoftTargetCrossEntropy() if mixup_fn else nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     train.use_portable_checkpoints(accelerator)
 
     # 5. Resume: model, optimizer and update count from the checkpoint; data order and augmentation are a
@@ -235,6 +265,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"process(es) x {recipe.batch_size} x {recipe.grad_accum}), {recipe.opt} lr {lr:.4g}, wd "
         f"{recipe.weight_decay}, {recipe.sched} schedule, {_precision(accelerator.mixed_precision)}, "
         f"{accelerator.device}; output {output_dir}")
+    chosen = args.no_aug or any(getattr(args, name) is not None for name in _AUG_FLAGS)
+    say(f"augmentation: {augmentation.describe()}"
+        + ("" if chosen else " (the default for this data and budget; --no-aug, --hflip ... change it)"))
 
     # 6. Train, evaluate, log and checkpoint every epoch.
     for epoch in range(start_epoch, recipe.epochs):
@@ -243,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         train.set_loader_epoch(train_loader, args.seed, epoch)
         train_stats, num_updates = train.train_one_epoch(
             model, train_loader, optimizer, loss_fn, accelerator, epoch=epoch, num_updates=num_updates,
-            scheduler=scheduler, clip_grad=recipe.clip_grad, total_steps=steps,
+            scheduler=scheduler, clip_grad=recipe.clip_grad, total_steps=steps, mixup_fn=mixup_fn,
             lockstep=ds.streaming and accelerator.num_processes > 1, log_every=args.log_every,
             desc=f"epoch {epoch + 1}/{recipe.epochs}")
         train.sync_batchnorm_stats(model, accelerator)
@@ -260,8 +293,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         say(f"epoch {epoch + 1}/{recipe.epochs}: train loss {row['train_loss']:.4f} top1 {row['train_top1']:.2f} | "
             f"val loss {row['val_loss']:.4f} top1 {row['val_top1']:.2f} top5 {row['val_top5']:.2f} | "
             f"lr {row['lr']:.4g} | {row['img_per_s']:.0f} img/s | {row['epoch_time_s']:.1f}s")
-        train.save_checkpoint(accelerator, output_dir, epoch=epoch + 1, keep_last=args.keep_checkpoints,
-                              state=dict(num_updates=num_updates, run=run, metrics=metrics, train_time_s=train_time))
+        try:
+            train.save_checkpoint(accelerator, output_dir, epoch=epoch + 1, keep_last=args.keep_checkpoints,
+                                  state=dict(num_updates=num_updates, run=run, metrics=metrics,
+                                             train_time_s=train_time))
+        except train.WriteError as e:
+            accelerator.end_training()
+            return _fail(e, status=1)
 
     # 7. Every process must hold the same result; then write the artifact (and push it).
     final = accelerator.unwrap_model(model)
@@ -276,8 +314,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if accelerator.is_main_process:
         card_metrics = dict(top1=metrics["top1"], top5=metrics["top5"], loss=metrics["loss"],
                             train_time_s=round(train_time, 1))
-        method.save(final, output_dir, metrics=card_metrics, dataset=train.dataset_id(args.dataset),
-                    recipe=card_recipe)
+        try:
+            method.save(final, output_dir, metrics=card_metrics, dataset=train.dataset_id(args.dataset),
+                        recipe=card_recipe)
+        except (OSError, RuntimeError) as e:  # safetensors reports a full disk as a RuntimeError
+            accelerator.end_training()
+            return _fail(f"cannot write the artifact to {output_dir}: {train.write_error_cause(e)}; the last "
+                         f"checkpoint is in {output_dir / train.CHECKPOINTS_DIR}", status=1)
         say(f"wrote {output_dir}: val top1 {metrics['top1']:.2f}, top5 {metrics['top5']:.2f}; training "
             f"{train_time:.0f}s, wall {time.perf_counter() - started:.0f}s")
         if args.push_to_hub:
@@ -294,6 +337,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
+
+
+_AUG_FLAGS = ("pad_crop", "scale", "ratio", "hflip", "vflip", "aa", "color_jitter", "reprob", "remode", "recount",
+              "mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "mixup_mode")
 
 
 def _precision(mixed_precision: str) -> str:
@@ -328,7 +375,7 @@ def _card_recipe(run: dict, recipe, *, lr: float, global_batch: int, args: argpa
                min_lr=recipe.min_lr, label_smoothing=recipe.label_smoothing, clip_grad=recipe.clip_grad,
                k=run["k"], weight_init=run["weight_init"], seed=run["seed"],
                input_size="x".join(map(str, run["input_size"])), mean=run["mean"], std=run["std"],
-               mixed_precision=run["mixed_precision"])
+               augmentation=run["augmentation"], mixed_precision=run["mixed_precision"])
     if "init_artifact" in run:
         out["init_artifact"] = run["init_artifact"]
     if run["model_kwargs"]:

@@ -235,8 +235,10 @@ def test_cifar_eval_is_plain_normalize():
     expected = (torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255 - torch.tensor(
         CIFAR_CFG["mean"]).view(3, 1, 1)) / torch.tensor(CIFAR_CFG["std"]).view(3, 1, 1)
     torch.testing.assert_close(out, expected)
-    # Training crops with 4px padding: same shape, and zero padding shows up in some crop.
-    train = build_transforms(CIFAR_CFG, is_training=True, cifar_style=True)
+    # The paper's augmentation crops with 4px padding: same shape, and zero padding shows up in some crop.
+    from timm_popup.data import Augmentation
+
+    train = build_transforms(CIFAR_CFG, is_training=True, cifar_style=True, augmentation=Augmentation(pad_crop=4))
     torch.manual_seed(0)
     assert any(not torch.equal(train(img), out) for _ in range(5))
 
@@ -404,3 +406,74 @@ def test_cli(tmp_path, idx_dir, capsys):
         main(["inspect", str(tmp_path / "cli"), "--split", "validation"])
     assert exit_info.value.code == 2
     assert "unknown split 'validation'" in capsys.readouterr().err
+
+
+HUB_FASHION_MNIST = ["T - shirt / top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                     "Ankle boot"]  # the ClassLabel names of zalando-datasets/fashion_mnist on the Hub
+
+
+def test_fashion_mnist_sources_debian_first_then_the_hub(tmp_path, idx_dir, monkeypatch):
+    import timm_popup.data as data
+
+    folder, _ = idx_dir
+    said: list[str] = []
+    monkeypatch.setattr(data, "FASHION_MNIST_APT_DIR", str(folder))
+    ds = data.open_dataset("fashion-mnist", cache_dir=tmp_path / "cache", notify=said.append)
+    converted = tmp_path / "cache" / "fashion-mnist"
+    assert ds.num_rows == {"train": 12, "test": 5}
+    assert said == [f"fashion-mnist: Debian's dataset-fashion-mnist ({folder}), converted to {converted}"]
+
+    # without Debian's package: the same data from the Hub (its loader replaced by a generated copy with the Hub
+    # dataset's features: nothing is downloaded)
+    monkeypatch.setattr(data, "FASHION_MNIST_APT_DIR", str(tmp_path / "not-installed"))
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=HUB_FASHION_MNIST)})
+    rng = np.random.default_rng(1)
+    hub = datasets.DatasetDict({split: datasets.Dataset.from_dict(
+        {"image": [_image(rng, mode="L") for _ in range(n)], "label": [i % 10 for i in range(n)]}, features=features)
+        for split, n in (("train", 20), ("test", 10))})
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, **kwargs: asked.append(name) or hub)
+    said.clear()
+    ds = data.open_dataset("fashion-mnist", cache_dir=tmp_path / "cache2", notify=said.append)
+    assert asked == ["zalando-datasets/fashion_mnist"] and ds.num_rows == {"train": 20, "test": 10}
+    assert (ds.train_split, ds.eval_split) == ("train", "test")
+    assert "not installed" in said[0] and "using the Hub dataset zalando-datasets/fashion_mnist" in said[0]
+    # a mask trained on Debian's copy evaluates on the Hub's: the names differ only in spacing
+    assert data.label_mapping(ds.class_names, list(FASHION_MNIST_CLASSES)) is None
+
+    def offline(name, **kwargs):
+        raise ConnectionError("Couldn't reach 'zalando-datasets/fashion_mnist' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    msg = _raises("not installed and the Hub copy could not be loaded", data.open_dataset, "fashion-mnist")
+    assert "apt-get install -y dataset-fashion-mnist" in msg and "\n" not in msg
+
+
+def test_label_mapping_by_name():
+    from timm_popup.data import label_mapping
+
+    assert label_mapping(["a", "b"], ["a", "b"]) is None
+    assert label_mapping(["b", "a"], ["a", "b"]) == [1, 0]
+    assert label_mapping(["0", "1"], ["a", "b"]) is None  # integer ids: taken as they are
+    assert label_mapping(["a", "b"], None) is None
+    msg = _raises("do not match", label_mapping, ["a", "c"], ["a", "b"], what="out/run")
+    assert "'c' not among its 2 classes" in msg and "out/run" in msg
+
+
+def test_augmentation_settings():
+    from timm_popup.data import Augmentation
+
+    assert Augmentation().describe() == "none"
+    aug = Augmentation(pad_crop=4, hflip=0.5, reprob=0.25)
+    steps = [type(t).__name__ for t in build_transforms(CIFAR_CFG, is_training=True, cifar_style=True,
+                                                        augmentation=aug).transforms]
+    assert steps[2:4] == ["RandomCrop", "RandomHorizontalFlip"] and steps[-1] == "RandomErasing"
+    assert "Flip" not in str(build_transforms(CIFAR_CFG, is_training=True, cifar_style=True))  # default: none
+    timm_tf = str(build_transforms(TIMM_CFG, is_training=True, cifar_style=False,
+                                   augmentation=Augmentation(scale=(0.5, 1.0), vflip=0.5, aa="rand-m9-mstd0.5")))
+    assert "scale=(0.5, 1.0)" in timm_tf and "RandomVerticalFlip" in timm_tf and "RandAugment" in timm_tf
+    assert "HorizontalFlip" not in timm_tf
+    _raises("--hflip is a probability", Augmentation, hflip=2.0)
+    _raises("unknown --aa policy", Augmentation, aa="bogus")
+    _raises("--pad-crop is the paper's crop", build_transforms, TIMM_CFG, is_training=True, cifar_style=False,
+            augmentation=Augmentation(pad_crop=4))

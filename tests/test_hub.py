@@ -335,3 +335,129 @@ def test_a_repo_holding_only_a_pickle_is_never_unpickled(artifacts, tmp_path):
         result = _run(_PICKLE_TRAP, _client_env(endpoint, tmp_path / "hf_home"), spec)
     assert result["errors"] == ["RuntimeError", "RuntimeError"], result  # "could not download the mask ..."
     assert not result["unpickled"] and not (tmp_path / "unpickled").exists()
+
+
+# -------------------------------------------------------------------------------------- the card a person reads
+
+
+def _tables(markdown: str) -> list[tuple[list[str], list[list[str]]]]:
+    """Every table markdown-it-py (CommonMark + GFM tables) finds: (header cells, body rows of cells)."""
+    from markdown_it import MarkdownIt
+
+    tables, row, cells, header = [], None, [], None
+    for token in MarkdownIt("commonmark").enable("table").parse(markdown):
+        if token.type == "table_open":
+            header, cells = None, []
+        elif token.type == "tr_open":
+            row = []
+        elif token.type == "inline" and row is not None:
+            row.append(token.content)
+        elif token.type == "tr_close":
+            if header is None:
+                header = row
+            else:
+                cells.append(row)
+            row = None
+        elif token.type == "table_close":
+            tables.append((header, cells))
+    return tables
+
+
+def _headings(markdown: str) -> list[str]:
+    from markdown_it import MarkdownIt
+
+    tokens = MarkdownIt("commonmark").parse(markdown)
+    return [tokens[i + 1].content for i, t in enumerate(tokens) if t.type == "heading_open"]
+
+
+@pytest.fixture(scope="module")
+def named_artifact(tmp_path_factory):
+    """A grayscale 28x28 Conv4 with named classes, as train_accelerate.py writes it."""
+    names = ("T-shirt/top", "Trouser", "Pullover")
+    overlay = dict(input_size=(1, 28, 28), mean=(0.29,), std=(0.35,), crop_pct=1.0, label_names=names, num_classes=3)
+    model = timm.create_model("popup_conv4", num_classes=3, in_chans=1, img_size=28, width=0.25,
+                              pretrained_cfg_overlay=overlay)
+    recipe = dict(RECIPE, augmentation="pad-crop 4", model_kwargs='{"width": 0.25}')
+    directory = timm_popup.save_pretrained(model.eval(), tmp_path_factory.mktemp("named") / "fmnist",
+                                           metrics=METRICS, dataset="zalando-datasets/fashion_mnist", recipe=recipe)
+    return directory, names
+
+
+def test_card_renders_like_timms_with_whole_tables(artifacts, named_artifact):
+    _, dirs = artifacts
+    for directory in [*dirs.values(), named_artifact[0]]:
+        card = ModelCard.load(directory / "README.md")
+        text = card.text
+        tables = _tables(text)
+        # every table line belongs to a parsed table: nothing fell out as a stray paragraph
+        table_lines = [line for line in text.splitlines() if line.startswith("|")]
+        assert len(table_lines) == sum(2 + len(rows) for _, rows in tables), directory
+        mask, results, recipe = tables
+        assert mask[0] == ["mask", "value"] and len(mask[1]) == 8
+        assert results[0] == ["metric", "value"] and len(results[1]) == len(METRICS)
+        assert recipe[0] == ["hyper-parameter", "value"] and len(recipe[1]) >= len(RECIPE)
+        for header, rows in tables:
+            assert all(len(row) == len(header) and row[0] for row in rows), (header, rows)
+        headings = _headings(text)
+        for section in ("Model Details", "Results", "Model Usage", "Image Classification", "Training recipe",
+                        "Citation"):
+            assert section in headings, (section, headings)
+        for expected in ("Params (M): ", "GMACs: ", "Activations (M): ", "Image size: ", "https://arxiv.org/abs/1911",
+                         "resolve_model_data_config", "create_transform(**data_config, is_training=False)",
+                         "torch.topk", "git+https://github.com/timm-popup/timm-popup"):
+            assert expected in text, expected
+        assert "pip install timm-popup\n" not in text  # no registry serves it
+    config = json.loads((dirs["resnet"] / "config.json").read_text())
+    assert config["timm_popup"]["stats"]["params"] == 11_181_642  # resnet18, 10 classes (timm: 11.18 M)
+    card = (dirs["resnet"] / "README.md").read_text()
+    assert "GMACs: 1.81" in card and "Activations (M): 2.48" in card and "Image size: 224 x 224" in card  # timm's
+
+
+def test_card_usage_code_runs_and_names_the_classes(named_artifact, tmp_path):
+    directory, names = named_artifact
+    card = ModelCard.load(directory / "README.md")
+    assert f"**Classes:** 3: {', '.join(names)}" in card.text
+    assert "| augmentation | `pad-crop 4` |" in card.text
+    code = card.text.split("```python\n", 1)[1].split("```", 1)[0]
+    from PIL import Image
+
+    Image.new("L", (28, 28), 128).save(directory.parent / "image.png")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=directory.parent, capture_output=True, text=True,
+                          timeout=TIMEOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = proc.stdout.strip().splitlines()
+    assert len(printed) == 3 and sorted(line.rsplit(":", 1)[0] for line in printed) == sorted(names), printed
+
+
+def test_push_preflight_names_what_is_missing(monkeypatch):
+    """check_push_access's answers to a read-only token and to a repo it may not write (the loopback server's
+    token always writes; the unreachable endpoint and the missing token run end to end in test_train.py)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from timm_popup.hub import PushError, check_push_access
+
+    def whoami(role):
+        return lambda self, *a, **k: {"name": "me", "auth": {"accessToken": {"role": role}}}
+
+    created = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: created.append((repo_id, kwargs))
+                        or f"https://hub.example/{repo_id}")
+    monkeypatch.setattr(HfApi, "whoami", whoami("read"))
+    with pytest.raises(PushError, match="the token is read-only"):
+        check_push_access("org/name")
+    assert not created
+    monkeypatch.setattr(HfApi, "whoami", whoami("write"))
+    assert check_push_access("org/name", private=True) == "https://hub.example/org/name"
+    assert created == [("org/name", dict(repo_type="model", private=True, exist_ok=True))]
+
+    class Forbidden:  # the parts of an HTTP response HfHubHTTPError reads
+        status_code, headers, url, text, request = 403, {}, "https://hub.example/api/repos/create", "", None
+
+    def forbidden(self, repo_id, **kwargs):
+        raise HfHubHTTPError("403 Forbidden: you don't have the rights to create a model under this namespace",
+                             response=Forbidden())
+
+    monkeypatch.setattr(HfApi, "create_repo", forbidden)
+    with pytest.raises(PushError, match=r"cannot create or use the repo .* \(no write access\)"):
+        check_push_access("someone-else/name")

@@ -507,3 +507,187 @@ def test_data_subsets_and_input_size(data):
     assert train.input_stats("popup_conv4", ds, (1, 32, 32), mean=[0.5], std=[0.25]) == ((0.5,), (0.25,))
     assert train.input_stats("popup_resnet50", ds, (3, 224, 224)) == (timm.data.IMAGENET_DEFAULT_MEAN,
                                                                       timm.data.IMAGENET_DEFAULT_STD)
+
+
+# ------------------------------------------------------------------------------------ augmentation, class names
+
+DIGITS = ["seven", "one", "four"]  # string labels, in an order that is not sorted
+
+
+def _digits_split(n: int, seed: int, names: list[str] = DIGITS) -> datasets.Dataset:
+    """Grayscale 28x28 'digits': a bright horizontal bar whose height is the class; flipping left-right keeps the
+    class here, but the test is about what the default does to such data, not about the data."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for i in range(n):
+        y = i % len(names)
+        a = rng.integers(0, 100, (28, 28)).astype(np.uint8)
+        a[4 + 6 * y: 10 + 6 * y, :] += 120
+        images.append(Image.fromarray(a, "L"))
+        labels.append(names[y])
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("string")})
+    return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("digits") / "digits"
+    datasets.DatasetDict({"train": _digits_split(48, 0), "test": _digits_split(24, 1)}).save_to_disk(str(path))
+    return path
+
+
+def _recorded(out: Path) -> dict:
+    config = json.loads((out / "config.json").read_text())
+    return config["timm_popup"]["recipe"]
+
+
+def test_augmentation_flags_are_applied_printed_and_recorded(in_process, capsys, data, tmp_path):
+    base = [*TINY, "--dataset", str(data), "--train-samples", "32", "--val-samples", "16"]
+    # a long (paper) budget on 32x32 RGB data: the paper's CIFAR augmentation, unless a flag changes it
+    assert in_process([*base, "--epochs", "10", "--hflip", "0", "--output-dir", str(tmp_path / "hflip0")]) == 0
+    assert _recorded(tmp_path / "hflip0")["augmentation"] == "pad-crop 4"
+    assert "augmentation: pad-crop 4\n" in capsys.readouterr().out
+    assert in_process([*base, "--epochs", "1", "--no-aug", "--output-dir", str(tmp_path / "noaug")]) == 0
+    assert _recorded(tmp_path / "noaug")["augmentation"] == "none"
+    assert "augmentation: none\n" in capsys.readouterr().out
+    assert "augmentation" in (tmp_path / "noaug" / "README.md").read_text()
+    # timm's flags reach timm's transforms and Mixup
+    assert in_process([*base, "--epochs", "1", "--aa", "rand-m9-mstd0.5", "--reprob", "0.25", "--vflip", "0.5",
+                       "--mixup", "0.2", "--cutmix", "1.0", "--label-smoothing", "0.1",
+                       "--output-dir", str(tmp_path / "timm")]) == 0
+    assert _recorded(tmp_path / "timm")["augmentation"] == (
+        "vflip 0.5, aa rand-m9-mstd0.5, reprob 0.25 (pixel, x1), mixup 0.2, cutmix 1")
+    # --no-aug with an augmentation flag contradicts itself; mixup needs pairs
+    assert in_process([*base, "--no-aug", "--hflip", "0.5", "--output-dir", str(tmp_path / "x")]) == 2
+    assert "--no-aug turns every augmentation off" in capsys.readouterr().err
+    assert in_process([*base, "--mixup", "0.2", "--batch-size", "15", "--output-dir", str(tmp_path / "x")]) == 2
+    assert "even --batch-size" in capsys.readouterr().err
+
+
+def test_default_augmentation_never_flips_grayscale_and_is_none_on_a_short_budget():
+    def default(size, epochs):
+        return train.default_augmentation(dict(input_size=size), epochs=epochs)
+
+    assert default((3, 32, 32), 100) == timm_popup.data.Augmentation(pad_crop=4, hflip=0.5)  # the paper's CIFAR
+    assert default((1, 28, 28), 100) == timm_popup.data.Augmentation(pad_crop=4)  # digits: never flipped
+    assert default((3, 32, 32), 1).describe() == default((1, 28, 28), 1).describe() == "none"  # short budget
+    assert default((3, 224, 224), 100).hflip == 0.5 and default((1, 224, 224), 100).hflip == 0
+    transform = timm_popup.data.build_transforms(dict(input_size=(1, 28, 28), mean=(0.5,), std=(0.5,)),
+                                                 is_training=True, cifar_style=True,
+                                                 augmentation=default((1, 28, 28), 100))
+    assert not any("Flip" in type(t).__name__ for t in transform.transforms)
+
+
+def test_digits_train_without_flips_and_record_their_class_names(in_process, capsys, digits, tmp_path):
+    out = tmp_path / "digits"
+    assert in_process([*TINY, "--dataset", str(digits), "--epochs", "10", "--output-dir", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert "augmentation: pad-crop 4 (the default" in log and "flip" not in log.split("augmentation:")[1][:60]
+    config = json.loads((out / "config.json").read_text())
+    assert config["pretrained_cfg"]["label_names"] == sorted(DIGITS)  # string labels: a fixed, sorted mapping
+    assert _recorded(out)["augmentation"] == "pad-crop 4"
+    card = (out / "README.md").read_text()
+    assert "**Classes:** 3: four, one, seven" in card
+    # timm's own loader hands the names on
+    assert timm.create_model(f"local-dir:{out}", pretrained=True).pretrained_cfg["label_names"] == sorted(DIGITS)
+
+
+def _eval(args: list[str]) -> subprocess.CompletedProcess:
+    cli = Path(sys.executable).parent / "timm-popup"
+    return subprocess.run([str(cli), "eval", *args, "--workers", "0"], env=_env(), capture_output=True, text=True,
+                          timeout=TIMEOUT)
+
+
+def test_class_labels_travel_and_eval_matches_them_by_name(main_run, data, tmp_path):
+    out = main_run[0]
+    config = json.loads((out / "config.json").read_text())
+    assert config["pretrained_cfg"]["label_names"] == CLASSES  # from the ClassLabel feature, in its order
+    assert "red, green, blue, square" in (out / "README.md").read_text()
+    same = _eval([str(out), "--dataset", str(data)])
+    assert same.returncode == 0, same.stderr
+    # the same images with the classes in another order: labels are mapped by name, the accuracy is the same
+    shuffled = tmp_path / "shuffled"
+    order = [3, 1, 0, 2]
+    names = [CLASSES[i] for i in order]
+    test = datasets.load_from_disk(str(data))["test"]
+    remapped = test.cast_column("label", datasets.Value("int64")).map(
+        lambda row: {"label": order.index(row["label"])}).cast_column("label", datasets.ClassLabel(names=names))
+    datasets.DatasetDict({"test": remapped}).save_to_disk(str(shuffled))
+    moved = _eval([str(out), "--dataset", str(shuffled)])
+    assert moved.returncode == 0, moved.stderr
+    assert json.loads(moved.stdout)["top1"] == json.loads(same.stdout)["top1"]
+    # other class names: one line, exit status 2
+    other = tmp_path / "other"
+    datasets.DatasetDict({"test": test.cast_column("label", datasets.ClassLabel(
+        names=["cat", "dog", "blue", "square"]))}).save_to_disk(str(other))
+    bad = _eval([str(out), "--dataset", str(other)])
+    err = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(err) == 1, bad.stderr
+    assert "the dataset's classes do not match" in err[0] and "'cat', 'dog'" in err[0]
+
+
+# ----------------------------------------------------------------------------------- pre-flight and write faults
+
+
+def test_push_preflight_fails_before_training(tmp_path):
+    closed = _free_port()
+    with HubServer() as url:
+        for endpoint, token, expected in ((f"http://127.0.0.1:{closed}", "dummy-token", "cannot reach the Hub"),
+                                          (url, None, "no Hub token")):
+            env = _env(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_XET="1",
+                       NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+            env.pop("HF_HUB_OFFLINE")
+            if token:
+                env["HF_TOKEN"] = token
+            out = tmp_path / "run"
+            proc = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--dataset", "./never/read", "--output-dir",
+                                   str(out), "--push-to-hub", REPO], env=env, capture_output=True, text=True,
+                                  timeout=TIMEOUT, cwd=ROOT)
+            err = proc.stderr.strip().splitlines()
+            assert proc.returncode == 2 and len(err) == 1 and expected in err[0], proc.stderr
+            assert "dummy-token" not in proc.stderr
+            assert not (out / "checkpoints").exists() and not (out / train.METRICS_JSONL).exists()
+
+
+def _errors(capsys) -> list[str]:
+    """The error lines of an in-process run's stderr (which also holds its progress bars)."""
+    return [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+
+
+def test_a_write_fault_is_one_line_and_keeps_the_previous_checkpoint(in_process, capsys, data, tmp_path,
+                                                                    monkeypatch):
+    import errno
+
+    import accelerate.utils.other
+
+    real = accelerate.utils.other.safe_save_file
+    calls = []
+
+    def full_disk(tensors, filename, *args, **kwargs):
+        calls.append(filename)
+        if len(calls) > 1:  # the second checkpoint's first file: the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+        return real(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(accelerate.utils.other, "safe_save_file", full_disk)
+    out = tmp_path / "run"
+    assert in_process([*TINY, "--dataset", str(data), "--epochs", "2", "--output-dir", str(out)]) == 1
+    err = _errors(capsys)
+    assert len(err) == 1 and "No space left on device" in err[0], err
+    assert f"cannot write the checkpoint {out / 'checkpoints' / 'epoch_0002'}" in err[0]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["epoch_0001"]  # no .tmp-*, the previous intact
+    assert train.read_trainer_state(out / "checkpoints" / "epoch_0001")["epoch"] == 1
+    # the artifact: a read-only file system at its first rename
+    monkeypatch.setattr(accelerate.utils.other, "safe_save_file", real)
+    import timm_popup._io
+
+    def read_only(src, dst):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dst))
+
+    monkeypatch.setattr(timm_popup._io.os, "replace", read_only)
+    out = tmp_path / "run2"
+    assert in_process([*TINY, "--dataset", str(data), "--epochs", "1", "--output-dir", str(out)]) == 1
+    err = _errors(capsys)
+    assert len(err) == 1 and f"cannot write the artifact to {out}: Read-only file system" in err[0], err
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp file left
+    assert train.list_checkpoints(out)

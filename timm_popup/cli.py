@@ -149,15 +149,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from timm.utils import accuracy
     from tqdm import tqdm
 
-    from .data import build_transforms, create_loader, load_image_dataset
+    from .data import build_transforms, create_loader, label_mapping, open_dataset
 
     if args.limit is not None and args.limit < 1:
         raise _usage("--limit must be a positive number of images")
     if args.split is not None and "," in args.split:
         raise _usage("--split takes one split name")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ds = load_image_dataset(args.dataset, split=args.split, image_column=args.image_column,
-                            label_column=args.label_column)
+    ds = open_dataset(args.dataset, split=args.split, image_column=args.image_column, label_column=args.label_column,
+                      notify=lambda message: print(message, file=sys.stderr))
     split = args.split or ds.eval_split
     if split is None:
         raise _usage(f"dataset {args.dataset} has no validation/test split (splits: {list(ds.splits)}): pass --split")
@@ -167,11 +167,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if ds.num_classes > model.num_classes:
         raise _usage(f"{args.model_or_artifact} predicts {model.num_classes} classes but dataset {args.dataset} has "
                      f"{ds.num_classes}: evaluate it on the dataset it was trained for")
+    # the artifact's outputs are named: each dataset label goes to the output of the class of the same name
+    label_map = label_mapping(ds.class_names, model.pretrained_cfg.get("label_names"), what=args.model_or_artifact)
     data_config = timm.data.resolve_data_config({}, model=model)
     # The paper's 32x32 / 28x28 networks were trained on plain ToTensor + Normalize, not resize + center crop.
     transform = build_transforms(data_config, is_training=False, cifar_style=max(data_config["input_size"][1:]) <= 32)
     loader = create_loader(ds, split, transform, batch_size=args.batch_size, shuffle=False,
-                           num_workers=args.workers, pin_memory=device.type == "cuda")
+                           num_workers=args.workers, pin_memory=device.type == "cuda", label_map=label_map)
     model.to(device)
     top_k = min(5, model.num_classes)
     count, correct1, correct5, loss_sum = 0, 0.0, 0.0, 0.0
@@ -288,7 +290,8 @@ def _parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("eval", help="top-1/top-5 of a model or artifact on a dataset; a JSON result line")
     ev.add_argument("model_or_artifact", metavar="MODEL_OR_ARTIFACT",
                     help="a model name (popup_conv4, ...), an artifact directory / mask file or hf-hub:org/name")
-    ev.add_argument("--dataset", required=True, help="Hugging Face dataset id, save_to_disk directory or image folder")
+    ev.add_argument("--dataset", required=True,
+                    help="Hub dataset id, save_to_disk directory, image folder or a built-in name (fashion-mnist)")
     ev.add_argument("--split", default=None, help="split to evaluate (default: the validation/test split found)")
     ev.add_argument("--pretrained", action="store_true", help="load the registry's mask for a model name")
     ev.add_argument("--model", default=None, help=arch_help)

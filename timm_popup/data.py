@@ -33,8 +33,8 @@ from torchvision import transforms as T
 
 __all__ = [
     "DataError", "ImageDataset", "load_image_dataset", "build_transforms", "create_loader", "fashion_mnist_to_disk",
-    "FASHION_MNIST_CLASSES", "FASHION_MNIST_APT_DIR", "BUILTIN_DATASETS", "resolve_dataset", "default_cache_dir",
-    "peek_image", "channel_stats",
+    "FASHION_MNIST_CLASSES", "FASHION_MNIST_APT_DIR", "BUILTIN_DATASETS", "resolve_dataset", "open_dataset",
+    "default_cache_dir", "peek_image", "channel_stats", "Augmentation", "label_mapping", "has_class_names",
 ]
 
 logger = logging.getLogger(__name__)
@@ -430,7 +430,7 @@ def channel_stats(ds: ImageDataset, split: str, input_size: Sequence[int], *, ma
 
 # ---------------------------------------------------------------------------------------------- built-in datasets
 
-#: Names ``resolve_dataset`` builds locally on first use, with the Hub id of the same data (for model cards).
+#: Built-in names: each is read from a local source when there is one, else from this Hub id (also its card name).
 BUILTIN_DATASETS = {"fashion-mnist": "zalando-datasets/fashion_mnist"}
 
 
@@ -441,19 +441,52 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "timm-popup"
 
 
-def resolve_dataset(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
+def _fashion_mnist_installed(idx_dir: Path) -> bool:
+    return all(_find_idx_file(idx_dir, stem) is not None for pair in _FASHION_MNIST_FILES.values() for stem in pair)
+
+
+def resolve_dataset(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *,
+                    notify: Callable[[str], None] | None = None, idx_dir: str | os.PathLike | None = None) -> str:
     """What to pass to ``load_image_dataset`` for ``name_or_path``.
 
-    A built-in name (``fashion-mnist``: Debian's ``dataset-fashion-mnist`` files, nothing downloaded) is converted
-    into ``cache_dir`` (default :func:`default_cache_dir`) on first use and its directory returned; an existing local
-    path of that name wins. Anything else is returned unchanged. Concurrent first uses are safe (the conversion is
-    written to a temp dir and renamed), but let one process go first to avoid converting twice.
+    A built-in name (``fashion-mnist``) is Debian's ``dataset-fashion-mnist`` files (``idx_dir``, default
+    ``/usr/share/datasets/fashion-mnist``) converted into ``cache_dir`` (default :func:`default_cache_dir`) on first
+    use, or, where that package is not installed, the same data from the Hub (``zalando-datasets/fashion_mnist``,
+    same train/test splits); ``notify`` is told which source is used. An existing local path of that name wins.
+    Anything else is returned unchanged. Concurrent first uses are safe (the conversion is written to a temp dir and
+    renamed), but let one process go first to avoid converting twice.
     """
     name = os.fspath(name_or_path)
     if name not in BUILTIN_DATASETS or Path(name).exists():
         return name
+    say = notify or logger.info
+    source = Path(idx_dir).expanduser() if idx_dir is not None else Path(FASHION_MNIST_APT_DIR)
+    if not _fashion_mnist_installed(source):
+        say(f"{name}: Debian's dataset-fashion-mnist is not installed (no idx files in {source}); using the Hub "
+            f"dataset {BUILTIN_DATASETS[name]}")
+        return BUILTIN_DATASETS[name]
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    return str(fashion_mnist_to_disk(cache / name))
+    out = fashion_mnist_to_disk(cache / name, source)
+    say(f"{name}: Debian's dataset-fashion-mnist ({source}), converted to {out}")
+    return str(out)
+
+
+def open_dataset(name_or_path: str | os.PathLike, *, split: str | Sequence[str] | None = None,
+                 image_column: str | None = None, label_column: str | None = None, streaming: bool = False,
+                 cache_dir: str | os.PathLike | None = None, notify: Callable[[str], None] | None = None,
+                 ) -> ImageDataset:
+    """:func:`load_image_dataset` of :func:`resolve_dataset`: what ``--dataset`` means everywhere it is taken."""
+    name = os.fspath(name_or_path)
+    source = resolve_dataset(name, cache_dir, notify=notify)
+    try:
+        return load_image_dataset(source, split=split, image_column=image_column, label_column=label_column,
+                                  streaming=streaming, cache_dir=cache_dir)
+    except DataError as e:
+        if source == BUILTIN_DATASETS.get(name) and not Path(name).exists():
+            raise DataError(f"{name}: Debian's dataset-fashion-mnist is not installed and the Hub copy could not be "
+                            f"loaded ({e}); install it with `{FASHION_MNIST_APT_HINT}` (as root) or let the Hub be "
+                            "reached") from e
+        raise
 
 
 # -------------------------------------------------------------------------------------------------------- transforms
@@ -500,20 +533,129 @@ def _fit_stats(values: Sequence[float], channels: int, what: str) -> tuple[float
     raise DataError(f"data_config {what} has {len(values)} values but the model takes {channels} channels")
 
 
-def build_transforms(data_config: dict, *, is_training: bool, cifar_style: bool) -> Transform:
+@dataclass(frozen=True)
+class Augmentation:
+    """Training augmentation, with the meanings of timm ``train.py``'s flags of the same names.
+
+    ``pad_crop`` is the paper's CIFAR crop (``RandomCrop(size, padding=pad_crop)``, small images only); ``scale`` /
+    ``ratio`` set a ``RandomResizedCrop`` (``None``: none for small images, timm's (0.08, 1) for others); ``hflip`` /
+    ``vflip`` are flip probabilities; ``aa`` a timm auto-augment policy (``rand-m9-mstd0.5``, ``augmix-m5``,
+    ``v0``...); ``color_jitter`` the brightness/contrast/saturation factor (0: none); ``reprob`` the random-erasing
+    probability (``remode``, ``recount``); ``mixup`` / ``cutmix`` the Beta(alpha, alpha) of timm's ``Mixup``
+    (0: off), applied per batch by the training loop. ``Augmentation()`` is no augmentation at all.
+    """
+
+    pad_crop: int = 0
+    scale: tuple[float, float] | None = None
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.0
+    vflip: float = 0.0
+    aa: str | None = None
+    color_jitter: float = 0.0
+    reprob: float = 0.0
+    remode: str = "pixel"
+    recount: int = 1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.pad_crop >= 0, f"--pad-crop must be >= 0 pixels, got {self.pad_crop}"),
+            (self.scale is None or (len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1),
+             f"--scale takes MIN MAX with 0 < MIN <= MAX <= 1, got {self.scale}"),
+            (len(self.ratio) == 2 and 0 < self.ratio[0] <= self.ratio[1],
+             f"--ratio takes MIN MAX with 0 < MIN <= MAX, got {self.ratio}"),
+            (0 <= self.hflip <= 1, f"--hflip is a probability in [0, 1], got {self.hflip}"),
+            (0 <= self.vflip <= 1, f"--vflip is a probability in [0, 1], got {self.vflip}"),
+            (self.color_jitter >= 0, f"--color-jitter must be >= 0, got {self.color_jitter}"),
+            (0 <= self.reprob <= 1, f"--reprob is a probability in [0, 1], got {self.reprob}"),
+            (self.remode in ("const", "rand", "pixel"), f"--remode must be const, rand or pixel, got {self.remode!r}"),
+            (self.recount >= 1, f"--recount must be at least 1, got {self.recount}"),
+            (self.mixup >= 0 and self.cutmix >= 0, "--mixup and --cutmix are Beta alphas, >= 0"),
+            (0 <= self.mixup_prob <= 1 and 0 <= self.mixup_switch_prob <= 1,
+             "--mixup-prob and --mixup-switch-prob are probabilities in [0, 1]"),
+            (self.mixup_mode in ("batch", "pair", "elem"), f"--mixup-mode must be batch, pair or elem, got "
+                                                          f"{self.mixup_mode!r}"),
+            (self.aa is None or self.aa.startswith(("rand", "augmix", "v0", "original", "3a")),
+             f"unknown --aa policy {self.aa!r}; use a timm policy such as rand-m9-mstd0.5, augmix-m5, v0 or original"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise DataError(message)
+
+    @property
+    def uses_mixup(self) -> bool:
+        """Whether the training loop mixes batches (timm's ``Mixup``)."""
+        return self.mixup > 0 or self.cutmix > 0
+
+    @property
+    def jitters(self) -> bool:
+        """Whether colour jitter applies: as in timm, an auto-augment policy (other than 3-Augment) replaces it."""
+        return bool(self.color_jitter) and not (self.aa and "3a" not in self.aa)
+
+    def describe(self) -> str:
+        """What is applied, e.g. ``pad-crop 4, hflip 0.5`` or ``none``; shown at start and in the card."""
+        parts = []
+        if self.pad_crop:
+            parts.append(f"pad-crop {self.pad_crop}")
+        if self.scale is not None:
+            parts.append(f"random-resized-crop scale {_num(self.scale)} ratio {_num(self.ratio)}")
+        parts += [f"{name} {_num(p)}" for name, p in (("hflip", self.hflip), ("vflip", self.vflip)) if p]
+        if self.aa:
+            parts.append(f"aa {self.aa}")
+        if self.jitters:
+            parts.append(f"color-jitter {_num(self.color_jitter)}")
+        if self.reprob:
+            parts.append(f"reprob {_num(self.reprob)} ({self.remode}, x{self.recount})")
+        if self.mixup:
+            parts.append(f"mixup {_num(self.mixup)}")
+        if self.cutmix:
+            parts.append(f"cutmix {_num(self.cutmix)}")
+        if self.uses_mixup and (self.mixup_prob != 1 or self.mixup_mode != "batch"):
+            parts.append(f"mixup-prob {_num(self.mixup_prob)} mode {self.mixup_mode}")
+        return ", ".join(parts) or "none"
+
+
+def _num(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(_num(v) for v in value) + ")"
+    return f"{value:.4g}"
+
+
+def _auto_augment(policy: str, size: tuple[int, int], mean: tuple[float, ...]) -> Callable:
+    """timm's auto-augment transform for ``policy``, with the parameters timm's own training transform uses."""
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+    params: dict[str, Any] = dict(translate_const=int(min(size) * 0.45),
+                                  img_mean=tuple(min(255, round(255 * x)) for x in mean))
+    if policy.startswith("rand"):
+        return rand_augment_transform(policy, params)
+    if policy.startswith("augmix"):
+        return augment_and_mix_transform(policy, dict(params, translate_pct=0.3))
+    return auto_augment_transform(policy, params)
+
+
+def build_transforms(data_config: dict, *, is_training: bool, cifar_style: bool,
+                     augmentation: Augmentation | None = None) -> Transform:
     """PIL image -> normalized float tensor of shape ``data_config['input_size']``.
 
     Args:
         data_config: timm data config, e.g. ``timm.data.resolve_data_config({}, model=model)``; uses
             ``input_size`` (C, H, W), ``mean``, ``std`` and, for timm transforms, ``interpolation``/``crop_pct``/...
-        is_training: training augmentation instead of the deterministic eval pipeline.
-        cifar_style: for small 32x32/28x28 models: RandomCrop(H, W, padding=4) + RandomHorizontalFlip when training,
-            plain ToTensor + Normalize for eval (images of another size are resized first). Otherwise timm's
-            ``create_transform`` (RandomResizedCrop etc. / resize + center crop).
+        is_training: apply ``augmentation`` (eval is always deterministic).
+        cifar_style: for small 32x32/28x28 models: the image as it is (resized only if its size differs), then
+            ``augmentation``'s pad-crop, resized crop, flips, auto-augment, colour jitter, ToTensor + Normalize and
+            random erasing. Otherwise timm's ``create_transform`` with ``augmentation``'s settings (resize + center
+            crop for eval).
+        augmentation: what to apply when training; ``None`` means none (``Augmentation()``).
 
     Images are converted to 'L' or 'RGB' to match ``input_size[0]`` (1 or 3), so grayscale data trains an RGB model
     and vice versa.
     """
+    aug = augmentation or Augmentation()
     input_size = tuple(data_config.get("input_size", (3, 224, 224)))
     if len(input_size) != 3:
         raise DataError(f"data_config input_size must be (channels, height, width), got {input_size}")
@@ -526,13 +668,68 @@ def build_transforms(data_config: dict, *, is_training: bool, cifar_style: bool)
     convert = ConvertMode(modes[channels])
     if cifar_style:
         steps: list[Callable] = [convert, EnsureSize((height, width))]
+        tail: list[Callable] = []
         if is_training:
-            steps += [T.RandomCrop((height, width), padding=4), T.RandomHorizontalFlip()]
-        return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
+            if aug.pad_crop:
+                steps.append(T.RandomCrop((height, width), padding=aug.pad_crop))
+            if aug.scale is not None:
+                steps.append(T.RandomResizedCrop((height, width), scale=aug.scale, ratio=aug.ratio))
+            steps += [flip(p) for flip, p in ((T.RandomHorizontalFlip, aug.hflip), (T.RandomVerticalFlip, aug.vflip))
+                      if p]
+            if aug.aa:
+                steps.append(_auto_augment(aug.aa, (height, width), mean))
+            if aug.jitters:
+                steps.append(T.ColorJitter(*(aug.color_jitter,) * 3))
+            if aug.reprob:
+                from timm.data.random_erasing import RandomErasing
+
+                tail.append(RandomErasing(aug.reprob, mode=aug.remode, max_count=aug.recount, device="cpu"))
+        return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std), *tail])
+    if is_training and aug.pad_crop:
+        raise DataError(f"--pad-crop is the paper's crop for images of at most 32 pixels; this model takes "
+                        f"{height}x{width}: use --scale / --ratio (timm's random resized crop) instead")
     accepted = inspect.signature(timm.data.create_transform).parameters
     config = {k: v for k, v in data_config.items() if k in accepted and k != "is_training"}
     config.update(input_size=(channels, height, width), mean=mean, std=std)
+    if is_training:
+        config.update(scale=aug.scale, ratio=aug.ratio, hflip=aug.hflip, vflip=aug.vflip,
+                      color_jitter=aug.color_jitter or None, auto_augment=aug.aa, re_prob=aug.reprob,
+                      re_mode=aug.remode, re_count=aug.recount)
     return T.Compose([convert, timm.data.create_transform(**config, is_training=is_training)])
+
+
+# ------------------------------------------------------------------------------------------------------ class names
+
+
+def has_class_names(class_names: Sequence[str]) -> bool:
+    """Whether ``class_names`` name the classes (not just ``"0"``, ``"1"``... made up for integer labels)."""
+    return list(class_names) != [str(i) for i in range(len(class_names))]
+
+
+def _name_key(name: str) -> str:
+    # "T-shirt/top" (Debian's Fashion-MNIST) and "T - shirt / top" (the Hub's) name the same class
+    return "".join(str(name).split()).casefold()
+
+
+def label_mapping(dataset_names: Sequence[str], model_names: Sequence[str] | None, *,
+                  what: str = "the model") -> list[int] | None:
+    """For each of a dataset's classes, the output of a model trained with ``model_names`` that predicts it.
+
+    ``None`` when no mapping is needed (the same names in the same order) or possible (either side has only
+    integer ids: they are taken as they are). Names are matched ignoring case and spaces. Raises
+    :class:`DataError` when the dataset has a class the model does not know.
+    """
+    if not model_names or not has_class_names(dataset_names) or not has_class_names(model_names):
+        return None
+    index = {_name_key(name): i for i, name in enumerate(model_names)}
+    mapping = [index.get(_name_key(name), -1) for name in dataset_names]
+    unknown = [name for name, i in zip(dataset_names, mapping, strict=True) if i < 0]
+    if unknown:
+        shown = ", ".join(repr(n) for n in unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+        raise DataError(f"the dataset's classes do not match {what}'s: {shown} not among its "
+                        f"{len(model_names)} classes ({', '.join(repr(n) for n in list(model_names)[:5])}"
+                        f"{', ...' if len(model_names) > 5 else ''}); evaluate on the dataset it was trained for")
+    return None if mapping == list(range(len(mapping))) else mapping
 
 
 # ----------------------------------------------------------------------------------------------------------- loaders
@@ -559,12 +756,18 @@ def _to_pil(value: Any) -> Image.Image:
 class _BatchTransform:
     """``with_transform`` hook: decode + transform only the two used columns, lazily, per fetched batch."""
 
-    def __init__(self, image_column: str, label_column: str, transform: Callable) -> None:
+    def __init__(self, image_column: str, label_column: str, transform: Callable,
+                 label_map: Sequence[int] | None = None) -> None:
         self.image_column, self.label_column, self.transform = image_column, label_column, transform
+        self.label_map = label_map
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         return {"image": [self.transform(_to_pil(v)) for v in batch[self.image_column]],
-                "label": [int(v) for v in batch[self.label_column]]}
+                "label": [_map_label(int(v), self.label_map) for v in batch[self.label_column]]}
+
+
+def _map_label(label: int, label_map: Sequence[int] | None) -> int:
+    return label if label_map is None or label < 0 else label_map[label]
 
 
 class _StreamingImages(torch.utils.data.IterableDataset):
@@ -575,9 +778,9 @@ class _StreamingImages(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, stream: datasets.IterableDataset, image_column: str, label_column: str,
-                 transform: Callable) -> None:
+                 transform: Callable, label_map: Sequence[int] | None = None) -> None:
         super().__init__()
-        self.stream, self.transform = stream, transform
+        self.stream, self.transform, self.label_map = stream, transform, label_map
         self.image_column, self.label_column = image_column, label_column
 
     def set_epoch(self, epoch: int) -> None:
@@ -586,7 +789,7 @@ class _StreamingImages(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for example in self.stream:
             yield {"image": self.transform(_to_pil(example[self.image_column])),
-                   "label": int(example[self.label_column])}
+                   "label": _map_label(int(example[self.label_column]), self.label_map)}
 
 
 def _collate(rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -597,7 +800,8 @@ def _collate(rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def create_loader(ds: ImageDataset, split: str, transform: Callable, *, batch_size: int, shuffle: bool,
                   num_workers: int = 0, seed: int = 0, drop_last: bool = False, shuffle_buffer: int = 10_000,
-                  pin_memory: bool = False, num_shards: int = 1, shard_index: int = 0) -> torch.utils.data.DataLoader:
+                  pin_memory: bool = False, num_shards: int = 1, shard_index: int = 0,
+                  label_map: Sequence[int] | None = None) -> torch.utils.data.DataLoader:
     """DataLoader over one split yielding ``(images float32 [B, C, H, W], labels int64 [B])``.
 
     Map-style splits decode and transform lazily via ``with_transform`` and shuffle with a ``torch.Generator`` seeded
@@ -608,7 +812,7 @@ def create_loader(ds: ImageDataset, split: str, transform: Callable, *, batch_si
 
     ``num_shards`` / ``shard_index`` keep one process's part of the split (contiguous rows of a map-style split; for a
     stream, whole shards when they divide evenly, else every ``num_shards``-th example), so that each of several
-    processes reads and decodes only its own images.
+    processes reads and decodes only its own images. ``label_map[i]`` replaces label ``i`` (see :func:`label_mapping`).
     """
     split_ds = ds.splits[_check_split(ds, split)]
     if not 0 <= shard_index < num_shards:
@@ -624,11 +828,11 @@ def create_loader(ds: ImageDataset, split: str, transform: Callable, *, batch_si
         stream = split_ds.select_columns([ds.image_column, ds.label_column])
         if shuffle:
             stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer)
-        return torch.utils.data.DataLoader(_StreamingImages(stream, ds.image_column, ds.label_column, transform),
-                                           **common)
+        return torch.utils.data.DataLoader(
+            _StreamingImages(stream, ds.image_column, ds.label_column, transform, label_map), **common)
     if num_shards > 1:
         split_ds = split_ds.shard(num_shards=num_shards, index=shard_index, contiguous=True)
-    mapped = split_ds.with_transform(_BatchTransform(ds.image_column, ds.label_column, transform),
+    mapped = split_ds.with_transform(_BatchTransform(ds.image_column, ds.label_column, transform, label_map),
                                      columns=[ds.image_column, ds.label_column])
     return torch.utils.data.DataLoader(mapped, shuffle=shuffle, **common)
 

@@ -18,10 +18,12 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+import torch
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub import constants as hf_constants
 from timm.models import is_model
 from timm.models._hub import save_config_for_hf
+from timm.models._input import get_model_input_config
 from torch import nn
 
 from ._io import atomic_write
@@ -29,8 +31,8 @@ from .export import dense_state_dict
 from .init import GENERATOR_VERSION
 from .masks import FORMAT_VERSION, MaskError, artifact_info, read_mask_file, save_masks
 
-__all__ = ["save_pretrained", "push_to_hub", "push_artifact", "model_card", "CONFIG_NAME", "WEIGHTS_NAME",
-           "CARD_NAME", "ARTIFACT_FILES"]
+__all__ = ["save_pretrained", "push_to_hub", "push_artifact", "model_card", "model_stats", "check_push_access",
+           "PushError", "CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME", "ARTIFACT_FILES"]
 
 CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
 ARTIFACT_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
@@ -90,10 +92,16 @@ def model_card(config: Mapping[str, Any], info: Mapping[str, Any], *, repo_id: s
         model_name=model_id if eval_results else None, eval_results=eval_results or None,
     )
     total, kept, dense_bytes = info["total_weights"], info["kept_weights"], popup.get("dense_bytes")
+    pretrained_cfg = config.get("pretrained_cfg", {})
+    label_names = list(config.get("label_names") or pretrained_cfg.get("label_names") or [])
+    num_classes = int(config.get("num_classes") or pretrained_cfg.get("num_classes") or len(label_names))
+    input_size = pretrained_cfg.get("input_size") or [3, 224, 224]
+    stats = popup.get("stats") or {}
     return ModelCard.from_template(
         card_data, template_path=str(_template_path()),
         free_density=info.get("density") == "free",
         model_id=model_id, load_name=f"hf-hub:{repo_id}" if repo_id else f"local-dir:{directory_name}",
+        eval_name=f"hf-hub:{repo_id}" if repo_id else directory_name, k_percent=f"{100 * float(info['k']):g}",
         architecture=architecture, registered=architecture.startswith("popup_") and is_model(architecture),
         base_architecture=architecture.removeprefix("popup_"), k=info["k"], weight_init=info["weight_init"],
         seed=info["seed"], kept_weights=f"{kept:,}", total_weights=f"{total:,}",
@@ -102,9 +110,62 @@ def model_card(config: Mapping[str, Any], info: Mapping[str, Any], *, repo_id: s
         dense_size=_human_bytes(dense_bytes) if dense_bytes else "n/a",
         size_ratio=f"{dense_bytes / artifact_bytes:.1f}" if dense_bytes and artifact_bytes else "n/a",
         format_version=info["format_version"], generator_version=info["generator_version"],
-        dataset=dataset, metrics_rows=[(_METRIC_NAMES.get(n, n), _fmt(v)) for n, v in metrics.items()],
-        recipe_rows=[(n, _fmt(v)) for n, v in recipe.items()],
+        dataset=dataset, metrics_rows=[(_METRIC_NAMES.get(n, n), _cell(_fmt(v))) for n, v in metrics.items()],
+        recipe_rows=[(n, _cell(_fmt(v))) for n, v in recipe.items()],
+        label_names=label_names, num_classes=num_classes, top_k=min(5, num_classes) if num_classes else 5,
+        image_size=f"{input_size[-2]} x {input_size[-1]}" + (", grayscale" if input_size[0] == 1 else ""),
+        image_mode="L" if input_size[0] == 1 else "RGB",
+        params_m=_stat(stats.get("params"), 1e6), gmacs=_stat(stats.get("macs"), 1e9),
+        activations_m=_stat(stats.get("activations"), 1e6),
     )
+
+
+def _stat(value: float | None, unit: float) -> str:
+    if value is None:
+        return "n/a"
+    scaled = value / unit
+    return f"{scaled:.2f}" if scaled >= 0.1 else f"{scaled:.3g}"
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a Markdown table cell (a ``|`` would end the cell, a newline the row)."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def model_stats(model: nn.Module) -> dict[str, int]:
+    """timm's model stats for the card: parameters of the dense network (masked weights counted whole, scores
+    not), multiply-accumulates and activations (elements output by convolutions and linear layers, as timm's
+    tables count them) of one image at the model's input size."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = sum(t.numel() for name, t in model.named_parameters() if _is_param(name, True))
+    params += sum(t.numel() for name, t in model.named_buffers() if _is_param(name, False))
+    activations = 0
+
+    def count(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        nonlocal activations
+        activations += output.numel()
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    reference = next(iter(model.parameters()), None)
+    device = reference.device if reference is not None else torch.device("cpu")
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, *get_model_input_config(model)["input_size"], device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return dict(params=params, macs=counter.get_total_flops() // 2, activations=activations)
+
+
+def _is_param(name: str, is_parameter: bool) -> bool:
+    """A weight or bias of the dense network: a parameter other than scores, or a frozen popup weight/bias (kept
+    as buffers); not masks or normalisation statistics."""
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf in ("weight", "bias") or (is_parameter and leaf != "scores")
 
 
 def _render_card(directory: Path, repo_id: str | None) -> ModelCard:
@@ -162,7 +223,7 @@ def save_pretrained(
     # the fp32 checkpoint of the same network: weights are (non-persistent) buffers here, scores are not in it
     dense_bytes = sum(t.numel() * t.element_size() for t in dense_state_dict(model).values())
     popup = dict(format_version=FORMAT_VERSION, generator_version=GENERATOR_VERSION, **_popup_args(model),
-                 dense_bytes=dense_bytes, timm_popup_version=_version())
+                 dense_bytes=dense_bytes, stats=model_stats(model), timm_popup_version=_version())
     popup.update(card_fields(metrics=metrics, dataset=dataset, recipe=recipe))
     atomic_write(directory / CONFIG_NAME, lambda tmp: save_config_for_hf(
         model, tmp, model_config={"timm_popup": popup, "pretrained_cfg": {"hf_hub_filename": WEIGHTS_NAME}},
@@ -228,3 +289,48 @@ def push_to_hub(
         save_pretrained(model, tmp, metrics=metrics, dataset=dataset, recipe=recipe, repo_id=repo_id)
         return push_artifact(tmp, repo_id, token=token, private=private, revision=revision,
                              commit_message=commit_message)
+
+
+class PushError(ValueError):
+    """The Hub cannot take the artifact (unreachable, no token, no write access); the message is one line."""
+
+
+def check_push_access(repo_id: str, *, token: str | None = None, private: bool | None = None) -> str:
+    """Prove, before any expensive work, that an artifact can be pushed to ``repo_id``: the endpoint answers, the
+    token is valid and not read-only, and the repo exists (created with ``exist_ok``, as the push would).
+
+    Returns the repo's URL; raises :class:`PushError` with a one-line message (never the token) otherwise.
+    """
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+    where = hf_constants.ENDPOINT
+    api = HfApi(token=token)
+    try:
+        who = api.whoami()
+    except LocalTokenNotFoundError as e:
+        raise PushError(f"--push-to-hub {repo_id}: no Hub token; set HF_TOKEN or run `hf auth login` with a token "
+                        "that may write") from e
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        if status == 401:
+            raise PushError(f"--push-to-hub {repo_id}: the Hub at {where} refused the token (401: invalid or "
+                            "expired); set HF_TOKEN or run `hf auth login` again") from e
+        raise PushError(f"--push-to-hub {repo_id}: the Hub at {where} answered {status}: {_first_line(e)}") from e
+    except Exception as e:  # the transport's own errors (huggingface_hub's HTTP backend is not public API)
+        raise PushError(f"--push-to-hub {repo_id}: cannot reach the Hub at {where} ({type(e).__name__}: "
+                        f"{_first_line(e)}); check the network and HF_ENDPOINT") from e
+    role = ((who.get("auth") or {}).get("accessToken") or {}).get("role")
+    if role == "read":
+        raise PushError(f"--push-to-hub {repo_id}: the token is read-only; use a token with write access")
+    try:
+        url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    except Exception as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        reason = "no write access" if status in (401, 403) else f"{type(e).__name__}: {_first_line(e)}"
+        raise PushError(f"--push-to-hub {repo_id}: cannot create or use the repo on {where} ({reason}); check the "
+                        "name and that your token may write there") from e
+    return str(url)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

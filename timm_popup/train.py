@@ -23,7 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,15 +46,16 @@ from tqdm.auto import tqdm
 from .convert import popup_masks
 from .data import (
     BUILTIN_DATASETS,
+    Augmentation,
     DataError,
     ImageDataset,
     _fit_stats,
     build_transforms,
     channel_stats,
     create_loader,
-    load_image_dataset,
+    has_class_names,
+    open_dataset,
     peek_image,
-    resolve_dataset,
 )
 from .init import WEIGHT_INITS
 from .masks import pack_mask
@@ -65,9 +66,10 @@ __all__ = [
     "check_k", "check_weight_init", "check_init_artifact", "prepare_output_dir", "check_fresh_output_dir",
     "find_checkpoint", "read_trainer_state", "check_resume_compatible", "load_data", "resolve_input_size",
     "input_stats", "create_model",
-    "is_cifar_style", "build_loaders", "build_optimizer", "build_scheduler", "seed_epoch", "set_loader_epoch",
+    "is_cifar_style", "default_augmentation", "resolve_augmentation", "SHORT_BUDGET_EPOCHS", "build_mixup",
+    "build_loaders", "build_optimizer", "build_scheduler", "seed_epoch", "set_loader_epoch",
     "train_one_epoch", "evaluate", "sync_batchnorm_stats", "use_portable_checkpoints", "save_checkpoint",
-    "load_checkpoint", "list_checkpoints", "MetricsLog", "mask_digest", "dataset_id",
+    "load_checkpoint", "WriteError", "write_error_cause", "list_checkpoints", "MetricsLog", "mask_digest", "dataset_id",
     "count_weights", "TRAINER_STATE", "CHECKPOINTS_DIR", "METRICS_CSV", "METRICS_JSONL",
 ]
 
@@ -340,16 +342,18 @@ def dataset_id(name: str) -> str:
 def load_data(name: str, *, train_split: str | None = None, val_split: str | None = None,
               image_column: str | None = None, label_column: str | None = None, streaming: bool = False,
               cache_dir: str | os.PathLike | None = None, train_samples: int | None = None,
-              val_samples: int | None = None, seed: int = 0) -> ImageDataset:
-    """Load a dataset for training and check that it has a train and a validation split.
+              val_samples: int | None = None, seed: int = 0,
+              notify: Callable[[str], None] | None = None) -> ImageDataset:
+    """Load a dataset for training and check that it has a train and a validation split (``notify`` is told where a
+    built-in dataset such as ``fashion-mnist`` is read from).
 
     ``cache_dir`` is where built-in datasets are converted and where ``datasets`` caches downloads and image-folder
     conversions (default: their usual places). ``train_samples`` / ``val_samples`` keep a subset: a seeded random
     one for training, the first rows for validation (so every run and every later evaluation sees the same images).
     """
     requested = [train_split, val_split] if train_split and val_split else None
-    ds = load_image_dataset(resolve_dataset(name, cache_dir), split=requested, image_column=image_column,
-                            label_column=label_column, streaming=streaming, cache_dir=cache_dir)
+    ds = open_dataset(name, split=requested, image_column=image_column, label_column=label_column,
+                      streaming=streaming, cache_dir=cache_dir, notify=notify)
     for flag, split in (("--train-split", train_split), ("--val-split", val_split)):
         if split is not None and split not in ds.splits:
             raise DataError(f"unknown split {split!r} ({flag}) for dataset {name!r}; available splits: "
@@ -423,22 +427,77 @@ def input_stats(model_name: str, ds: ImageDataset, input_size: tuple[int, int, i
 
 
 def is_cifar_style(data_config: Mapping[str, Any]) -> bool:
-    """Whether to use the paper's CIFAR augmentation (random crop, pad 4, flip): inputs of at most 32 pixels
-    (the same rule as ``timm-popup eval``, so it evaluates exactly as training did)."""
+    """Whether the input is a small image fed as it is (no resize + center crop): at most 32 pixels, the same
+    rule as ``timm-popup eval``, so it evaluates exactly as training did."""
     return max(data_config["input_size"][1:]) <= 32
+
+
+#: Below this many epochs a small-image run gets no augmentation by default: one epoch of Conv4 on Fashion-MNIST
+#: (60,000 images) reaches a lower accuracy with the paper's pad-and-crop than without (README, Training).
+SHORT_BUDGET_EPOCHS = 10
+
+
+def default_augmentation(data_config: Mapping[str, Any], *, epochs: int) -> Augmentation:
+    """The augmentation a run gets unless told otherwise, by input size, channels and budget.
+
+    Small images (<= 32 px, the paper's networks): the paper's CIFAR augmentation (pad-and-crop 4, horizontal flip)
+    for a run of at least :data:`SHORT_BUDGET_EPOCHS` epochs, none for a shorter one (augmentation only pays back
+    over many epochs). Larger images: timm ``train.py``'s defaults (random resized crop, flip, colour jitter 0.4).
+    Grayscale data is never flipped: digits, letters and most one-channel data are not mirror-symmetric.
+    """
+    channels = data_config["input_size"][0]
+    hflip = 0.5 if channels == 3 else 0.0
+    if is_cifar_style(data_config):
+        if epochs < SHORT_BUDGET_EPOCHS:
+            return Augmentation()
+        return Augmentation(pad_crop=4, hflip=hflip)
+    return Augmentation(scale=(0.08, 1.0), hflip=hflip, color_jitter=0.4)
+
+
+def resolve_augmentation(data_config: Mapping[str, Any], *, epochs: int, no_aug: bool = False,
+                         overrides: Mapping[str, Any] | None = None) -> Augmentation:
+    """:func:`default_augmentation` (or none at all with ``no_aug``, timm's ``--no-aug``), then the values the user
+    gave (``None``: not given)."""
+    given = {key: (tuple(value) if isinstance(value, list) else value)
+             for key, value in (overrides or {}).items() if value is not None}
+    unknown = sorted(set(given) - {f.name for f in dataclasses.fields(Augmentation)})
+    if unknown:
+        raise TrainError(f"unknown augmentation setting(s) {unknown}")
+    if no_aug:
+        if given:
+            raise TrainError(f"--no-aug turns every augmentation off; drop it or the augmentation flags "
+                             f"({', '.join('--' + k.replace('_', '-') for k in sorted(given))})")
+        return Augmentation()
+    return dataclasses.replace(default_augmentation(data_config, epochs=epochs), **given)
+
+
+def build_mixup(augmentation: Augmentation, *, num_classes: int, label_smoothing: float,
+                batch_size: int) -> timm.data.Mixup | None:
+    """timm's ``Mixup`` (which also applies the label smoothing) when mixup or cutmix is on, else ``None``."""
+    if not augmentation.uses_mixup:
+        return None
+    if batch_size % 2:
+        raise TrainError(f"--mixup / --cutmix mix each batch with its reverse and need an even --batch-size, got "
+                         f"{batch_size}")
+    return timm.data.Mixup(mixup_alpha=augmentation.mixup, cutmix_alpha=augmentation.cutmix,
+                           prob=augmentation.mixup_prob, switch_prob=augmentation.mixup_switch_prob,
+                           mode=augmentation.mixup_mode, label_smoothing=label_smoothing, num_classes=num_classes)
 
 
 def build_loaders(ds: ImageDataset, data_config: Mapping[str, Any], *, batch_size: int, workers: int, seed: int,
                   num_processes: int = 1, process_index: int = 0, pin_memory: bool = False,
+                  augmentation: Augmentation | None = None,
                   ) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
     """Train and validation loaders.
 
     The train loader covers the whole split (Accelerate shards it when prepared), except when streaming: each
     process then reads only its own part of the stream. The validation loader always holds this process's
     contiguous part of the split and is used unprepared (no padding duplicates), its sums reduced across processes.
+    ``augmentation`` applies to the train split only (``None``: none).
     """
     cifar_style = is_cifar_style(data_config)
-    train_tf = build_transforms(dict(data_config), is_training=True, cifar_style=cifar_style)
+    train_tf = build_transforms(dict(data_config), is_training=True, cifar_style=cifar_style,
+                                augmentation=augmentation)
     eval_tf = build_transforms(dict(data_config), is_training=False, cifar_style=cifar_style)
     shards = dict(num_shards=num_processes, shard_index=process_index)
     train_loader = create_loader(ds, ds.train_split, train_tf, batch_size=batch_size, shuffle=True,
@@ -459,17 +518,30 @@ def build_loaders(ds: ImageDataset, data_config: Mapping[str, Any], *, batch_siz
 def create_model(model_name: str, *, method: Method, num_classes: int, input_size: tuple[int, int, int],
                  k: float | None = None, weight_init: str | None = None, seed: int = 0,
                  model_kwargs: Mapping[str, Any] | None = None, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None, init_artifact: Path | None = None) -> nn.Module:
+                 std: Sequence[float] | None = None, init_artifact: Path | None = None,
+                 label_names: Sequence[str] | None = None) -> nn.Module:
     """The popup model for ``method``, built for ``input_size`` (C, H, W) and ``num_classes``, then prepared by the
     method (``init_artifact``: the mask artifact finetune / random-subnet start from).
+
+    ``label_names`` (the dataset's class names) go into the model's ``pretrained_cfg``, so timm writes them into the
+    artifact's ``config.json`` and loaders know which output is which class; integer ids are not recorded as names.
 
     The data config the model carries (``pretrained_cfg``: input size, per-channel ``mean``/``std``, default the
     model's) is the one training uses, so the artifact's ``config.json`` tells an evaluator exactly how to feed it.
     """
     default = timm.models.get_pretrained_cfg(model_name)
     channels, height, width = input_size
-    overlay = dict(input_size=(channels, height, width), mean=_fit_stats(mean or default.mean, channels, "mean"),
-                   std=_fit_stats(std or default.std, channels, "std"))
+    overlay: dict[str, Any] = dict(input_size=(channels, height, width),
+                                   mean=_fit_stats(mean or default.mean, channels, "mean"),
+                                   std=_fit_stats(std or default.std, channels, "std"))
+    if max(height, width) <= 32:
+        overlay["crop_pct"] = 1.0  # small images are fed whole: timm's eval transform then resizes nothing away
+    if label_names is not None:
+        if len(label_names) != num_classes:
+            raise TrainError(f"{len(label_names)} label names for {num_classes} classes")
+        if has_class_names(label_names):
+            # with the head's class count beside them: timm drops names recorded for another number of classes
+            overlay.update(label_names=tuple(str(name) for name in label_names), num_classes=num_classes)
     kwargs: dict[str, Any] = dict(model_kwargs or {})
     kwargs.update(num_classes=num_classes, in_chans=channels, seed=seed, pretrained_cfg_overlay=overlay)
     weight_init = weight_init or method.weight_init
@@ -569,9 +641,11 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
                     accelerator: Accelerator, *, epoch: int, num_updates: int, scheduler: Scheduler | None = None,
                     clip_grad: float | None = None, total_steps: int | None = None, lockstep: bool = False,
                     log_every: int = 10, desc: str | None = None, progress: bool = True,
-                    ) -> tuple[dict[str, float], int]:
+                    mixup_fn: Callable | None = None) -> tuple[dict[str, float], int]:
     """One pass over ``loader``; returns the epoch's mean train loss / top-1 (over all processes), images/s and
-    the new optimizer-update count. The progress bar (loss, accuracy, lr, images/s) is on the main process."""
+    the new optimizer-update count. The progress bar (loss, accuracy, lr, images/s) is on the main process.
+    ``mixup_fn`` (timm's ``Mixup``) mixes each batch and makes soft targets (``loss_fn`` must take them); top-1
+    then counts the class with the largest share of each mixed target."""
     model.train()
     losses, top1 = AverageMeter(), AverageMeter()  # fed device tensors: no host sync per step
     world = accelerator.num_processes
@@ -581,6 +655,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     for step, (images, targets) in enumerate(_batches(loader, accelerator, lockstep), 1):
         images = images.to(accelerator.device, non_blocking=True)
         targets = targets.to(accelerator.device, non_blocking=True)
+        if mixup_fn is not None:
+            images, targets = mixup_fn(images, targets)
         with accelerator.accumulate(model):
             output = model(images)
             loss = loss_fn(output, targets)
@@ -595,7 +671,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
                 scheduler.step_update(num_updates=num_updates)
         n = targets.size(0)
         losses.update(loss.detach().float(), n)
-        top1.update(accuracy(output.detach(), targets, topk=(1,))[0], n)
+        hard = targets.argmax(-1) if targets.ndim > 1 else targets
+        top1.update(accuracy(output.detach(), hard, topk=(1,))[0], n)
         seen += n
         bar.update()
         if step % log_every == 0 and not bar.disable:
@@ -699,21 +776,57 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, *, epoch: int, s
         for stale in root.glob(f"{_TMP_PREFIX}*"):  # left by a killed run
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    error: BaseException | None = None
+    try:
+        accelerator.save_state(str(tmp))  # each process writes its own part (the main one: model and optimizer)
+    except (OSError, RuntimeError) as e:  # safetensors reports a full disk as a RuntimeError
+        error = e
+    if _all_processes_ok(accelerator, error) and accelerator.is_main_process:
+        try:
+            payload = dict(state, version=_STATE_VERSION, epoch=epoch)
+            with open(tmp / TRAINER_STATE, "w") as f:
+                json.dump(payload, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+            if final.exists():  # this epoch was redone after a crash: the new state replaces it
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        except OSError as e:
+            error = e
+    if not _all_processes_ok(accelerator, error):  # every process stops, none waits for the others forever
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_checkpoints(output_dir)
+        kept = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
+        cause = write_error_cause(error) if error is not None else "another process could not write its part"
+        raise WriteError(f"cannot write the checkpoint {final}: {cause}{kept}") from error
     if accelerator.is_main_process:
-        payload = dict(state, version=_STATE_VERSION, epoch=epoch)
-        with open(tmp / TRAINER_STATE, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        if final.exists():  # this epoch was redone after a crash: the new state replaces it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
         for old in list_checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _all_processes_ok(accelerator: Accelerator, error: BaseException | None) -> bool:
+    """Whether no process failed (a collective: every process must call it, in the same order)."""
+    if accelerator.num_processes == 1:
+        return error is None
+    from accelerate.utils import gather_object
+
+    return all(gather_object([error is None]))
+
+
+class WriteError(OSError):
+    """A file the run must write could not be written (full disk, read-only file system); one line."""
+
+
+def write_error_cause(e: BaseException) -> str:
+    """The cause of a failed write in a few words: the OS's reason (``No space left on device``) where known."""
+    while e is not None:
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror + (f" ({e.filename})" if e.filename else "")
+        e = e.__cause__ or e.__context__
+    return "the write failed"
 
 
 def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> dict[str, Any]:
