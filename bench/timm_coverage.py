@@ -145,36 +145,39 @@ def select_models(refresh: bool = False, jobs: int = 1, path: Path = SELECTION_F
                   max_params: int = MAX_PARAMS) -> dict[str, Any]:
     """The smallest model of every timm family: ``{"families": {family: {model, params}}, "skipped": ...}``.
 
-    Read from ``path`` unless ``refresh`` or the file was made for another timm version or size limit.
+    The parameter counts of every model are cached in ``path``; they are rebuilt only with ``refresh`` or for
+    another timm version (another ``max_params`` re-picks from the cached counts).
     """
     import timm
 
-    if path.is_file() and not refresh:
-        cached = json.loads(path.read_text())
-        if cached.get("timm") == timm.__version__ and cached.get("max_params") == max_params:
-            return cached
-    modules = [m for m in timm.list_modules() if not m.startswith("popup")]
-    t0 = time.time()
-    if jobs > 1:
-        from concurrent.futures import ProcessPoolExecutor
-        with ProcessPoolExecutor(jobs) as pool:
-            counted = dict(zip(modules, pool.map(_count_family, modules), strict=True))
+    cached = json.loads(path.read_text()) if path.is_file() and not refresh else {}
+    if cached.get("timm") == timm.__version__ and "counts" in cached:
+        counts, failures, seconds = cached["counts"], cached["meta_failures"], cached["seconds"]
     else:
-        counted = {m: _count_family(m) for m in modules}
-    families, skipped, unbuildable, failures = {}, {}, [], {}
-    for module, found in counted.items():
-        failures.update(found["failures"])
-        if not found["counts"]:
-            if found["failures"]:
-                unbuildable.append(module)
+        modules = [m for m in timm.list_modules() if not m.startswith("popup")]
+        t0 = time.time()
+        if jobs > 1:
+            from concurrent.futures import ProcessPoolExecutor
+            with ProcessPoolExecutor(jobs) as pool:
+                counted = dict(zip(modules, pool.map(_count_family, modules), strict=True))
+        else:
+            counted = {m: _count_family(m) for m in modules}
+        counts = {m: found["counts"] for m, found in counted.items()}
+        failures = {name: why for found in counted.values() for name, why in found["failures"].items()}
+        seconds = round(time.time() - t0, 1)
+    families, skipped = {}, {}
+    for module, found in counts.items():
+        if not found:
             continue
         # fewest parameters, then the shortest, then alphabetical name: a stable choice across reruns
-        name = min(found["counts"], key=lambda n: (found["counts"][n], len(n), n))
-        entry = dict(model=name, params=found["counts"][name], candidates=len(found["counts"]))
+        name = min(found, key=lambda n: (found[n], len(n), n))
+        entry = dict(model=name, params=found[name], candidates=len(found))
         (families if entry["params"] <= max_params else skipped)[module] = entry
-    selection = dict(timm=timm.__version__, max_params=max_params, seconds=round(time.time() - t0, 1),
-                     families=families, skipped=skipped, unbuildable=unbuildable, meta_failures=failures)
-    path.write_text(json.dumps(selection, indent=1, sort_keys=True) + "\n")
+    selection = dict(timm=timm.__version__, max_params=max_params, seconds=seconds, families=families,
+                     skipped=skipped, unbuildable=sorted(m for m, found in counts.items() if not found),
+                     meta_failures=failures, counts=counts)
+    if selection != cached:
+        path.write_text(json.dumps(selection, indent=1, sort_keys=True) + "\n")
     return selection
 
 
@@ -363,14 +366,19 @@ def run_checks(model_name: str, kwargs: dict[str, Any] | None = None, *, family:
     run("b", lambda: check_train_step(popup, x))
     run("c", lambda: check_coverage(popup, plain))
 
+    def overlay(file: Path) -> dict[str, Any]:
+        # timm drops the classifier of a checkpoint whose cfg has another class count: say it has ours
+        extra = {"num_classes": kwargs["num_classes"]} if "num_classes" in kwargs else {}
+        return dict(file=str(file), **extra)
+
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         tmp = Path(tmp)
         logits = _logits(popup, x)
 
         def e() -> str | None:
             timm_popup.save_pretrained(popup, tmp / "artifact")
-            loaded = timm.create_model("popup_" + model_name, pretrained=True, pretrained_cfg_overlay=dict(
-                file=str(tmp / "artifact" / "model.safetensors")), **kwargs)
+            loaded = timm.create_model("popup_" + model_name, pretrained=True, pretrained_cfg_overlay=overlay(
+                tmp / "artifact" / "model.safetensors"), **kwargs)
             again = _logits(loaded, x)
             if torch.equal(logits, again):
                 return None
@@ -380,8 +388,8 @@ def run_checks(model_name: str, kwargs: dict[str, Any] | None = None, *, family:
             dense = {n: t.detach().contiguous().clone() for n, t in dense_state_dict(popup).items()}
             safetensors.torch.save_file(dense, str(tmp / "dense.safetensors"))
             # timm's own loader (pretrained_cfg_overlay file=), as a user of the exported checkpoint would
-            loaded = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(
-                file=str(tmp / "dense.safetensors")), **kwargs)
+            loaded = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay(
+                tmp / "dense.safetensors"), **kwargs)
             again = _logits(loaded, x)
             if torch.allclose(logits, again, rtol=RTOL, atol=ATOL):
                 return None

@@ -1,7 +1,7 @@
 """The timm coverage harness (bench/timm_coverage.py) on a fast subset of families.
 
 Each family below stands for a class of model that once broke edge-popup; tiny variants (small widths and
-depths, 10 classes, small inputs) keep the whole file well under a minute on two cores. Nothing downloads.
+depths, small inputs) keep the whole file well under a minute on two cores. Nothing downloads.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ FAST = {
 @pytest.mark.parametrize("family", list(FAST))
 def test_family_passes_every_check(family: str, tmp_path: Path) -> None:
     model, kwargs, input_size = FAST[family]
-    result = cov.run_checks(model, dict(kwargs, num_classes=10), family=family, input_size=input_size,
+    result = cov.run_checks(model, kwargs, family=family, input_size=input_size,
                             workdir=tmp_path)
     failed = {name: f"{c.reason}\n{c.detail}" for name, c in result.checks.items() if not c.ok}
     assert not failed, f"{family} ({model}):\n" + "\n".join(f"[{n}] {r}" for n, r in failed.items())
@@ -65,7 +65,7 @@ def test_family_passes_every_check(family: str, tmp_path: Path) -> None:
 
 def test_subprocess_run_reports_checks_and_timeouts() -> None:
     """A family runs in a child; the parent reads its per-check lines, and a hang becomes a timeout row."""
-    ok = cov.run_family("vision_transformer", "test_vit", dict(img_size=32, num_classes=10), timeout=120)
+    ok = cov.run_family("vision_transformer", "test_vit", dict(img_size=32), timeout=120)
     assert ok.error == "" and ok.params > 0 and set(ok.checks) == set(cov.CHECKS), ok.reason()
     assert all(c.ok is not None for c in ok.checks.values())
     hung = cov.run_family("vision_transformer", "test_vit", dict(img_size=32), timeout=0.5)
@@ -73,8 +73,8 @@ def test_subprocess_run_reports_checks_and_timeouts() -> None:
 
 
 def test_unknown_model_fails_check_a_with_its_reason() -> None:
-    bad = cov.run_family("nope", "no_such_model_anywhere", {}, timeout=120)
-    assert bad.error == "" and not bad.passed
+    bad = cov.run_checks("no_such_model_anywhere", {}, family="nope")
+    assert bad.error == "" and not bad.passed and bad.family == "nope"
     assert bad.checks["a"].ok is False and "no_such_model_anywhere" in bad.checks["a"].reason
     assert all(c.ok is None for name, c in bad.checks.items() if name != "a")  # nothing to run them on
 
@@ -104,12 +104,19 @@ def test_tables_show_each_check_and_the_reason() -> None:
 def test_selection_picks_the_smallest_model_and_skips_large_families(tmp_path: Path, monkeypatch) -> None:
     import timm
 
-    monkeypatch.setattr(timm, "list_modules", lambda: ["vgg", "mlp_mixer"])
+    monkeypatch.setattr(timm, "list_modules", lambda: ["vgg", "convmixer"])
     path = tmp_path / "models.json"
     sel = cov.select_models(refresh=True, path=path, max_params=150_000_000)
     assert sel["families"]["vgg"]["model"] == "vgg11"  # the fewest parameters of vgg11..vgg19_bn
     assert sel["families"]["vgg"]["params"] == 132_863_336 and sel["families"]["vgg"]["candidates"] == 8
+    assert sel["families"]["convmixer"]["model"] == "convmixer_768_32" and not sel["skipped"]
     assert json.loads(path.read_text()) == sel
-    assert cov.select_models(path=path, max_params=150_000_000) == sel  # the cached file is reused
-    smaller = cov.select_models(refresh=True, path=path, max_params=100_000_000)
-    assert "vgg" in smaller["skipped"] and "vgg" not in smaller["families"] and "mlp_mixer" in smaller["families"]
+
+    def no_counting(module: str) -> dict:
+        raise AssertionError("the cached counts should have been used")
+
+    monkeypatch.setattr(cov, "_count_family", no_counting)
+    assert cov.select_models(path=path, max_params=150_000_000) == sel
+    smaller = cov.select_models(path=path, max_params=100_000_000)  # re-picked from the cached counts
+    assert smaller["skipped"] == {"vgg": sel["families"]["vgg"]} and list(smaller["families"]) == ["convmixer"]
+    assert json.loads(path.read_text())["max_params"] == 100_000_000
