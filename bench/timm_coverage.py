@@ -104,8 +104,10 @@ class FamilyResult:
 
 def _one_line(e: BaseException) -> str:
     """``Type: first line of the message (file:line in function)`` of the innermost frame outside torch."""
-    msg = (str(e).strip().splitlines() or [""])[0]
-    msg = msg if len(msg) <= 160 else msg[:157] + "..."
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [""]
+    # "Error(s) in loading state_dict for X:" says nothing without the next line (which keys)
+    msg = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+    msg = msg if len(msg) <= 200 else msg[:197] + "..."
     frames = traceback.extract_tb(e.__traceback__)
     where = next((f for f in reversed(frames) if "/torch/" not in f.filename), frames[-1] if frames else None)
     loc = f" ({Path(where.filename).name}:{where.lineno} in {where.name})" if where else ""
@@ -467,7 +469,7 @@ def run_family(family: str, model: str, kwargs: dict[str, Any] | None = None, *,
         stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout or ""
         _parse_child(result, stdout)
         running = next((c for c, check in result.checks.items() if check.ok is None), "?")
-        result.error = f"timeout after {timeout:.0f} s in check {running}"
+        result.error = f"timeout after {timeout:g} s in check {running}"
         result.seconds = time.time() - t0
         return result
     if not _parse_child(result, stdout):

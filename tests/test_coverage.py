@@ -53,7 +53,15 @@ FAST = {
 }
 
 
-@pytest.mark.parametrize("family", list(FAST))
+# Known failures of the core, each listed with its cause; strict, so a fix shows up as an unexpected pass.
+KNOWN = {
+    "coat": "shared submodules (cpe1 is also serial_blocks1.0.cpe, mlp3/mlp4 are mlp2): dense_state_dict and the "
+            "mask file carry one alias, strict loading wants every alias",
+}
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=KNOWN[f]))
+                                    if f in KNOWN else f for f in FAST])
 def test_family_passes_every_check(family: str, tmp_path: Path) -> None:
     model, kwargs, input_size = FAST[family]
     result = cov.run_checks(model, kwargs, family=family, input_size=input_size,
@@ -63,13 +71,22 @@ def test_family_passes_every_check(family: str, tmp_path: Path) -> None:
     assert result.k1_max_diff is not None and result.k1_max_diff <= 1e-5
 
 
-def test_subprocess_run_reports_checks_and_timeouts() -> None:
-    """A family runs in a child; the parent reads its per-check lines, and a hang becomes a timeout row."""
-    ok = cov.run_family("vision_transformer", "test_vit", dict(img_size=32), timeout=120)
-    assert ok.error == "" and ok.params > 0 and set(ok.checks) == set(cov.CHECKS), ok.reason()
-    assert all(c.ok is not None for c in ok.checks.values())
+def test_child_reports_each_check_and_the_parent_reads_them(capsys) -> None:
+    """The --one child prints one tagged line per check and one for the result; the parent parses them back."""
+    assert cov.main(["--one", "vision_transformer", "--model", "test_vit", "--kwargs", '{"img_size": 32}',
+                     "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert [json.loads(ln[len(cov.TAG):]).get("check") for ln in out.splitlines() if ln.startswith(cov.TAG)] == [
+        *cov.CHECKS[:3], "e", "export", "d", None]  # run order; None: the final result line
+    parsed = cov.FamilyResult(family="vision_transformer", model="test_vit")
+    assert cov._parse_child(parsed, out) and parsed.passed and parsed.params > 0, parsed.reason()
+    assert parsed.k1_bitwise is not None and parsed.kwargs == {"img_size": 32}
+
+
+def test_a_hung_family_becomes_a_timeout_row() -> None:
     hung = cov.run_family("vision_transformer", "test_vit", dict(img_size=32), timeout=0.5)
-    assert hung.error.startswith("timeout after") and not hung.passed
+    assert hung.error == "timeout after 0.5 s in check a" and not hung.passed
+    assert all(c.ok is None for c in hung.checks.values())
 
 
 def test_unknown_model_fails_check_a_with_its_reason() -> None:
