@@ -270,7 +270,9 @@ def check_coverage(popup: Any, plain: Any) -> str | None:
     plain_params = dict(plain.named_parameters())
     unmasked, unfrozen, shape = [], [], []
     for name, p in plain_params.items():
-        if dense and any(fnmatch.fnmatchcase(name.rpartition(".")[0], pat) for pat in dense):
+        # dense globs name modules, and a dense module keeps its submodules' parameters too
+        owners = [".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)]
+        if dense and any(fnmatch.fnmatchcase(owner, pat) for owner in owners for pat in dense):
             continue
         leaf = name.rpartition(".")[2]
         if leaf.startswith("weight") and p.ndim >= 2:

@@ -137,3 +137,28 @@ def test_selection_picks_the_smallest_model_and_skips_large_families(tmp_path: P
     smaller = cov.select_models(path=path, max_params=100_000_000)  # re-picked from the cached counts
     assert smaller["skipped"] == {"vgg": sel["families"]["vgg"]} and list(smaller["families"]) == ["convmixer"]
     assert json.loads(path.read_text())["max_params"] == 100_000_000
+
+
+def test_checks_catch_what_they_look_for() -> None:
+    """Each check names what broke: an unlisted parameter, a stray trainable one, a branch without gradient."""
+    import timm
+    import torch
+
+    import timm_popup
+
+    plain = timm.create_model("test_vit", img_size=32)
+    popup = timm_popup.convert(timm.create_model("test_vit", img_size=32))
+    x = torch.randn(2, 3, 32, 32)
+    assert cov.check_coverage(popup, plain) is None and cov.check_train_step(popup, x) is None
+
+    del popup.popup_config.frozen["pos_embed"]
+    assert cov.check_coverage(popup, plain) == "1 parameters neither masked nor frozen: pos_embed"
+
+    popup.stray = torch.nn.Parameter(torch.zeros(1))
+    assert cov.check_train_step(popup, x) == "1 trainable non-score parameters: stray"
+    del popup.stray
+
+    with torch.no_grad():  # a dead MLP branch: fc2 passes nothing back, so fc1 and fc2 learn nothing
+        timm_popup.popup_masks(popup)["blocks.0.mlp.fc2.weight"].weight.zero_()
+    reason = cov.check_train_step(popup, x)
+    assert reason.startswith("2/") and "blocks.0.mlp.fc1.weight, blocks.0.mlp.fc2.weight" in reason, reason
