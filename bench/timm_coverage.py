@@ -233,6 +233,11 @@ def check_train_step(popup: Any, x: Any) -> str | None:
 
     masks = timm_popup.popup_masks(popup)
     popup.train()
+    for module in popup.modules():
+        # Stochastic depth can drop a whole branch for every sample of a 2-image batch (nest_tiny, nextvit_small
+        # at their default drop_path_rate): a zero gradient by chance, not a masking failure. Dropout too.
+        if "Drop" in type(module).__name__:
+            module.eval()
     scores = {id(m.scores): name for name, m in masks.items()}
     trainable = {name for name, p in popup.named_parameters() if p.requires_grad and id(p) not in scores}
     frozen_scores = [name for name, m in masks.items() if not m.scores.requires_grad]
@@ -526,7 +531,7 @@ def format_markdown(results: Sequence[FamilyResult], selection: dict[str, Any] |
     ]
     for r in results:
         cells = [r.family, f"`{r.model}`", _fmt_params(r.params), *(r.checks[c].label for c in CHECKS),
-                 _k1_cell(r), _md_escape(r.reason())]
+                 _k1_cell(r), _md_escape(r.reason() if len(r.reason()) <= 300 else r.reason()[:297] + "...")]
         lines.append("| " + " | ".join(cells) + " |")
     skipped = (selection or {}).get("skipped") or {}
     if skipped:
