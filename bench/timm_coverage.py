@@ -264,7 +264,9 @@ def check_train_step(popup: Any, x: Any) -> str | None:
 
 
 def check_coverage(popup: Any, plain: Any) -> str | None:
-    """Check (c): every plain parameter is either masked (weights, >= 2 dims) or frozen by a named policy."""
+    """Check (c): every plain parameter is either masked (weights, >= 2 dims; a fan-in-1 weight, whose every
+    entry is a whole output, may instead keep all its seeded values: policy ``weight:all``) or frozen by a named
+    policy."""
     import fnmatch
 
     import timm_popup
@@ -281,8 +283,10 @@ def check_coverage(popup: Any, plain: Any) -> str | None:
             continue
         leaf = name.rpartition(".")[2]
         if leaf.startswith("weight") and p.ndim >= 2:
-            if name not in masks:
+            if name not in masks and frozen.get(name) != "weight:all":
                 unmasked.append(name)
+            elif name not in masks:
+                continue
             elif tuple(masks[name].weight.shape) != tuple(p.shape):
                 shape.append(f"{name} {tuple(masks[name].weight.shape)} != {tuple(p.shape)}")
         elif name not in frozen and name not in masks:

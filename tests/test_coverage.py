@@ -53,15 +53,7 @@ FAST = {
 }
 
 
-# Known failures of the core, each listed with its cause; strict, so a fix shows up as an unexpected pass.
-KNOWN = {
-    "coat": "shared submodules (cpe1 is also serial_blocks1.0.cpe, mlp3/mlp4 are mlp2): dense_state_dict and the "
-            "mask file carry one alias, strict loading wants every alias",
-}
-
-
-@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=KNOWN[f]))
-                                    if f in KNOWN else f for f in FAST])
+@pytest.mark.parametrize("family", list(FAST))
 def test_family_passes_every_check(family: str, tmp_path: Path) -> None:
     model, kwargs, input_size = FAST[family]
     result = cov.run_checks(model, kwargs, family=family, input_size=input_size,

@@ -226,6 +226,11 @@ def test_parameter_policy_keeps_every_branch_alive():
         def forward(self, x):
             return x + self.fc(x) * self.skipinit_gain * self.gamma * self.temperature + x @ self.w_g
 
+    # fan-in 1 (csatv2's Linear(1, 3) qkv): each weight is a whole output; masking one would cut a branch
+    tiny = convert(nn.Sequential(nn.Linear(1, 3, bias=False), nn.Linear(3, 2, bias=False)), k=0.5)
+    assert tiny.popup_config.frozen == {"0.weight": "weight:all"} and list(popup_masks(tiny)) == ["1.weight"]
+    assert torch.equal(tiny[0].weight, timm_popup.random_weight((3, 1), seed=0, name="0.weight",
+                                                               weight_init="signed_constant", k=0.5))
     block = convert(Block(), seed=5)
     assert block.popup_config.frozen == {"fc.bias": "bias:0", "skipinit_gain": "gain:1", "gamma": "gain:1",
                                           "temperature": "const", "w_g": "draw:0.02"}

@@ -4,6 +4,9 @@ Every parameter of the model gets exactly one treatment, decided here and docume
 
 * **masked**: a floating tensor of >= 2 dims whose name is a weight's (``weight``, ``weight_ih_l0``,
   ``in_proj_weight``): a :class:`PopupMask` parametrization with seeded random values and learned scores.
+  Except where each output has a single input (fan-in 1: ``Linear(1, n)``, a 1x1 depthwise conv): there a
+  weight is a per-output gain, and dropping it would cut its output (and every gradient behind it) out of the
+  network, so the tensor keeps all its seeded random values, frozen (``weight:all``).
 * **frozen** (a non-trainable, non-persistent buffer; the value's policy is recorded in
   ``model.popup_config.frozen``), the first rule that applies:
 
@@ -38,7 +41,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.utils import parametrize
 
 from .config import PopupConfig
-from .init import DEFAULT_WEIGHT_INIT, check_k, check_weight_init, random_normal, random_weight
+from .init import DEFAULT_WEIGHT_INIT, check_k, check_weight_init, fans, random_normal, random_weight
 from .layers import PopupMask, mask_tensor
 
 __all__ = ["convert", "build_converted", "reseed", "regenerated", "popup_masks", "frozen_tensors", "is_norm",
@@ -190,7 +193,11 @@ def convert(
             if id(p) in kept:
                 continue
             qualname = f"{mod_name}.{p_name}" if mod_name else p_name
-            if is_masked_weight(p_name, p):
+            if is_masked_weight(p_name, p) and fans(_fan_shape(module, p_name) or p.shape)[0] == 1:
+                value = random_weight(p.shape, seed=seed, name=qualname, weight_init=weight_init, k=k)
+                _freeze(module, p_name, value.to(p.dtype) if p.is_meta else value.to(p.device, p.dtype))
+                cfg.frozen[qualname] = "weight:all"
+            elif is_masked_weight(p_name, p):
                 mask = shared.get(id(p))
                 if mask is None:
                     mask = PopupMask(p.shape, name=qualname, k=k, weight_init=weight_init, seed=seed,
@@ -242,6 +249,9 @@ def regenerated(model: nn.Module, *, seed: int, k: float, weight_init: str) -> d
         if policy.startswith("draw:"):
             old = getattr(*_owner(model, qualname))
             out[qualname] = random_normal(old.shape, seed=seed, name=qualname, std=float(policy[len("draw:"):]))
+        elif policy == "weight:all":
+            old = getattr(*_owner(model, qualname))
+            out[qualname] = random_weight(old.shape, seed=seed, name=qualname, weight_init=weight_init, k=k)
     return out
 
 
@@ -257,7 +267,7 @@ def reseed(model: nn.Module, *, seed: int, k: float, weight_init: str,
         mask.weight, mask._cache = tensors[name].to(mask.weight.device, mask.weight.dtype), None
     cfg = model.popup_config
     for qualname, policy in cfg.frozen.items():
-        if policy.startswith("draw:"):
+        if policy.startswith("draw:") or policy == "weight:all":
             module, attr = _owner(model, qualname)
             old = getattr(module, attr)
             setattr(module, attr, tensors[qualname].to(old.device, old.dtype))
