@@ -23,6 +23,7 @@ Every parameter of the model gets exactly one treatment, decided here and docume
                         silence its branch forever.
   ``const``             any other constant (ScaledStdConv's gain, logit scales, temperatures): kept.
   ``draw:0.02``         anything else timm draws at random: seeded N(0, 0.02**2), never torch's unseeded values.
+  ``weight:all``        a weight of fan-in 1 (above): all its seeded values, unmasked.
   ====================  =============================================================================
 
 The model keeps its classes and forwards; ``reset_classifier`` converts the new head like the rest.
@@ -105,12 +106,13 @@ _BN_STATS = {"running_mean": torch.zeros_like, "running_var": torch.ones_like, "
 
 
 def build_converted(factory: Callable[[], nn.Module], *, k: float = 0.5, weight_init: str = DEFAULT_WEIGHT_INIT,
-                    seed: int = 0, dense: Sequence[str] = ()) -> nn.Module:
+                    seed: int = 0, dense: Sequence[str] = (), init_scores: bool = True) -> nn.Module:
     """``convert(factory(), ...)``, skipping timm's dense initialisation where the parameter policy allows.
 
     The model is first built on the meta device (no memory, no init). If every parameter's frozen value follows
     from the policy alone and its only buffers are BatchNorm statistics, it is converted from there (the weights
     are generated anyway; the result is identical to a CPU build); otherwise it is built again on the CPU.
+    ``init_scores=False`` leaves the scores uninitialised, for a mask that is loaded into all of them next.
     """
     model = None
     if not dense:
@@ -128,7 +130,7 @@ def build_converted(factory: Callable[[], nn.Module], *, k: float = 0.5, weight_
                 module.register_buffer(name, _BN_STATS[name](buf, device="cpu"))
     else:
         model = factory()
-    return convert(model, k=k, weight_init=weight_init, seed=seed, dense=dense)
+    return convert(model, k=k, weight_init=weight_init, seed=seed, dense=dense, init_scores=init_scores)
 
 
 def _freeze(module: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -160,6 +162,7 @@ def convert(
     weight_init: str = DEFAULT_WEIGHT_INIT,
     seed: int = 0,
     dense: Sequence[str] = (),
+    init_scores: bool = True,
 ) -> nn.Module:
     """Make ``model`` an edge-popup network in place and return it.
 
@@ -201,7 +204,7 @@ def convert(
                 mask = shared.get(id(p))
                 if mask is None:
                     mask = PopupMask(p.shape, name=qualname, k=k, weight_init=weight_init, seed=seed,
-                                     fan_shape=_fan_shape(module, p_name), device=p.device)
+                                     fan_shape=_fan_shape(module, p_name), device=p.device, init_scores=init_scores)
                     shared[id(p)] = mask
                     if round(k * p.numel()) == 0:
                         too_few.append(f"{qualname} {tuple(p.shape)}")

@@ -96,7 +96,8 @@ class PopupMask(nn.Module):
     mode: str = "topk"
 
     def __init__(self, shape: Sequence[int], *, name: str, k: float, weight_init: str, seed: int,
-                 fan_shape: Sequence[int] | None = None, device: torch.device | str | None = None) -> None:
+                 fan_shape: Sequence[int] | None = None, device: torch.device | str | None = None,
+                 init_scores: bool = True) -> None:
         super().__init__()
         shape = tuple(int(s) for s in shape)
         self.popup_name = name
@@ -106,11 +107,17 @@ class PopupMask(nn.Module):
             device = torch.device("cpu")
         self.register_buffer("weight", torch.empty(shape, device="meta"), persistent=False)
         self.regenerate(seed=seed, k=k, weight_init=weight_init, device=device)
-        # Kaiming uniform as torch initialises a conv/linear weight (a=sqrt(5): bound 1/sqrt(fan_in)).
-        # Scores are trained, not published, so torch's RNG (seeded per tensor) is fine here.
+        self.scores = nn.Parameter(torch.empty(shape, device=device))
+        if init_scores:  # else a mask is about to be loaded into them (the build of a pretrained model)
+            self.reset_scores()
+
+    def reset_scores(self) -> None:
+        """Kaiming uniform as torch initialises a conv/linear weight (a=sqrt(5): bound 1/sqrt(fan_in)). Scores
+        are trained, not published, so torch's RNG (seeded per tensor) is fine here."""
         bound = 1.0 / math.sqrt(fans(self.fan_shape)[0])
-        gen = torch.Generator().manual_seed(stream_key(seed, name + "#scores") >> 1)
-        self.scores = nn.Parameter(torch.empty(shape).uniform_(-bound, bound, generator=gen).to(device))
+        gen = torch.Generator().manual_seed(stream_key(self.seed, self.popup_name + "#scores") >> 1)
+        with torch.no_grad():
+            self.scores.copy_(torch.empty(self.scores.shape).uniform_(-bound, bound, generator=gen))
 
     def regenerate(self, *, seed: int, k: float, weight_init: str, device: torch.device | None = None) -> None:
         """Make ``weight`` the seeded draw for (seed, tensor name, k, weight_init); the scores stay as they are."""

@@ -79,7 +79,7 @@ def _sha256(tensors: list[torch.Tensor]) -> torch.Tensor:
     h = hashlib.sha256()
     for t in tensors:
         t = t.detach().cpu().contiguous()
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bool else t.numpy().tobytes())
+        h.update((t.view(torch.uint8) if t.dtype == torch.bool else t).numpy())  # the buffer itself, no copy
     return torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8)
 
 
@@ -249,14 +249,14 @@ def filter_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> 
     for key, p in model.named_parameters(remove_duplicate=False):
         keys.setdefault(id(p), []).append(key)
     out: dict[str, torch.Tensor] = {}
-    free, to_sample = _free_density(sd), []
+    free, to_sample, heads, found_scores = _free_density(sd), [], [], []
     for name, mask in masks.items():
         shape = tuple(mask.weight.shape)
         weight = new[name] if new is not None else mask.weight
         stored_shape = tuple(sd[f"{name}.mask_shape"].tolist()) if name in stored else None
         if stored_shape != shape:
             if is_head[name]:  # another num_classes: keep the model's fresh popup classifier
-                out.update({key: mask.scores.detach().clone() for key in keys[id(mask.scores)]})
+                heads.append(mask)
                 continue
             raise MaskError(f"tensor {name} has shape {shape} in the model but {stored_shape} in the mask: "
                             "the mask is for another architecture; build the model it was saved from")
@@ -270,14 +270,10 @@ def filter_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> 
                 raise MaskError(f"tensor {name} keeps {kept} of {bits.size} weights, not the count the file "
                                 "records: the mask file is corrupt; download it again")
             to_sample.append(mask)  # a free-density mask is not any tensor's top-k
-            scores = bits.astype(np.float32) * 2 - 1
-        else:
-            if kept != num_kept(bits.size, found["k"]):
-                raise MaskError(f"tensor {name} keeps {kept} of {bits.size} weights, not round(k*n) for "
-                                f"k={found['k']}: the mask was saved with another k or is corrupt")
-            scores = bits.astype(np.float32)
-        value = torch.from_numpy(scores).reshape(shape).to(mask.scores.dtype)
-        out.update({key: value for key in keys[id(mask.scores)]})
+        elif kept != num_kept(bits.size, found["k"]):
+            raise MaskError(f"tensor {name} keeps {kept} of {bits.size} weights, not round(k*n) for "
+                            f"k={found['k']}: the mask was saved with another k or is corrupt")
+        found_scores.append((mask, bits))
     if not torch.equal(_frozen_fingerprint(model, new or {}), sd[_META + "frozen_fingerprint"]):
         raise MaskError("the model's frozen tensors (norm layers, biases, gains, embeddings) differ from the ones "
                         "the mask was found with: build the same architecture and model arguments the mask was "
@@ -285,6 +281,15 @@ def filter_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> 
     # only now that everything is verified: a rejected file leaves the model as it was
     if new is not None:
         reseed(model, **found, tensors=new)
+    with torch.no_grad():
+        for mask in heads:
+            mask.reset_scores()
+        for mask, bits in found_scores:  # 1 kept / 0 dropped (free density: +1 / -1), written in place
+            value = torch.from_numpy(bits).view(mask.scores.shape)
+            mask.scores.copy_(value.float().mul_(2).sub_(1) if free else value)
+    for mask in heads + [m for m, _ in found_scores]:
+        # the parameter itself: load_state_dict's copy onto itself is a no-op
+        out.update({key: mask.scores for key in keys[id(mask.scores)]})
     for mask in to_sample:
         mask.mode, mask._cache = "sample", None
     if free:

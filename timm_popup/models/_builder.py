@@ -61,7 +61,8 @@ def build_popup(
         recorded = recorded_args(source) or {}
         popup.update({key: value for key, value in recorded.items() if key not in explicit})
 
-    if pretrained and not _has_source(variant, kwargs):
+    has_source = _has_source(variant, kwargs)
+    if pretrained and not has_source:
         raise MaskError(f"no mask is published for {variant}: load one with pretrained_cfg_overlay=dict(file="
                         "'.../model.safetensors'), timm.create_model('local-dir:DIR', pretrained=True) or "
                         "timm.create_model('hf-hub:org/name', pretrained=True)")
@@ -72,7 +73,8 @@ def build_popup(
             model.popup_config = PopupConfig(explicit=tuple(explicit))
             return model
 
-        return build_converted(dense_model, **popup)
+        # a verified mask is loaded into every score next: initialising them first would be wasted work
+        return build_converted(dense_model, **popup, init_scores=not (pretrained and has_source))
 
     try:
         return build_model_with_cfg(popup_model_cls, variant, pretrained,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from importlib.resources import files
 
 import torch
 from timm.models import generate_default_cfgs, register_model
@@ -81,9 +83,17 @@ class MLP(ConvNet):
 
 
 _CONV = popup_cfg(cifar=True, first_conv="features.0")
+# A mask that ships inside the package (found by the README's main command), so pretrained=True works offline;
+# its input size, normalisation and class names are the ones its config.json recorded.
+_FMNIST = files("timm_popup") / "pretrained" / "popup_conv4.ep_k50_fmnist"
+_FMNIST_CFG = json.loads((_FMNIST / "config.json").read_text())["pretrained_cfg"]
 default_cfgs = generate_default_cfgs({
     "popup_conv2": _CONV,
-    "popup_conv4": _CONV,
+    "popup_conv4.ep_k50_fmnist": popup_cfg(
+        cifar=True, first_conv="features.0", file=str(_FMNIST / "model.safetensors"), fixed_input_size=True,
+        **{key: tuple(_FMNIST_CFG[key]) for key in ("input_size", "mean", "std", "label_names")}),
+    # '*', listed after the tag: the untagged CIFAR cfg stays the default although the tag has weights
+    "popup_conv4.*": _CONV,
     "popup_conv6": _CONV,
     "popup_conv8": _CONV,
     "popup_fc": popup_cfg(cifar=True, input_size=(1, 28, 28), mean=(0.1307,), std=(0.3081,),
