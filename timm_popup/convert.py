@@ -267,7 +267,7 @@ def reseed(model: nn.Module, *, seed: int, k: float, weight_init: str,
     tensors = tensors if tensors is not None else regenerated(model, seed=seed, k=k, weight_init=weight_init)
     for name, mask in popup_masks(model).items():
         mask.k, mask.weight_init, mask.seed = k, weight_init, int(seed)
-        mask.weight, mask._cache = tensors[name].to(mask.weight.device, mask.weight.dtype), None
+        mask.set_weight(tensors[name].to(mask.weight.device, mask.weight.dtype))
     cfg = model.popup_config
     for qualname, policy in cfg.frozen.items():
         if policy.startswith("draw:") or policy == "weight:all":

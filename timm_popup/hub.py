@@ -32,7 +32,7 @@ from .init import GENERATOR_VERSION
 from .masks import FORMAT_VERSION, MaskError, artifact_info, read_mask_file, save_masks
 
 __all__ = ["save_pretrained", "push_to_hub", "push_artifact", "model_card", "model_stats", "check_push_access",
-           "PushError", "CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME", "ARTIFACT_FILES"]
+           "PushError", "format_value", "card_fields", "CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME", "ARTIFACT_FILES"]
 
 CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
 ARTIFACT_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
@@ -110,8 +110,8 @@ def model_card(config: Mapping[str, Any], info: Mapping[str, Any], *, repo_id: s
         dense_size=_human_bytes(dense_bytes) if dense_bytes else "n/a",
         size_ratio=f"{dense_bytes / artifact_bytes:.1f}" if dense_bytes and artifact_bytes else "n/a",
         format_version=info["format_version"], generator_version=info["generator_version"],
-        dataset=dataset, metrics_rows=[(_METRIC_NAMES.get(n, n), _cell(_fmt(v))) for n, v in metrics.items()],
-        recipe_rows=[(n, _cell(_fmt(v))) for n, v in recipe.items()],
+        dataset=dataset, metrics_rows=[(_METRIC_NAMES.get(n, n), _cell(format_value(v))) for n, v in metrics.items()],
+        recipe_rows=[(n, _cell(format_value(v))) for n, v in recipe.items()],
         label_names=label_names, num_classes=num_classes, top_k=min(5, num_classes) if num_classes else 5,
         image_size=f"{input_size[-2]} x {input_size[-1]}" + (", grayscale" if input_size[0] == 1 else ""),
         image_mode="L" if input_size[0] == 1 else "RGB",
@@ -175,7 +175,8 @@ def _render_card(directory: Path, repo_id: str | None) -> ModelCard:
                       artifact_bytes=weights.stat().st_size, directory_name=directory.resolve().name)
 
 
-def _fmt(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """A metric or recipe value as a card shows it (4 significant digits for floats, JSON for containers)."""
     if isinstance(value, float):
         return f"{value:.4g}" if not math.isnan(value) else "nan"
     return json.dumps(value) if isinstance(value, (list, dict, tuple)) else str(value)

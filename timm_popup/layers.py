@@ -128,6 +128,16 @@ class PopupMask(nn.Module):
         self._cache: tuple | None = None
         self._hint = native.new_hint()  # the threshold bracket the fused selection carries from step to step
 
+    def set_mode(self, mode: str) -> None:
+        """Switch to another of ``MODES`` (what ``timm_popup.methods`` and loading a supermask do)."""
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+        self.mode, self._cache = mode, None
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Replace the frozen weight (a re-seed) and forget what was computed from the old one."""
+        self.weight, self._cache = weight, None
+
     @property
     def learns_weight(self) -> bool:
         """Whether ``weight`` is a trainable parameter (dense or fixed-mask modes) rather than frozen."""

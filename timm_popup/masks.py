@@ -291,7 +291,7 @@ def filter_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> 
         # the parameter itself: load_state_dict's copy onto itself is a no-op
         out.update({key: mask.scores for key in keys[id(mask.scores)]})
     for mask in to_sample:
-        mask.mode, mask._cache = "sample", None
+        mask.set_mode("sample")
     if free:
         cfg.method = "supermask"
     artifact_keys = {f"{n}.{suffix}" for n in stored for suffix in ("mask", "mask_shape", "fingerprint", "kept")}

@@ -40,7 +40,7 @@ from torch.nn.utils import parametrize
 from ._io import atomic_write
 from .convert import is_norm, popup_masks
 from .export import dense_state_dict
-from .hub import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, _fmt, card_fields, push_artifact, save_pretrained
+from .hub import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, card_fields, format_value, push_artifact, save_pretrained
 from .init import random_weight
 from .layers import PopupMask, topk_mask, unmask_tensor
 from .masks import load_masks
@@ -107,7 +107,7 @@ def _learn_weights(model: nn.Module, method: str, masks: Mapping[str, torch.Tens
             if not isinstance(mask_module, PopupMask):
                 continue
             if masks is None:
-                mask_module.mode = "dense"
+                mask_module.set_mode("dense")
                 unmask_tensor(module, tensor_name)
                 continue
             mask = masks[mask_module.popup_name].to(device=mask_module.weight.device, dtype=torch.bool)
@@ -117,7 +117,7 @@ def _learn_weights(model: nn.Module, method: str, masks: Mapping[str, torch.Tens
             mask_module.weight = nn.Parameter(weight)
             mask_module.register_buffer("fixed_mask", mask, persistent=False)
             del mask_module.scores
-            mask_module.mode, mask_module._cache = "fixed", None
+            mask_module.set_mode("fixed")
     cfg = model.popup_config
     for qualname in cfg.frozen:
         owner, _, name = qualname.rpartition(".")
@@ -145,8 +145,7 @@ def make_supermask(model: nn.Module, *, init_artifact: Path | None = None) -> nn
     with torch.no_grad():
         for mask in popup_masks(model).values():
             mask.scores.add_(offset)
-            mask.mode = "sample"
-            mask._cache = None
+            mask.set_mode("sample")
     model.popup_config.method = "supermask"
     return model
 
@@ -219,10 +218,10 @@ def _dense_card(config: Mapping[str, Any], directory: Path) -> str:
              f'model = load_dense("{directory.name}")  # this directory', "```", ""]
     if metrics:
         lines += [f"## Results{f' on {dataset}' if dataset else ''}", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {name} | {_fmt(value)} |" for name, value in metrics.items()] + [""]
+        lines += [f"| {name} | {format_value(value)} |" for name, value in metrics.items()] + [""]
     if recipe:
         lines += ["## Training recipe", "", "| setting | value |", "|---|---|"]
-        lines += [f"| {name} | {_fmt(value)} |" for name, value in recipe.items()] + [""]
+        lines += [f"| {name} | {format_value(value)} |" for name, value in recipe.items()] + [""]
     return "\n".join(lines)
 
 
