@@ -310,3 +310,16 @@ def test_built_without_dense_init_where_the_policy_allows():
     calls.clear()
     build_converted(factory("resnet18"), dense=("fc",))  # a dense module keeps timm's init
     assert calls == ["cpu"]
+
+
+def test_published_tags_of_a_generic_architecture_are_registry_tags(monkeypatch):
+    """popup_<name> registers the masks the project declares for it as timm pretrained tags (hf_hub_id; as in
+    timm, the first tag with weights is the default), and never the dense weights of <name>."""
+    from timm_popup.models import popup_any
+
+    monkeypatch.setitem(popup_any.PUBLISHED, "popup_test_mambaout", {"ep_k50_test": "timm-popup/mambaout-test"})
+    assert timm.models.is_model("popup_test_mambaout")
+    tagged = timm.models.get_pretrained_cfg("popup_test_mambaout.ep_k50_test")
+    assert tagged.hf_hub_id == "timm-popup/mambaout-test" and tagged.hf_hub_filename == "model.safetensors"
+    assert timm.models.get_pretrained_cfg("popup_test_mambaout").hf_hub_id == "timm-popup/mambaout-test"
+    assert timm.models.get_pretrained_cfg("test_mambaout").hf_hub_id != "timm-popup/mambaout-test"
