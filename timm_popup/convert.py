@@ -197,7 +197,8 @@ def convert(
                 continue
             qualname = f"{mod_name}.{p_name}" if mod_name else p_name
             if is_masked_weight(p_name, p) and fans(_fan_shape(module, p_name) or p.shape)[0] == 1:
-                value = random_weight(p.shape, seed=seed, name=qualname, weight_init=weight_init, k=k)
+                value = random_weight(p.shape, seed=seed, name=qualname, weight_init=weight_init, k=k,
+                                      fan_shape=_fan_shape(module, p_name))
                 _freeze(module, p_name, value.to(p.dtype) if p.is_meta else value.to(p.device, p.dtype))
                 cfg.frozen[qualname] = "weight:all"
             elif is_masked_weight(p_name, p):
@@ -252,9 +253,10 @@ def regenerated(model: nn.Module, *, seed: int, k: float, weight_init: str) -> d
         if policy.startswith("draw:"):
             old = getattr(*_owner(model, qualname))
             out[qualname] = random_normal(old.shape, seed=seed, name=qualname, std=float(policy[len("draw:"):]))
-        elif policy == "weight:all":
-            old = getattr(*_owner(model, qualname))
-            out[qualname] = random_weight(old.shape, seed=seed, name=qualname, weight_init=weight_init, k=k)
+        elif policy == "weight:all":  # drawn as at conversion, CondConv's expert fans included
+            module, attr = _owner(model, qualname)
+            out[qualname] = random_weight(getattr(module, attr).shape, seed=seed, name=qualname,
+                                          weight_init=weight_init, k=k, fan_shape=_fan_shape(module, attr))
     return out
 
 
