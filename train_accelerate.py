@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -44,6 +45,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--init-artifact", default=None, metavar="PATH",
                    help="finetune, random-subnet: an edge-popup run's output dir (or its model.safetensors); the same "
                         "--model, --model-kwargs and --seed as that run")
+    g.add_argument("--slots", type=int, default=None, help="slot-machine: candidate values per weight (default 8)")
+    g.add_argument("--redraw-every", type=int, default=None,
+                   help="iterand: optimizer updates between re-draws of pruned weights (default 300)")
+    g.add_argument("--redraw-rate", type=float, default=None,
+                   help="iterand: probability that a pruned weight is re-drawn (default 0.1)")
     g.add_argument("--recipe", default="auto", help="auto (cifar for 32x32 models, else imagenet), cifar, imagenet")
     g.add_argument("--k", type=float, default=None, help="fraction of weights KEPT per layer (model default)")
     g.add_argument("--weight-init", default=None, help="weight distribution (default: signed_constant; dense: "
@@ -156,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         k = train.check_k(args.k, method)
         weight_init = train.check_weight_init(args.weight_init, method)
         init_artifact = train.check_init_artifact(args.init_artifact, method)
+        options = train.check_method_options(method, slots=args.slots, redraw_every=args.redraw_every,
+                                             redraw_rate=args.redraw_rate)
         for flag, least in (("workers", 0), ("train_samples", 1), ("val_samples", 1), ("keep_checkpoints", 1),
                             ("log_every", 1)):
             if getattr(args, flag) is not None and getattr(args, flag) < least:
@@ -199,7 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         mean, std = train.input_stats(model_name, ds, input_size, mean=args.mean, std=args.std, seed=args.seed)
         model = train.create_model(model_name, method=method, num_classes=ds.num_classes, input_size=input_size,
                                    k=k, weight_init=weight_init, seed=args.seed, model_kwargs=args.model_kwargs,
-                                   mean=mean, std=std, init_artifact=init_artifact, label_names=ds.class_names)
+                                   mean=mean, std=std, init_artifact=init_artifact, label_names=ds.class_names,
+                                   options=options)
         data_config = timm.data.resolve_data_config({}, model=model)
         augmentation = train.resolve_augmentation(data_config, epochs=recipe.epochs, no_aug=args.no_aug,
                                                   overrides={name: getattr(args, name) for name in _AUG_FLAGS})
@@ -239,6 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # with mixup, timm's Mixup makes soft targets and applies the label smoothing itself
     loss_fn = SoftTargetCrossEntropy() if mixup_fn else nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     train.use_portable_checkpoints(accelerator)
+    # the method's per-update hook (IteRand's re-draws) acts on the model itself, not on its DDP wrapper
+    after_update = (functools.partial(method.after_update, accelerator.unwrap_model(model))
+                    if method.after_update else None)
 
     # 5. Resume: model, optimizer and update count from the checkpoint; data order and augmentation are a
     # function of (seed, epoch), so the run continues exactly where the checkpoint left it.
@@ -278,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model, train_loader, optimizer, loss_fn, accelerator, epoch=epoch, num_updates=num_updates,
             scheduler=scheduler, clip_grad=recipe.clip_grad, total_steps=steps, mixup_fn=mixup_fn,
             lockstep=ds.streaming and accelerator.num_processes > 1, log_every=args.log_every,
-            desc=f"epoch {epoch + 1}/{recipe.epochs}")
+            desc=f"epoch {epoch + 1}/{recipe.epochs}", after_update=after_update)
         train.sync_batchnorm_stats(model, accelerator)
         metrics = train.evaluate(accelerator.unwrap_model(model), val_loader, device=accelerator.device,
                                  accelerator=accelerator)

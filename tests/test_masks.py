@@ -11,7 +11,16 @@ import torch
 from torch import nn
 
 from timm_popup.convert import convert, popup_masks
-from timm_popup.masks import MaskError, artifact_info, load_masks, pack_mask, read_mask_file, save_masks, unpack_mask
+from timm_popup.masks import (
+    FORMAT_VERSION,
+    MaskError,
+    artifact_info,
+    load_masks,
+    pack_mask,
+    read_mask_file,
+    save_masks,
+    unpack_mask,
+)
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +147,9 @@ def test_bad_inputs_each_give_a_clear_error(saved, tmp_path):
     cases.append(("popup_conv4", conv4, dict(seed=8), "found with seed=7"))
     cases.append(("popup_conv4", conv4, dict(k=0.5), "found with k=0.4"))
     cases.append(("popup_conv4", conv4, dict(weight_init="kaiming_normal"), "found with weight_init='signed_constant'"))
-    newer = _rewrite(conv4, tmp_path / "newer.safetensors", **{"__popup__.format_version": lambda t: t + 1})
-    cases.append(("popup_conv4", newer, {}, "format version 3, newer"))
+    newer = _rewrite(conv4, tmp_path / "newer.safetensors",
+                     **{"__popup__.format_version": lambda t: torch.tensor([FORMAT_VERSION + 1])})
+    cases.append(("popup_conv4", newer, {}, f"format version {FORMAT_VERSION + 1}, newer"))
     older = _rewrite(conv4, tmp_path / "older.safetensors", **{"__popup__.format_version": lambda t: t - 1})
     cases.append(("popup_conv4", older, {}, "format version 1 .* no longer reads"))
     other_w = _rewrite(conv4, tmp_path / "fp.safetensors", **{"features.0.weight.fingerprint": lambda t: 255 - t})

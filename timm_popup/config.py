@@ -17,8 +17,10 @@ POPUP_ARGS = ("k", "weight_init", "seed", "dense")
 class PopupConfig:
     """How a model's popup version was made; ``model.popup_config``.
 
-    ``frozen`` maps the qualified name of every other parameter of the original model to the policy that
-    froze it (``timm_popup.convert.PARAMETER_POLICY``); ``explicit`` names the arguments the caller chose
+    ``method`` is the training method (``timm_popup.methods``) whose mask the model holds; ``slots``,
+    ``redraw_every`` and ``redraw_rate`` are the options of the methods that have them. ``frozen`` maps the
+    qualified name of every other parameter of the original model to the policy that froze it
+    (``timm_popup.convert.PARAMETER_POLICY``); ``explicit`` names the arguments the caller chose
     (a loaded mask supplies the others).
     """
 
@@ -29,6 +31,9 @@ class PopupConfig:
     method: str = "edge-popup"
     explicit: tuple[str, ...] = ()
     frozen: dict[str, str] = field(default_factory=dict)
+    slots: int = 0  # slot-machine: candidate values per weight
+    redraw_every: int = 0  # iterand: optimizer updates between re-draws
+    redraw_rate: float = 0.0  # iterand: probability that a pruned weight is re-drawn
 
     def popup_args(self) -> dict[str, Any]:
         """k, weight_init, seed and dense as ``timm.create_model`` takes them."""

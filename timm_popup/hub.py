@@ -29,7 +29,7 @@ from torch import nn
 from ._io import atomic_write
 from .export import dense_state_dict
 from .init import GENERATOR_VERSION
-from .masks import FORMAT_VERSION, MaskError, artifact_info, read_mask_file, save_masks
+from .masks import MaskError, artifact_format, artifact_info, read_mask_file, save_masks
 
 __all__ = ["save_pretrained", "push_to_hub", "push_artifact", "model_card", "model_stats", "check_push_access",
            "PushError", "format_value", "card_fields", "CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME", "ARTIFACT_FILES"]
@@ -99,7 +99,9 @@ def model_card(config: Mapping[str, Any], info: Mapping[str, Any], *, repo_id: s
     stats = popup.get("stats") or {}
     return ModelCard.from_template(
         card_data, template_path=str(_template_path()),
-        free_density=info.get("density") == "free",
+        free_density=info.get("density") == "free", method_name=info.get("method", "edge-popup"),
+        method_text=_METHOD_TEXT.get(info.get("method"), "").format(k=100 * float(info["k"]), slots=info.get("slots")),
+        method_paper=_METHOD_PAPER.get(info.get("method")), bits_per_weight=info.get("bits_per_weight"),
         model_id=model_id, load_name=f"hf-hub:{repo_id}" if repo_id else f"local-dir:{directory_name}",
         eval_name=f"hf-hub:{repo_id}" if repo_id else directory_name, k_percent=f"{100 * float(info['k']):g}",
         architecture=architecture, registered=architecture.startswith("popup_") and is_model(architecture),
@@ -118,6 +120,32 @@ def model_card(config: Mapping[str, Any], info: Mapping[str, Any], *, repo_id: s
         params_m=_stat(stats.get("params"), 1e6), gmacs=_stat(stats.get("macs"), 1e9),
         activations_m=_stat(stats.get("activations"), 1e6),
     )
+
+
+# How a card describes the artifact of each method that followed the paper (timm_popup.methods); edge-popup and
+# supermask cards keep their own wording.
+_METHOD_TEXT = {
+    "global-topk": "global top-k: the {k:g}% of all the network's random weights with the largest learned scores, "
+                   "one threshold across layers",
+    "biprop": "biprop, MPT-1/32: in each layer the {k:g}% of the random weights with the largest learned scores, "
+              "binarised to +-alpha per layer",
+    "iterand": "IteRand: in each layer the {k:g}% of the weights with the largest learned scores, pruned weights "
+               "having been re-drawn from seeded streams during the search",
+    "signed-supermask": "signed supermask: in each layer the {k:g}% of the weights with the largest |score|, each "
+                        "kept with its sign or flipped",
+    "slot-machine": "slot machine: every weight is one of {slots} seeded random values, chosen by learned scores; "
+                    "nothing is pruned",
+}
+_METHOD_PAPER = {
+    "biprop": "Multi-Prize Lottery Ticket Hypothesis (Diffenderfer & Kailkhura, ICLR 2021): "
+              "https://arxiv.org/abs/2103.09377",
+    "iterand": "Pruning Randomly Initialized Neural Networks with Iterative Randomization (Chijiwa et al., NeurIPS "
+               "2021): https://arxiv.org/abs/2106.09269",
+    "signed-supermask": "Signing the Supermask: Keep, Hide, Invert (Koster et al., ICLR 2022): "
+                        "https://arxiv.org/abs/2201.13361",
+    "slot-machine": "Slot Machines: Discovering Winning Combinations of Random Weights in Neural Networks (Aladago "
+                    "& Torresani, ICML 2021): https://arxiv.org/abs/2101.06475",
+}
 
 
 def _stat(value: float | None, unit: float) -> str:
@@ -223,7 +251,9 @@ def save_pretrained(
     # re-rendered from the files alone, e.g. by push_artifact for the repo it lands in.
     # the fp32 checkpoint of the same network: weights are (non-persistent) buffers here, scores are not in it
     dense_bytes = sum(t.numel() * t.element_size() for t in dense_state_dict(model).values())
-    popup = dict(format_version=FORMAT_VERSION, generator_version=GENERATOR_VERSION, **_popup_args(model),
+    cfg = model.popup_config
+    popup = dict(format_version=artifact_format(cfg.method), generator_version=GENERATOR_VERSION,
+                 **({"method": cfg.method} if cfg.method != "edge-popup" else {}), **_popup_args(model),
                  dense_bytes=dense_bytes, stats=model_stats(model), timm_popup_version=_version())
     popup.update(card_fields(metrics=metrics, dataset=dataset, recipe=recipe))
     atomic_write(directory / CONFIG_NAME, lambda tmp: save_config_for_hf(

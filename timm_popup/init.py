@@ -43,7 +43,8 @@ import torch
 from . import native
 
 __all__ = ["WEIGHT_INITS", "DEFAULT_WEIGHT_INIT", "GENERATOR_VERSION", "fans", "init_std", "stream_key",
-           "random_weight", "random_normal", "check_k", "check_weight_init", "draw_reference", "splitmix64"]
+           "random_uniform", "random_weight", "random_normal", "check_k", "check_weight_init", "draw_reference",
+           "splitmix64"]
 
 GENERATOR_VERSION = 2
 
@@ -216,3 +217,8 @@ def random_weight(
 def random_normal(shape: Sequence[int], *, seed: int, name: str, std: float) -> torch.Tensor:
     """Seeded N(0, std**2) float32 values for the frozen tensor ``name`` (embeddings, position tables)."""
     return native.generate(shape, stream_key(seed, name), "normal", float(std))
+
+
+def random_uniform(shape: Sequence[int], *, seed: int, name: str) -> torch.Tensor:
+    """Seeded U(-1, 1) float32 values of stream ``name``: the coin flips of seeded decisions (IteRand's re-draws)."""
+    return native.generate(shape, stream_key(seed, name), "uniform", 1.0 / math.sqrt(3.0))

@@ -21,6 +21,19 @@ The same masks serve the paper's baselines through a per-tensor ``mode`` (set by
 * ``"fixed"`` (training the weights of a given subnetwork): ``weight`` is a trainable parameter multiplied by
   the boolean buffer ``fixed_mask``; there are no scores.
 * ``"dense"`` (the learned-dense baseline): ``weight`` is a trainable parameter used unmasked; no scores.
+
+The strong-lottery-ticket methods that followed the paper are modes of the same mask (``timm_popup.methods``):
+
+* ``"global"`` (global top-k): one threshold over the |scores| of every tensor of a :class:`MaskGroup`, so that
+  round(k * N) weights of the whole network are kept and each tensor's density is free.
+* ``"binary"`` (biprop / multi-prize tickets, MPT-1/32): the kept weights are binarised to ``+-alpha``, alpha the
+  mean |weight| of the tensor's kept weights.
+* ``"signed"`` (signed supermask): keep the top-k |scores| and multiply each kept weight by the sign of its score
+  (keep, drop or flip the sign); the gradient passes straight through to the signed score.
+* ``"slots"`` (slot machines): every weight chooses one of K seeded candidate values (``candidates``, K scores
+  per weight), the one of highest score; nothing is pruned.
+* IteRand is the ``"topk"`` mode plus :meth:`PopupMask.redraw`: pruned weights re-drawn from seeded streams,
+  each weight's last re-draw event kept in the persistent buffer ``redraws``.
 """
 
 from __future__ import annotations
@@ -33,11 +46,17 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import native
-from .init import check_k, check_weight_init, fans, random_weight, stream_key
+from .init import check_k, check_weight_init, fans, random_uniform, random_weight, stream_key
 
-__all__ = ["PopupMask", "MODES", "num_kept", "topk_mask", "fused_masked_weight", "mask_tensor", "unmask_tensor"]
+__all__ = ["PopupMask", "MaskGroup", "MODES", "SLT_MODES", "METHOD_MODES", "use_method", "binary_alpha", "binarized",
+           "slot_candidates", "num_kept", "topk_mask", "fused_masked_weight", "mask_tensor", "unmask_tensor"]
 
-MODES = ("topk", "sample", "fixed", "dense")
+MODES = ("topk", "sample", "fixed", "dense", "global", "binary", "signed", "slots")
+#: the modes whose forward is ``_select`` then ``_masked`` (the strong-lottery-ticket methods)
+SLT_MODES = ("global", "binary", "signed", "slots")
+#: the mask mode of every training method that learns a mask (``timm_popup.methods``; an artifact records the method)
+METHOD_MODES = {"edge-popup": "topk", "supermask": "sample", "global-topk": "global", "biprop": "binary",
+                "signed-supermask": "signed", "slot-machine": "slots", "iterand": "topk"}
 
 def num_kept(n: int, k: float) -> int:
     """Number of weights a tensor of ``n`` keeps at fraction ``k`` (Python's ``round``)."""
@@ -83,6 +102,79 @@ class _SampledMask(_StraightThrough):
         return (grad * weight).mul_(p * (1 - p)), None, None
 
 
+class _PlainStraightThrough(torch.autograd.Function):
+    """weight * mask forward (``mask`` may hold -1 / 0 / 1); d(loss)/d(scores) = grad * weight backward: the
+    signed supermask's rule, where the score's sign is the weight's sign, not a symmetry to divide out."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        return grad * weight, None, None
+
+
+class _SlotSelect(torch.autograd.Function):
+    """Slot machines' greedy choice: forward the candidate of highest score of every weight; backward
+    d(loss)/d(score_j) = grad * candidate_j for every candidate j (straight through the argmax)."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, candidates: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(candidates)
+        return candidates.gather(0, choice.unsqueeze(0)).squeeze(0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (candidates,) = ctx.saved_tensors
+        return grad.unsqueeze(0) * candidates, None, None
+
+
+def binary_alpha(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """biprop's scale: the mean |weight| over the kept weights (the value that minimises the L2 error of the
+    binarised kept weights), summed in float64 so that it is the same float32 wherever it is computed."""
+    return ((weight.double().abs() * mask).sum() / mask.sum().clamp(min=1)).to(weight.dtype)
+
+
+def binarized(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """biprop's binary weights: ``sign(weight) * alpha`` (:func:`binary_alpha`)."""
+    return weight.sign() * binary_alpha(weight, mask)
+
+
+def slot_candidates(base: torch.Tensor, *, slots: int, seed: int, name: str, weight_init: str, k: float,
+                    fan_shape: Sequence[int]) -> torch.Tensor:
+    """The ``slots`` seeded candidate values of every weight of tensor ``name``: candidate 0 is the tensor's own
+    draw (``base``, what the artifact fingerprints), candidate j > 0 the draw of ``name#slot<j>``."""
+    draws = [base] + [random_weight(base.shape, seed=seed, name=f"{name}#slot{j}", weight_init=weight_init, k=k,
+                                    fan_shape=fan_shape).to(base.device) for j in range(1, slots)]
+    return torch.stack(draws)
+
+
+class MaskGroup:
+    """The tensors that share one global top-k: ``round(k * N)`` of their N weights are kept, those of largest
+    |score| over the whole group (ties to the lowest index in group order, the order of the model's tensors).
+
+    Computed once per change of any member's scores (their versions are the key) and shared by the members'
+    forwards, so one training step selects once. A plain object, not a module: the members stay the model's."""
+
+    def __init__(self, masks: Sequence[PopupMask], k: float) -> None:
+        self.members, self.k = list(masks), check_k(k)
+        self._key: tuple | None = None
+        self._masks: dict[int, torch.Tensor] = {}
+
+    def mask_of(self, member: PopupMask) -> torch.Tensor:
+        key = tuple((m.scores._version, m.scores.data_ptr()) for m in self.members)
+        if key != self._key:
+            with torch.no_grad():
+                flat = torch.cat([m.scores.detach().reshape(-1) for m in self.members])
+                keep = topk_mask(flat, self.k).split([m.scores.numel() for m in self.members])
+            self._masks = {id(m): part.view(m.scores.shape) for m, part in zip(self.members, keep, strict=True)}
+            self._key = key
+        return self._masks[id(member)]
+
+
 class PopupMask(nn.Module):
     """The parametrization ``weight -> frozen * h(scores)`` of one weight tensor (module docstring)."""
 
@@ -94,6 +186,8 @@ class PopupMask(nn.Module):
     popup_name: str
     #: One of ``MODES`` (module docstring); only ``timm_popup.methods`` (and loading a supermask) changes it.
     mode: str = "topk"
+    #: the tensors this one shares a global top-k with (mode ``"global"``)
+    group: MaskGroup | None = None
 
     def __init__(self, shape: Sequence[int], *, name: str, k: float, weight_init: str, seed: int,
                  fan_shape: Sequence[int] | None = None, device: torch.device | str | None = None,
@@ -155,6 +249,8 @@ class PopupMask(nn.Module):
             return self._cached()[1]
         if mode == "fixed":
             return self.fixed_mask
+        if mode in SLT_MODES:
+            return self._select() if self.training else self._cached()[1]
         return torch.ones_like(self.weight, dtype=torch.bool)
 
     def forward(self, placeholder: torch.Tensor) -> torch.Tensor:
@@ -176,14 +272,112 @@ class PopupMask(nn.Module):
             return self._cached()[2]
         if mode == "fixed":  # the product keeps masked weights' gradient exactly zero, so they stay zero
             return self.weight * self.fixed_mask
+        if mode in SLT_MODES:
+            if self.training:
+                return self._masked(self._select())
+            if torch.is_grad_enabled() and self.scores.requires_grad:
+                return self._masked(self._cached()[1])
+            return self._cached()[2]
         return self.weight
+
+    def _select(self) -> torch.Tensor:
+        """The kept weights of a strong-lottery-ticket mode, from the current scores (module docstring)."""
+        mode = self.mode
+        if mode == "global":
+            return self.group.mask_of(self)
+        if mode == "slots":  # every weight is used: the scores choose its value, not whether it is kept
+            return torch.ones_like(self.weight, dtype=torch.bool)
+        return topk_mask(self.scores, self.k)
+
+    def _masked(self, mask: torch.Tensor) -> torch.Tensor:
+        """The weight a strong-lottery-ticket mode computes with, under ``mask``, with its straight-through rule."""
+        mode, scores = self.mode, self.scores
+        if mode == "binary":
+            return _StraightThrough.apply(scores, binarized(self.weight, mask), mask)
+        if mode == "signed":
+            kept = mask.to(self.weight.dtype)
+            return _PlainStraightThrough.apply(scores, self.weight, torch.where(scores.detach() < 0, -kept, kept))
+        if mode == "slots":
+            return _SlotSelect.apply(scores, self.candidates, scores.detach().argmax(0))
+        return _StraightThrough.apply(scores, self.weight, mask)
+
+    def flips(self) -> torch.Tensor:
+        """Signed supermask: where the score is negative, i.e. the kept weight's sign is flipped."""
+        return self.scores.detach() < 0
+
+    def slot_choice(self) -> torch.Tensor:
+        """Slot machines: the index of every weight's chosen candidate (the highest score; ties to the lowest)."""
+        return self.scores.detach().argmax(0)
+
+    def set_slots(self, slots: int) -> None:
+        """Switch to slot machines with ``slots`` seeded candidates per weight and fresh scores, one per candidate."""
+        if slots < 2:
+            raise ValueError(f"slot machines need at least 2 candidate values per weight, not {slots}")
+        candidates = slot_candidates(self.weight, slots=slots, seed=self.seed, name=self.popup_name,
+                                     weight_init=self.weight_init, k=self.k, fan_shape=self.fan_shape)
+        self.register_buffer("candidates", candidates, persistent=False)
+        self.weight = self.candidates[0]
+        self.scores = nn.Parameter(torch.empty(self.candidates.shape, device=self.weight.device))
+        self.reset_scores()
+        self.set_mode("slots")
+
+    def redraw(self, event: int, rate: float) -> None:
+        """IteRand (Chijiwa et al. 2021): re-draw each pruned weight with probability ``rate`` from the seeded
+        stream ``<name>#iterand<event>``, so the weights stay a function of the seed and the events; the event
+        of each weight's last re-draw is kept in ``redraws`` (checkpointed; an artifact keeps the kept ones')."""
+        with torch.no_grad():
+            shape, device = self.weight.shape, self.weight.device
+            pick = random_uniform(shape, seed=self.seed, name=f"{self.popup_name}#iterand-pick{event}").abs() < rate
+            chosen = pick.to(device) & ~topk_mask(self.scores, self.k)
+            new = random_weight(shape, seed=self.seed, name=f"{self.popup_name}#iterand{event}",
+                                weight_init=self.weight_init, k=self.k, fan_shape=self.fan_shape).to(device)
+            self.redraws.masked_fill_(chosen, event)
+            self.set_weight(torch.where(chosen, new, self.weight))
+
+    def weight_seeded(self) -> torch.Tensor:
+        """The tensor's draw from the seed (what an artifact fingerprints): ``weight`` unless IteRand re-drew some."""
+        if "redraws" in self._buffers and bool(self.redraws.any()):
+            return random_weight(self.weight.shape, seed=self.seed, name=self.popup_name,
+                                 weight_init=self.weight_init, k=self.k, fan_shape=self.fan_shape)
+        return self.weight
+
+    def track_redraws(self) -> None:
+        """Start IteRand's record: ``redraws`` (the event of each weight's last re-draw, 0: the seed's draw) is
+        a persistent buffer, so a checkpoint holds it and a resumed run rebuilds the same weights."""
+        if "redraws" not in self._buffers:
+            self.register_buffer("redraws", torch.zeros(self.weight.shape, dtype=torch.int16,
+                                                        device=self.weight.device))
+
+    def rebuild_redrawn(self) -> None:
+        """Recompute ``weight`` from the seed and ``redraws`` (after a checkpoint or an artifact is loaded)."""
+        weight = random_weight(self.weight.shape, seed=self.seed, name=self.popup_name, weight_init=self.weight_init,
+                               k=self.k, fan_shape=self.fan_shape)
+        redraws = self.redraws.cpu()
+        for event in torch.unique(redraws).tolist():
+            if event:
+                new = random_weight(weight.shape, seed=self.seed, name=f"{self.popup_name}#iterand{event}",
+                                    weight_init=self.weight_init, k=self.k, fan_shape=self.fan_shape)
+                weight = torch.where(redraws == event, new, weight)
+        self.set_weight(weight.to(self.weight.device))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "redraws" in state_dict:  # an IteRand checkpoint: its weights are the seed's plus re-draws
+            self.rebuild_redrawn()
 
     def _cached(self) -> tuple:
         # Eval mode: mask once, reuse until the scores change (in-place updates bump _version). Whatever
         # changes ``mode`` resets ``_cache``, which keeps the mode out of edge-popup's per-forward key.
         s = self.scores
         key = (s._version, s.data_ptr(), self.k, self.weight.data_ptr())
+        if self.mode == "global":  # another member's scores move the shared threshold
+            key += tuple(m.scores._version for m in self.group.members)
         if self._cache is None or self._cache[0] != key:
+            if self.mode in SLT_MODES:
+                mask = self._select()
+                with torch.no_grad():
+                    self._cache = (key, mask, self._masked(mask))
+                return self._cache
             # sample mode's eval mask: sigmoid(s) > 0.5 without rounding sigmoid near 0.5
             mask = topk_mask(s, self.k) if self.mode == "topk" else s.detach() > 0
             self._cache = (key, mask, self.weight * mask)
@@ -193,6 +387,21 @@ class PopupMask(nn.Module):
         mode = "" if self.mode == "topk" else f", mode={self.mode}"
         return f"{self.popup_name}: {tuple(self.weight.shape)}, k={self.k}, weight_init={self.weight_init}, " \
                f"seed={self.seed}{mode}"
+
+
+def use_method(masks: Sequence[PopupMask], method: str, *, k: float, slots: int = 0) -> None:
+    """Put ``masks`` (all of a model's) in the mode of ``method`` (``METHOD_MODES``): global top-k groups them,
+    slot machines draw ``slots`` candidates per weight. Scores are kept except where slots replace them."""
+    if method not in METHOD_MODES:
+        raise ValueError(f"unknown mask method {method!r}; choose one of: {', '.join(METHOD_MODES)}")
+    mode = METHOD_MODES[method]
+    group = MaskGroup(masks, k) if mode == "global" else None
+    for mask in masks:
+        if mode == "slots":
+            mask.set_slots(slots)
+        else:
+            mask.set_mode(mode)
+        mask.group = group
 
 
 def mask_tensor(module: nn.Module, tensor_name: str, mask: PopupMask) -> None:

@@ -20,6 +20,21 @@ File format (version 2), all tensors, because ``safetensors.torch.load_file`` dr
   Top-k files do not hold these keys; a reader without them rejects a free-density file with
   the "not round(k*n)" error, never silently.
 
+Format 3 (the methods that followed the paper, ``timm_popup.methods``; edge-popup and supermask files stay
+format 2, byte for byte): everything above, plus ``__popup__.method`` uint8[] (UTF-8: ``global-topk``,
+``biprop``, ``iterand``, ``signed-supermask``, ``slot-machine``) and per method:
+
+* ``global-topk``: ``NAME.kept`` per tensor; their sum must be ``round(k * N)`` over the file's tensors.
+* ``biprop``: ``NAME.alpha`` float32[1], the tensor's binary scale, recomputed from the regenerated weights and
+  compared on load.
+* ``signed-supermask``: ``NAME.flips`` uint8[], one bit per kept weight (in flat order): its sign is flipped.
+* ``iterand``: ``NAME.redraws`` (per kept weight, the event of its last re-draw, 0 for none, as
+  ``NAME.redraw_bits`` bits each) and ``__popup__.redraw_rate`` / ``__popup__.redraw_every`` for the record.
+* ``slot-machine``: no ``NAME.mask`` (every weight is used); ``NAME.slot``, each weight's candidate index at
+  ceil(log2(slots)) bits, and ``__popup__.slots``.
+
+Packed unsigned values (``pack_uint``): value i's bit b is bit ``i * bits + b`` of the little-endian bit stream.
+
 Version history: 1 keyed masks by module name (``conv1.mask``) on generator version 1; 2 keys them by tensor
 name on generator version 2 (any weight tensor of any module is masked). A version-1 file is refused with the
 reason.
@@ -46,17 +61,32 @@ from torch import nn
 from ._io import atomic_write
 from .convert import frozen_tensors, popup_masks, regenerated, reseed
 from .init import GENERATOR_VERSION, check_k, check_weight_init
-from .layers import num_kept
+from .layers import binary_alpha, num_kept, use_method
 
-__all__ = ["FORMAT_VERSION", "MaskError", "mask_state_dict", "save_masks", "load_masks", "filter_state_dict",
-           "pack_mask", "unpack_mask", "artifact_info", "recorded_args"]
+__all__ = ["FORMAT_VERSION", "OLDEST_FORMAT", "artifact_format", "pack_uint", "unpack_uint", "MaskError",
+           "mask_state_dict", "save_masks", "load_masks", "filter_state_dict", "pack_mask", "unpack_mask",
+           "artifact_info", "recorded_args"]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+#: the oldest format this release still reads
+OLDEST_FORMAT = 2
+#: methods whose artifacts need no format-3 key (written as format 2: older releases read them)
+_FORMAT2_METHODS = ("edge-popup", "supermask")
+#: per-tensor keys of an artifact, other than the tensor's state
+_TENSOR_KEYS = ("mask", "mask_shape", "fingerprint", "kept", "alpha", "flips", "redraws", "redraw_bits", "slot")
+#: the keys that carry the artifact's information per weight (what ``bits_per_weight`` counts)
+_PAYLOAD_KEYS = ("mask", "flips", "redraws", "slot")
 _META = "__popup__."
 
 
 class MaskError(ValueError):
     """A mask file that cannot be trusted for this model; the message says why and what to do."""
+
+
+def artifact_format(method: str) -> int:
+    """The format an artifact of ``method`` is written in: the oldest that can hold it (edge-popup and supermask
+    files stay format 2, readable by older releases)."""
+    return OLDEST_FORMAT if method in _FORMAT2_METHODS else FORMAT_VERSION
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -73,6 +103,23 @@ def unpack_bits(packed: torch.Tensor, n: int) -> np.ndarray:
 
 def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(unpack_bits(packed, math.prod(shape)).astype(bool)).reshape(shape)
+
+
+def pack_uint(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned integers ``values`` (any shape, flattened) at ``bits`` bits each, little-endian (module docstring)."""
+    v = values.detach().cpu().flatten().numpy().astype(np.uint64)
+    planes = (v[:, None] >> np.arange(bits, dtype=np.uint64)) & np.uint64(1)
+    return torch.from_numpy(np.packbits(planes.astype(np.uint8).reshape(-1), bitorder="little"))
+
+
+def unpack_uint(packed: torch.Tensor, n: int, bits: int) -> np.ndarray:
+    """The ``n`` values of :func:`pack_uint` (int64)."""
+    planes = unpack_bits(packed, n * bits).reshape(n, bits).astype(np.int64)
+    return (planes << np.arange(bits, dtype=np.int64)).sum(axis=1)
+
+
+def _bits_for(largest: int) -> int:
+    return max(1, int(largest).bit_length())
 
 
 def _sha256(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -107,26 +154,46 @@ def mask_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     if cfg is None or not layers:
         raise MaskError("this model has no popup layers: build it with timm.create_model('popup_...') or "
                         "timm_popup.convert(model) before saving a mask")
+    method = cfg.method
     out: dict[str, torch.Tensor] = {
-        _META + "format_version": torch.tensor([FORMAT_VERSION]),
+        _META + "format_version": torch.tensor([artifact_format(method)]),
         _META + "generator_version": torch.tensor([GENERATOR_VERSION]),
         _META + "seed": torch.tensor([cfg.seed]),
         _META + "k": torch.tensor([cfg.k], dtype=torch.float64),
         _META + "weight_init": torch.tensor(list(cfg.weight_init.encode()), dtype=torch.uint8),
         _META + "frozen_fingerprint": _frozen_fingerprint(model),
     }
+    if method not in _FORMAT2_METHODS:
+        out[_META + "method"] = torch.tensor(list(method.encode()), dtype=torch.uint8)
+    if method == "slot-machine":
+        out[_META + "slots"] = torch.tensor([cfg.slots])
+    if method == "iterand":
+        out[_META + "redraw_every"] = torch.tensor([cfg.redraw_every])
+        out[_META + "redraw_rate"] = torch.tensor([cfg.redraw_rate], dtype=torch.float64)
     free = any(layer.mode == "sample" for layer in layers.values())
     if free:
         out[_META + "free_density"] = torch.tensor([1])
     for name, layer in layers.items():
+        out[f"{name}.mask_shape"] = torch.tensor(list(layer.weight.shape))
+        out[f"{name}.fingerprint"] = _sha256([layer.weight_seeded().float()])
+        if layer.mode == "slots":
+            out[f"{name}.slot"] = pack_uint(layer.slot_choice(), _bits_for(cfg.slots - 1))
+            continue
         mask = layer.get_mask()
         out[f"{name}.mask"] = pack_mask(mask)
-        out[f"{name}.mask_shape"] = torch.tensor(list(layer.weight.shape))
-        out[f"{name}.fingerprint"] = _sha256([layer.weight.float()])
-        if free:
+        if free or layer.mode == "global":
             out[f"{name}.kept"] = torch.tensor([int(mask.sum())])
+        if layer.mode == "binary":
+            out[f"{name}.alpha"] = binary_alpha(layer.weight, mask).reshape(1).cpu()
+        if layer.mode == "signed":
+            out[f"{name}.flips"] = pack_mask(layer.flips()[mask])
+        if method == "iterand":
+            events = layer.redraws[mask]
+            bits = _bits_for(int(events.max()) if events.numel() else 0)
+            out[f"{name}.redraws"] = pack_uint(events, bits)
+            out[f"{name}.redraw_bits"] = torch.tensor([bits])
     for name, tensor in model.state_dict().items():
-        if not name.endswith(".scores") and name != "scores":
+        if name.rpartition(".")[2] not in ("scores", "redraws"):
             out[name] = tensor.detach().cpu().contiguous().clone()
     out[_META + "checksum"] = _checksum(out)
     return out
@@ -170,7 +237,7 @@ def recorded_args(path: str | os.PathLike) -> dict | None:
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
             sd = {key: f.get_tensor(key) for key in f.keys() if key.startswith(_META)}
-        if int(_scalar(sd, "format_version")) != FORMAT_VERSION:
+        if not OLDEST_FORMAT <= int(_scalar(sd, "format_version")) <= FORMAT_VERSION:
             return None
         args = _popup_args(sd)
         check_k(args["k"]), check_weight_init(args["weight_init"])
@@ -180,14 +247,23 @@ def recorded_args(path: str | os.PathLike) -> dict | None:
 
 
 def artifact_info(sd: dict[str, torch.Tensor]) -> dict:
-    """What a mask artifact holds: format, seed, k, weight distribution, layers, kept/total weights."""
+    """What a mask artifact holds: format, method, seed, k, weight distribution, layers, kept/total weights and
+    the bits it stores per weight (its masks and what its method adds, per weight of the masked tensors)."""
     _check_format(sd)
-    layers = {n[: -len(".mask")]: tuple(sd[n + "_shape"].tolist()) for n in sd if n.endswith(".mask")}
+    method = _method(sd)
+    layers = _stored_tensors(sd)
     total = sum(math.prod(s) for s in layers.values())
-    kept = sum(int(np.count_nonzero(unpack_bits(sd[f"{n}.mask"], math.prod(s)))) for n, s in layers.items())
-    return dict(format_version=int(_scalar(sd, "format_version")), **_popup_args(sd),
+    kept = sum(int(np.count_nonzero(unpack_bits(sd[f"{n}.mask"], math.prod(s)))) if f"{n}.mask" in sd
+               else math.prod(s) for n, s in layers.items())
+    payload = sum(sd[f"{n}.{key}"].numel() * 8 for n in layers for key in _PAYLOAD_KEYS if f"{n}.{key}" in sd)
+    density = {"supermask": "free", "global-topk": "global top-k", "slot-machine": "all (one of K values each)"}
+    info = dict(format_version=int(_scalar(sd, "format_version")), method=method, **_popup_args(sd),
                 generator_version=int(_scalar(sd, "generator_version")), layers=len(layers),
-                total_weights=total, kept_weights=kept, density="free" if _free_density(sd) else "top-k")
+                total_weights=total, kept_weights=kept, density=density.get(method, "top-k"),
+                bits_per_weight=round(payload / max(total, 1), 3))
+    if method == "slot-machine":
+        info["slots"] = int(_scalar(sd, "slots"))
+    return info
 
 
 def _free_density(sd: dict[str, torch.Tensor]) -> bool:
@@ -206,8 +282,8 @@ def _check_format(sd: dict[str, torch.Tensor]) -> None:
     version = int(sd[_META + "format_version"].item())
     if version > FORMAT_VERSION:
         raise MaskError(f"this mask uses format version {version}, newer than this timm-popup reads "
-                        f"({FORMAT_VERSION}): upgrade timm-popup (pip install -U timm-popup)")
-    if version < FORMAT_VERSION:
+                        f"(up to {FORMAT_VERSION}): upgrade timm-popup (pip install -U timm-popup)")
+    if version < OLDEST_FORMAT:
         raise MaskError(f"this mask uses format version {version} (masks of generator version "
                         f"{int(sd[_META + 'generator_version'].item())}), which this timm-popup no longer reads: "
                         f"find the mask again with this release (format {FORMAT_VERSION})")
@@ -219,16 +295,56 @@ def _check_format(sd: dict[str, torch.Tensor]) -> None:
         raise MaskError("the mask file's checksum does not match its contents: it is corrupt; download it again")
 
 
+def _method(sd: dict[str, torch.Tensor]) -> str:
+    """The training method an artifact records (format 2: edge-popup, or supermask for a free-density file)."""
+    if _META + "method" in sd:
+        return bytes(sd[_META + "method"].tolist()).decode()
+    return "supermask" if _free_density(sd) else "edge-popup"
+
+
+def _stored_tensors(sd: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {n[: -len(".mask_shape")]: tuple(sd[n].tolist()) for n in sd if n.endswith(".mask_shape")}
+
+
+def _decode(sd: dict[str, torch.Tensor], name: str, n: int, method: str, k: float) -> dict[str, np.ndarray]:
+    """One tensor's verified payload: its mask bits and what its method adds (flips, re-draw events, slots)."""
+    if method == "slot-machine":
+        slots = int(_scalar(sd, "slots"))
+        choice = unpack_uint(sd[f"{name}.slot"], n, _bits_for(slots - 1))
+        if choice.size and int(choice.max()) >= slots:
+            raise MaskError(f"tensor {name} chooses candidate {int(choice.max())} of {slots}: the mask file is "
+                            "corrupt; download it again")
+        return dict(bits=np.ones(n, dtype=np.uint8), slot=choice)
+    bits = unpack_bits(sd[f"{name}.mask"], n)
+    kept = int(np.count_nonzero(bits))
+    if _free_density(sd) or method == "global-topk":
+        if f"{name}.kept" not in sd or kept != int(sd[f"{name}.kept"].item()):
+            raise MaskError(f"tensor {name} keeps {kept} of {n} weights, not the count the file records: the mask "
+                            "file is corrupt; download it again")
+    elif kept != num_kept(n, k):
+        raise MaskError(f"tensor {name} keeps {kept} of {n} weights, not round(k*n) for k={k}: the mask was saved "
+                        "with another k or is corrupt")
+    out = dict(bits=bits)
+    if method == "signed-supermask":
+        out["flips"] = unpack_bits(sd[f"{name}.flips"], kept)
+    if method == "iterand":
+        out["redraws"] = unpack_uint(sd[f"{name}.redraws"], kept, int(sd[f"{name}.redraw_bits"].item()))
+    return out
+
+
 def filter_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """timm ``pretrained_filter_fn``: verify a mask artifact against ``model`` and turn it into a state dict.
 
     Adopts the artifact's seed / k / weight distribution where the caller did not choose them, then checks every
-    tensor's regenerated weights against the stored fingerprints. The model changes only once all checks pass.
+    tensor's regenerated weights against the stored fingerprints. The model changes only once all checks pass;
+    then its masks take the artifact's method (``timm_popup.layers.use_method``) and scores that reproduce the
+    artifact exactly under it (1 kept / 0 dropped; -1 for a flipped sign; a one-hot choice of slot).
     """
     sd = state_dict
     _check_format(sd)
     cfg = model.popup_config
     found = _popup_args(sd)
+    method = _method(sd)
     current = dict(seed=cfg.seed, k=cfg.k, weight_init=cfg.weight_init)
     for key, value in found.items():
         if current[key] != value and key in cfg.explicit:
@@ -239,41 +355,39 @@ def filter_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> 
 
     classifiers = _classifiers(model)
     masks = popup_masks(model)
-    stored = {n[: -len(".mask")] for n in sd if n.endswith(".mask")}
+    stored = _stored_tensors(sd)
     is_head = {name: name.rpartition(".")[0] in classifiers for name in masks}
-    if stored - set(masks) or {n for n in set(masks) - stored if not is_head[n]}:
-        missing, extra = sorted(set(masks) - stored)[:3], sorted(stored - set(masks))[:3]
+    if set(stored) - set(masks) or {n for n in set(masks) - set(stored) if not is_head[n]}:
+        missing, extra = sorted(set(masks) - set(stored))[:3], sorted(set(stored) - set(masks))[:3]
         raise MaskError(f"this mask is for another architecture (model tensors without a mask: {missing}, "
                         f"mask tensors not in the model: {extra}): load it with the model it was saved from")
-    keys: dict[int, list[str]] = {}  # a module shared by several blocks (CoaT) has a key under each path
-    for key, p in model.named_parameters(remove_duplicate=False):
-        keys.setdefault(id(p), []).append(key)
-    out: dict[str, torch.Tensor] = {}
-    free, to_sample, heads, found_scores = _free_density(sd), [], [], []
+    heads, found_payload = [], []
     for name, mask in masks.items():
         shape = tuple(mask.weight.shape)
-        weight = new[name] if new is not None else mask.weight
-        stored_shape = tuple(sd[f"{name}.mask_shape"].tolist()) if name in stored else None
-        if stored_shape != shape:
+        weight = new[name] if new is not None else mask.weight_seeded()
+        if stored.get(name) != shape:
             if is_head[name]:  # another num_classes: keep the model's fresh popup classifier
                 heads.append(mask)
                 continue
-            raise MaskError(f"tensor {name} has shape {shape} in the model but {stored_shape} in the mask: "
+            raise MaskError(f"tensor {name} has shape {shape} in the model but {stored.get(name)} in the mask: "
                             "the mask is for another architecture; build the model it was saved from")
         if not torch.equal(_sha256([weight.float()]), sd[f"{name}.fingerprint"]):
             raise MaskError(f"tensor {name}: the weights regenerated from seed {found['seed']} do not match the "
                             "mask's fingerprint, so the mask was found on other random weights; never apply it")
-        bits = unpack_bits(sd[f"{name}.mask"], math.prod(shape))
-        kept = int(np.count_nonzero(bits))
-        if free:
-            if f"{name}.kept" not in sd or kept != int(sd[f"{name}.kept"].item()):
-                raise MaskError(f"tensor {name} keeps {kept} of {bits.size} weights, not the count the file "
-                                "records: the mask file is corrupt; download it again")
-            to_sample.append(mask)  # a free-density mask is not any tensor's top-k
-        elif kept != num_kept(bits.size, found["k"]):
-            raise MaskError(f"tensor {name} keeps {kept} of {bits.size} weights, not round(k*n) for "
-                            f"k={found['k']}: the mask was saved with another k or is corrupt")
-        found_scores.append((mask, bits))
+        payload = _decode(sd, name, math.prod(shape), method, found["k"])
+        if method == "biprop":
+            alpha = float(binary_alpha(weight, torch.from_numpy(payload["bits"]).view(shape)))
+            if not math.isclose(alpha, float(sd[f"{name}.alpha"].item()), rel_tol=1e-6):
+                raise MaskError(f"tensor {name}: the binary scale of the regenerated kept weights ({alpha:.6g}) is "
+                                f"not the recorded one ({float(sd[f'{name}.alpha'].item()):.6g}): the mask file is "
+                                "corrupt or for other weights")
+        found_payload.append((mask, payload))
+    if method == "global-topk":
+        sizes = sum(math.prod(shape) for shape in stored.values())
+        total = sum(int(sd[f"{name}.kept"].item()) for name in stored)
+        if total != num_kept(sizes, found["k"]):
+            raise MaskError(f"the mask keeps {total} of {sizes} weights in all, not round(k*N) for k={found['k']}: "
+                            "it was saved with another k or is corrupt")
     if not torch.equal(_frozen_fingerprint(model, new or {}), sd[_META + "frozen_fingerprint"]):
         raise MaskError("the model's frozen tensors (norm layers, biases, gains, embeddings) differ from the ones "
                         "the mask was found with: build the same architecture and model arguments the mask was "
@@ -281,20 +395,40 @@ def filter_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> 
     # only now that everything is verified: a rejected file leaves the model as it was
     if new is not None:
         reseed(model, **found, tensors=new)
+    slots = int(_scalar(sd, "slots")) if method == "slot-machine" else 0
+    use_method(list(masks.values()), method, k=found["k"], slots=slots)
+    cfg.method, cfg.slots = method, slots
+    if method == "iterand":
+        cfg.redraw_every, cfg.redraw_rate = int(_scalar(sd, "redraw_every")), float(_scalar(sd, "redraw_rate"))
+    keys: dict[int, list[str]] = {}  # a module shared by several blocks (CoaT) has a key under each path
+    for key, p in model.named_parameters(remove_duplicate=False):  # after use_method: slots replace scores
+        keys.setdefault(id(p), []).append(key)
+    out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for mask in heads:
             mask.reset_scores()
-        for mask, bits in found_scores:  # 1 kept / 0 dropped (free density: +1 / -1), written in place
-            value = torch.from_numpy(bits).view(mask.scores.shape)
-            mask.scores.copy_(value.float().mul_(2).sub_(1) if free else value)
-    for mask in heads + [m for m, _ in found_scores]:
+        for mask, payload in found_payload:  # written in place: the parameters themselves go into the state
+            kept = torch.from_numpy(payload["bits"]).view(mask.weight.shape).bool()
+            if method == "slot-machine":
+                choice = torch.from_numpy(payload["slot"]).view(mask.weight.shape).to(mask.scores.device)
+                mask.scores.zero_().scatter_(0, choice.unsqueeze(0), 1.0)
+                continue
+            value = kept.float()
+            if method == "supermask":
+                value = value.mul_(2).sub_(1)  # scores > 0 is the eval mask
+            if method == "signed-supermask":
+                value[kept] = 1.0 - 2.0 * torch.from_numpy(payload["flips"]).float()
+            mask.scores.copy_(value)
+            if method == "iterand":
+                mask.track_redraws()
+                mask.redraws.zero_()[kept.to(mask.redraws.device)] = torch.from_numpy(payload["redraws"]).to(
+                    mask.redraws)
+                # loading the state rebuilds the weights from the seed and these events (PopupMask)
+                out.update({key.rpartition(".")[0] + ".redraws": mask.redraws for key in keys[id(mask.scores)]})
+    for mask in heads + [m for m, _ in found_payload]:
         # the parameter itself: load_state_dict's copy onto itself is a no-op
         out.update({key: mask.scores for key in keys[id(mask.scores)]})
-    for mask in to_sample:
-        mask.set_mode("sample")
-    if free:
-        cfg.method = "supermask"
-    artifact_keys = {f"{n}.{suffix}" for n in stored for suffix in ("mask", "mask_shape", "fingerprint", "kept")}
+    artifact_keys = {f"{n}.{suffix}" for n in stored for suffix in _TENSOR_KEYS}
     for name, tensor in sd.items():
         if not name.startswith(_META) and name not in artifact_keys:
             out[name] = tensor

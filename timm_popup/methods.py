@@ -18,7 +18,25 @@ script's ``--method``:
 * ``random-subnet`` (Table 3, "random"): the same with a random mask of ``round(k * n)`` weights per layer, drawn
   from the seed. Both write dense checkpoints (:func:`save_dense`, the mask folded into the weights).
 
-Each is a ``mode`` of the same popup layers (``timm_popup.layers``), set by the method's ``prepare``.
+The strong-lottery-ticket methods that followed the paper (each implemented from its paper), all writing a
+compact verified mask artifact (format 3, ``timm_popup.masks``):
+
+* ``global-topk`` (as biprop's / Gem-Miner's global option): one threshold across all masked tensors keeps
+  ``round(k * N)`` weights of the whole network; each tensor's density is free and recorded.
+* ``biprop`` (Diffenderfer & Kailkhura, ICLR 2021, multi-prize tickets MPT-1/32): the kept weights binarised to
+  ``+-alpha`` per tensor, alpha the mean |weight| of the kept ones; default weights N_k (with signed constants
+  it is edge-popup itself). About 1 bit per weight plus one alpha per tensor.
+* ``iterand`` (Chijiwa et al., NeurIPS 2021): edge-popup, and every ``redraw_every`` optimizer updates each pruned
+  weight is re-drawn with probability ``redraw_rate`` from a seeded stream of that event; the artifact records,
+  for each kept weight, the event of its last re-draw (1 + k * b bits per weight, b bits per event number).
+* ``signed-supermask`` (Koster et al., ICLR 2022): keep, drop or flip the sign of each weight: the top-k |scores|
+  are kept, with the sign of their score; 1 + k bits per weight. (The paper learns the density with fixed
+  thresholds; here the budget is k, as for every other method, so that they compare at equal sparsity.)
+* ``slot-machine`` (Aladago & Torresani, ICML 2021): no pruning; every weight chooses one of ``slots`` seeded
+  candidate values by its highest score (greedy selection); log2(slots) bits per weight.
+
+Each is a ``mode`` of the same popup layers (``timm_popup.layers``), set by the method's ``prepare``; IteRand's
+re-draws happen in the method's ``after_update`` hook, which the training loop calls after every update.
 """
 
 from __future__ import annotations
@@ -42,11 +60,30 @@ from .convert import is_norm, popup_masks
 from .export import dense_state_dict
 from .hub import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, card_fields, format_value, push_artifact, save_pretrained
 from .init import random_weight
-from .layers import PopupMask, topk_mask, unmask_tensor
+from .layers import PopupMask, topk_mask, unmask_tensor, use_method
 from .masks import load_masks
 
-__all__ = ["Method", "METHODS", "get_method", "make_dense", "make_supermask", "make_finetune", "make_random_subnet",
-           "random_subnet_mask", "save_dense", "load_dense", "push_dense", "frozen_weights", "artifact_file"]
+__all__ = ["Method", "MethodOptions", "METHODS", "get_method", "make_dense", "make_supermask", "make_finetune",
+           "make_random_subnet", "random_subnet_mask", "make_mask_method", "iterand_update", "save_dense", "load_dense",
+           "push_dense", "frozen_weights", "artifact_file"]
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """The hyperparameters of the methods that have them (``train_accelerate.py``'s flags of the same names)."""
+
+    slots: int = 8  # slot-machine: candidate values per weight (the paper's K; 8 is among its best)
+    redraw_every: int = 300  # iterand: optimizer updates between re-draws (the paper's K_per)
+    redraw_rate: float = 0.1  # iterand: probability that a pruned weight is re-drawn (the paper's lambda)
+
+    def __post_init__(self) -> None:
+        if self.slots < 2:
+            raise ValueError(f"--slots {self.slots}: a slot machine chooses among at least 2 values per weight")
+        if self.redraw_every < 1:
+            raise ValueError(f"--redraw-every {self.redraw_every}: re-draw every N >= 1 optimizer updates")
+        if not 0.0 < self.redraw_rate <= 1.0:
+            raise ValueError(f"--redraw-rate {self.redraw_rate} is outside (0, 1]: the probability that a pruned "
+                             "weight is re-drawn")
 
 
 @dataclass(frozen=True)
@@ -62,19 +99,54 @@ class Method:
     learns_weights: bool  # the optimizer gets the weights (else: they stay frozen, never stored)
     uses_k: bool  # whether --k means anything
     weight_init: str | None  # default weight distribution; None: the model's (the paper's U_k)
-    prepare: Callable[..., nn.Module]  # (model, *, init_artifact: Path | None) -> model, in place
+    prepare: Callable[..., nn.Module]  # (model, *, init_artifact: Path | None, options) -> model, in place
     save: Callable[..., Path]  # (model, directory, *, metrics, dataset, recipe) -> directory
     push: Callable[..., str]  # (directory, repo_id, *, token, private, commit_message) -> commit url
     recipe_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     init_artifact: str = "unused"  # --init-artifact: "unused", "optional" or "required"
+    after_update: Callable[[nn.Module, int], None] | None = None  # (model, updates so far), after each update
 
 
-def _edge_popup(model: nn.Module, *, init_artifact: Path | None = None) -> nn.Module:
+def _edge_popup(model: nn.Module, *, init_artifact: Path | None = None, options: MethodOptions | None = None
+                ) -> nn.Module:
     return model  # the registry already builds edge-popup models
 
 
-def _dense(model: nn.Module, *, init_artifact: Path | None = None) -> nn.Module:
+def _dense(model: nn.Module, *, init_artifact: Path | None = None, options: MethodOptions | None = None
+           ) -> nn.Module:
     return make_dense(model)
+
+
+def make_mask_method(model: nn.Module, method: str, options: MethodOptions | None = None) -> nn.Module:
+    """Put a popup ``model`` in place into a mask-learning ``method`` (``global-topk``, ``biprop``, ``iterand``,
+    ``signed-supermask``, ``slot-machine``; module docstring): its masks switch mode, its config records it."""
+    options = options or MethodOptions()
+    cfg = model.popup_config
+    use_method(list(popup_masks(model).values()), method, k=cfg.k, slots=options.slots)
+    cfg.method = method
+    if method == "slot-machine":
+        cfg.slots = options.slots
+    if method == "iterand":
+        cfg.redraw_every, cfg.redraw_rate = options.redraw_every, options.redraw_rate
+        for mask in popup_masks(model).values():
+            mask.track_redraws()
+    return model
+
+
+def _mask_method(name: str) -> Callable[..., nn.Module]:
+    def prepare(model: nn.Module, *, init_artifact: Path | None = None, options: MethodOptions | None = None
+                ) -> nn.Module:
+        return make_mask_method(model, name, options)
+    return prepare
+
+
+def iterand_update(model: nn.Module, num_updates: int) -> None:
+    """IteRand's schedule: after every ``redraw_every``-th optimizer update, re-draw pruned weights (event number
+    ``num_updates // redraw_every``: a resumed run continues the same sequence of events)."""
+    cfg = model.popup_config
+    if num_updates % cfg.redraw_every == 0:
+        for mask in popup_masks(model).values():
+            mask.redraw(num_updates // cfg.redraw_every, cfg.redraw_rate)
 
 
 def artifact_file(path: str | os.PathLike) -> Path:
@@ -133,7 +205,8 @@ def make_dense(model: nn.Module) -> nn.Module:
     return _learn_weights(model, "dense")
 
 
-def make_supermask(model: nn.Module, *, init_artifact: Path | None = None) -> nn.Module:
+def make_supermask(model: nn.Module, *, init_artifact: Path | None = None, options: MethodOptions | None = None
+                   ) -> nn.Module:
     """Zhou et al.'s supermask on a popup ``model``, in place: Bernoulli(sigmoid(score)) masks over frozen weights.
 
     Scores start at ``logit(k)`` plus the layer's seeded Kaiming-uniform scores (|noise| <= 1/sqrt(fan_in)), so
@@ -150,7 +223,8 @@ def make_supermask(model: nn.Module, *, init_artifact: Path | None = None) -> nn
     return model
 
 
-def make_finetune(model: nn.Module, *, init_artifact: Path | None) -> nn.Module:
+def make_finetune(model: nn.Module, *, init_artifact: Path | None, options: MethodOptions | None = None
+                  ) -> nn.Module:
     """Train the weights of the subnetwork in the mask artifact ``init_artifact``, in place, the mask fixed.
 
     The artifact is loaded through the normal verified path (:func:`timm_popup.masks.load_masks`: same seed,
@@ -171,7 +245,8 @@ def random_subnet_mask(shape: tuple[int, ...] | torch.Size, *, seed: int, name: 
     return topk_mask(draws, k)
 
 
-def make_random_subnet(model: nn.Module, *, init_artifact: Path | None = None) -> nn.Module:
+def make_random_subnet(model: nn.Module, *, init_artifact: Path | None = None,
+                       options: MethodOptions | None = None) -> nn.Module:
     """Train the weights of a random subnetwork of ``model``, in place: ``round(k * n)`` weights per layer.
 
     With ``init_artifact`` (the found subnetwork it is compared with, paper Table 3) the artifact is verified
@@ -330,6 +405,26 @@ METHODS: dict[str, Method] = {
         name="random-subnet", summary="train the weights of a random subnetwork of round(k*n) weights per layer",
         learns_weights=True, uses_k=True, weight_init=None, prepare=make_random_subnet, save=save_dense,
         push=push_dense, init_artifact="optional", recipe_overrides={"cifar": {"lr": 0.01}}),
+    "global-topk": Method(
+        name="global-topk", summary="learn one top-k mask over the whole network (free density per tensor)",
+        learns_weights=False, uses_k=True, weight_init=None, prepare=_mask_method("global-topk"),
+        save=save_pretrained, push=_push_mask),
+    "biprop": Method(
+        name="biprop", summary="learn a top-k mask over N_k weights binarised to +-alpha per tensor (MPT-1/32)",
+        learns_weights=False, uses_k=True, weight_init="kaiming_normal", prepare=_mask_method("biprop"),
+        save=save_pretrained, push=_push_mask),
+    "iterand": Method(
+        name="iterand", summary="edge-popup that re-draws pruned weights from seeded streams (Chijiwa et al.)",
+        learns_weights=False, uses_k=True, weight_init=None, prepare=_mask_method("iterand"),
+        save=save_pretrained, push=_push_mask, after_update=iterand_update),
+    "signed-supermask": Method(
+        name="signed-supermask", summary="learn to keep, drop or flip the sign of each weight (Koster et al.)",
+        learns_weights=False, uses_k=True, weight_init=None, prepare=_mask_method("signed-supermask"),
+        save=save_pretrained, push=_push_mask),
+    "slot-machine": Method(
+        name="slot-machine", summary="choose one of K seeded values per weight (Aladago & Torresani)",
+        learns_weights=False, uses_k=False, weight_init="kaiming_uniform", prepare=_mask_method("slot-machine"),
+        save=save_pretrained, push=_push_mask),
 }
 # Methods whose output is a dense checkpoint (save_dense / load_dense) rather than a mask artifact.
 _DENSE_CHECKPOINTS = frozenset(name for name, m in METHODS.items() if m.save is save_dense)

@@ -59,7 +59,7 @@ from .data import (
 )
 from .init import WEIGHT_INITS
 from .masks import pack_mask
-from .methods import Method, artifact_file, frozen_weights
+from .methods import Method, MethodOptions, artifact_file, frozen_weights
 
 __all__ = [
     "TrainError", "Recipe", "RECIPES", "default_recipe", "resolve_recipe", "scaled_lr", "check_model_name",
@@ -229,6 +229,22 @@ def check_weight_init(weight_init: str | None, method: Method) -> str | None:
         hint = f"did you mean {close[0]}? " if close else ""
         raise TrainError(f"unknown --weight-init {weight_init!r}; {hint}choose one of: {', '.join(WEIGHT_INITS)}")
     return weight_init
+
+
+def check_method_options(method: Method, *, slots: int | None = None, redraw_every: int | None = None,
+                         redraw_rate: float | None = None) -> MethodOptions:
+    """The method's options (:class:`MethodOptions`; ``None``: the default); an option of another method is an
+    error rather than silently ignored."""
+    given = dict(slots=slots, redraw_every=redraw_every, redraw_rate=redraw_rate)
+    owners = dict(slots="slot-machine", redraw_every="iterand", redraw_rate="iterand")
+    for name, value in given.items():
+        if value is not None and owners[name] != method.name:
+            raise TrainError(f"--{name.replace('_', '-')} is an option of --method {owners[name]}, not of "
+                             f"{method.name}; drop it")
+    try:
+        return MethodOptions(**{name: value for name, value in given.items() if value is not None})
+    except ValueError as e:
+        raise TrainError(str(e)) from e
 
 
 def check_init_artifact(path: str | None, method: Method) -> Path | None:
@@ -519,9 +535,10 @@ def create_model(model_name: str, *, method: Method, num_classes: int, input_siz
                  k: float | None = None, weight_init: str | None = None, seed: int = 0,
                  model_kwargs: Mapping[str, Any] | None = None, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, init_artifact: Path | None = None,
-                 label_names: Sequence[str] | None = None) -> nn.Module:
-    """The popup model for ``method``, built for ``input_size`` (C, H, W) and ``num_classes``, then prepared by the
-    method (``init_artifact``: the mask artifact finetune / random-subnet start from).
+                 label_names: Sequence[str] | None = None, options: MethodOptions | None = None) -> nn.Module:
+    """The popup model for ``method`` (with its ``options``), built for ``input_size`` (C, H, W) and
+    ``num_classes``, then prepared by the method (``init_artifact``: the mask artifact finetune / random-subnet
+    start from).
 
     ``label_names`` (the dataset's class names) go into the model's ``pretrained_cfg``, so timm writes them into the
     artifact's ``config.json`` and loaders know which output is which class; integer ids are not recorded as names.
@@ -560,7 +577,7 @@ def create_model(model_name: str, *, method: Method, num_classes: int, input_siz
             raise TrainError(f"cannot build {model_name} with {model_kwargs or {}}: {e}") from e
         kwargs.pop("img_size")  # size-agnostic (global pooling): the transforms alone set the input size
         model = timm.create_model(model_name, **kwargs)
-    return method.prepare(model, init_artifact=init_artifact)
+    return method.prepare(model, init_artifact=init_artifact, options=options)
 
 
 def build_optimizer(model: nn.Module, recipe: Recipe, *, lr: float) -> torch.optim.Optimizer:
@@ -641,11 +658,13 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
                     accelerator: Accelerator, *, epoch: int, num_updates: int, scheduler: Scheduler | None = None,
                     clip_grad: float | None = None, total_steps: int | None = None, lockstep: bool = False,
                     log_every: int = 10, desc: str | None = None, progress: bool = True,
-                    mixup_fn: Callable | None = None) -> tuple[dict[str, float], int]:
+                    mixup_fn: Callable | None = None, after_update: Callable[[int], None] | None = None
+                    ) -> tuple[dict[str, float], int]:
     """One pass over ``loader``; returns the epoch's mean train loss / top-1 (over all processes), images/s and
     the new optimizer-update count. The progress bar (loss, accuracy, lr, images/s) is on the main process.
     ``mixup_fn`` (timm's ``Mixup``) mixes each batch and makes soft targets (``loss_fn`` must take them); top-1
-    then counts the class with the largest share of each mixed target."""
+    then counts the class with the largest share of each mixed target. ``after_update`` (the method's hook, e.g.
+    IteRand's re-draws) is called with the update count after every optimizer update."""
     model.train()
     losses, top1 = AverageMeter(), AverageMeter()  # fed device tensors: no host sync per step
     world = accelerator.num_processes
@@ -669,6 +688,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
             num_updates += 1
             if scheduler is not None:
                 scheduler.step_update(num_updates=num_updates)
+            if after_update is not None:
+                after_update(num_updates)
         n = targets.size(0)
         losses.update(loss.detach().float(), n)
         hard = targets.argmax(-1) if targets.ndim > 1 else targets
