@@ -10,6 +10,13 @@ never run again; an interrupted one resumes from its last epoch checkpoint. ``OU
 (every config, seed, final and best top-1, top-5, time) and ``OUT/*.png`` the figures: accuracy versus k with
 dense as a horizontal line (the paper's Fig. 3), versus width (Fig. 4), by weight distribution (Fig. 7), and
 edge-popup versus supermask (Fig. 6); mean +- std over seeds.
+
+    python -m timm_popup.experiments compare [--out results/slt_fmnist]
+
+(also what ``python -m timm_popup.experiments`` alone runs) is the strong-lottery-ticket comparison: every
+mask-learning method of ``timm_popup.methods`` on Fashion-MNIST at one budget (``COMPARE_*`` below: Conv4 and
+a ResNet-18 at small width, k in {0.05, 0.1, 0.3, 0.5}, 2 seeds, the same data, epochs, batch and recipe for
+all), written as ``comparison.md`` (mean +- std top-1 per method, model and k) and ``slt_comparison.png``.
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ from typing import Any
 
 from ._io import atomic_write
 
-__all__ = ["Cell", "grid", "run_grid", "read_results", "write_table", "plot_results", "main"]
+__all__ = ["Cell", "grid", "run_grid", "read_results", "write_table", "plot_results", "compare_cells",
+           "comparison_table", "plot_comparison", "main"]
 
 RESULTS_JSONL, RESULTS_CSV = "results.jsonl", "results.csv"
 _TABLE_FIELDS = ["cell", "model", "method", "k", "width", "weight_init", "seed", "top1", "best_top1", "top5",
@@ -49,6 +57,7 @@ class Cell:
     width: float | None = None
     weight_init: str | None = None
     seed: int = 0
+    options: tuple[str, ...] = ()  # the method's own flags (e.g. iterand's --redraw-every), not part of the id
 
     @property
     def id(self) -> str:
@@ -66,7 +75,90 @@ class Cell:
             args += ["--weight-init", self.weight_init]
         if self.width is not None:
             args += ["--model-kwargs", f"width={self.width:g}"]
-        return args
+        return args + list(self.options)
+
+
+# The strong-lottery-ticket comparison (``compare``): one budget for every method.
+COMPARE_MODELS = {"popup_conv4": 0.5, "popup_resnet18_cifar": 0.125}  # model -> width multiplier
+COMPARE_KS = (0.05, 0.1, 0.3, 0.5)
+COMPARE_SEEDS = (0, 1)
+# Each method's weights: the scaled distributions keep the signal's scale at small k in Conv4, which has no
+# normalisation (paper section 4.5); biprop binarises normal weights (its paper's), slot machines choose among
+# uniform values (theirs) and prune nothing, so k does not scale them.
+COMPARE_METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "edge-popup": ("scaled_signed_constant", ()),
+    "global-topk": ("scaled_signed_constant", ()),
+    "iterand": ("scaled_signed_constant", ("--redraw-every", "20", "--redraw-rate", "0.1")),
+    "signed-supermask": ("scaled_signed_constant", ()),
+    "biprop": ("scaled_kaiming_normal", ()),
+    "slot-machine": ("kaiming_uniform", ("--slots", "8")),
+}
+COMPARE_TRAIN_ARGS = ("--dataset", "fashion-mnist", "--epochs", "2", "--train-samples", "5000", "--val-samples",
+                      "2000", "--batch-size", "64", "--workers", "0", "--log-with", "none", "--log-every", "1000")
+COMPARE_OUT = "results/slt_fmnist"
+
+
+def compare_cells(models: Mapping[str, float] = COMPARE_MODELS, ks: Sequence[float] = COMPARE_KS,
+                  seeds: Sequence[int] = COMPARE_SEEDS,
+                  methods: Mapping[str, tuple[str, tuple[str, ...]]] = COMPARE_METHODS) -> list[Cell]:
+    """The cells of the comparison: every model (at its width) x method x k x seed, k-free methods once."""
+    cells: dict[str, Cell] = {}
+    for (model, width), (method, (init, options)), k, seed in itertools.product(
+            models.items(), methods.items(), ks, seeds):
+        cell = Cell(model, method, k if _uses_k(method) else None, width, init, seed, tuple(options))
+        cells.setdefault(cell.id, cell)
+    return list(cells.values())
+
+
+def comparison_table(rows: Iterable[Mapping[str, Any]]) -> str:
+    """Markdown: top-1 (mean +- std over seeds, percent) per model, method and k; k-free methods in one column."""
+    series = _series([dict(r, k=r["k"] if r["k"] is not None else 1.0) for r in rows], "k", ["model", "method"])
+    ks = sorted({p[0] for points in series.values() for p in points})
+    lines = []
+    for model in sorted({m for m, _ in series}):
+        lines += [f"**{model}** (top-1 %, mean +- std over seeds)", "",
+                  "| method | " + " | ".join("all weights" if k == 1.0 else f"k={k:g}" for k in ks) + " |",
+                  "|---|" + "---|" * len(ks)]
+        for (m, method), points in sorted(series.items(), key=lambda item: list(COMPARE_METHODS).index(
+                item[0][1]) if item[0][1] in COMPARE_METHODS else len(COMPARE_METHODS)):
+            if m != model:
+                continue
+            cells = {p[0]: f"{p[1]:.2f} +- {p[2]:.2f}" for p in points}
+            lines.append(f"| {method} | " + " | ".join(cells.get(k, "") for k in ks) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_comparison(out: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> Path:
+    """Top-1 versus k, one panel per model, one line per method; k-free methods (slot machines) as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(rows)
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 3.8), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        mine = [r for r in rows if r["model"] == model]
+        for (method,), points in _series([r for r in mine if r["k"] is not None], "k", ["method"]).items():
+            xs, means, stds, _ = zip(*points, strict=True)
+            ax.errorbar([100 * x for x in xs], means, yerr=stds, marker="o", capsize=3, label=method)
+        for (method,), points in _series([dict(r, k=1.0) for r in mine if r["k"] is None], "k", ["method"]).items():
+            _, mean, std, _ = points[0]
+            ax.axhline(mean, color="k", ls="--", label=f"{method} (all weights)")
+            ax.axhspan(mean - std, mean + std, color="k", alpha=0.1)
+        width = next((r["width"] for r in mine if r.get("width")), None)
+        ax.set(title=model + (f" (width {width:g})" if width else ""), xlabel="% of weights kept (k)",
+               ylabel="top-1 (%)", xscale="log")
+        ax.set_xticks([100 * k for k in sorted({r["k"] for r in mine if r["k"] is not None})])
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(out) / "slt_comparison.png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+    return path
 
 
 def _uses_k(method: str) -> bool:
@@ -250,6 +342,8 @@ def plot_results(out: str | os.PathLike, rows: Iterable[Mapping[str, Any]] | Non
 
 def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:  # the module alone runs the comparison the README shows
+        argv = ["compare"]
     train_args = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(prog="python -m timm_popup.experiments", description=__doc__,
@@ -266,6 +360,13 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     run.add_argument("--train-script", default=None, help="path to train_accelerate.py (default: the checkout's)")
     run.add_argument("--launcher", default=None, help="prefix for each run, e.g. 'accelerate launch' "
                                                       "(default: this Python)")
+    compare = sub.add_parser("compare", help="the strong-lottery-ticket comparison on Fashion-MNIST (resumable)")
+    compare.add_argument("--out", default=COMPARE_OUT, help=f"sweep directory (default {COMPARE_OUT})")
+    compare.add_argument("--seed", nargs="+", type=int, default=list(COMPARE_SEEDS))
+    compare.add_argument("--k", nargs="+", type=float, default=list(COMPARE_KS))
+    compare.add_argument("--model", nargs="+", default=list(COMPARE_MODELS), choices=list(COMPARE_MODELS))
+    compare.add_argument("--method", nargs="+", default=list(COMPARE_METHODS), choices=list(COMPARE_METHODS))
+    compare.add_argument("--train-script", default=None, help="path to train_accelerate.py (default: the checkout's)")
     plot = sub.add_parser("plot", help="(re)draw the table and plots of a sweep directory")
     plot.add_argument("out")
     args = parser.parse_args(argv)
@@ -286,6 +387,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
         del results  # the table and figures cover every finished cell in --out, earlier grids' included
+    if args.command == "compare":
+        cells = compare_cells({m: COMPARE_MODELS[m] for m in args.model}, args.k, args.seed,
+                              {m: COMPARE_METHODS[m] for m in args.method})
+        print(f"strong-lottery-ticket comparison: {len(cells)} runs into {args.out} (resumable)", file=sys.stderr)
+        try:
+            rows = list(run_grid(cells, args.out, [*COMPARE_TRAIN_ARGS, *train_args],
+                                 train_script=args.train_script).values())
+        except (RuntimeError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        write_table(rows, Path(args.out) / RESULTS_CSV)
+        table = comparison_table(rows)
+        atomic_write(Path(args.out) / "comparison.md", lambda tmp: Path(tmp).write_text(table))
+        print(table)
+        print(plot_comparison(args.out, rows))
+        return 0
     rows = list(read_results(args.out).values())
     if args.command == "plot":
         if not rows:

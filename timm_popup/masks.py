@@ -306,16 +306,25 @@ def _stored_tensors(sd: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     return {n[: -len(".mask_shape")]: tuple(sd[n].tolist()) for n in sd if n.endswith(".mask_shape")}
 
 
+def _packed(sd: dict[str, torch.Tensor], key: str, count: int) -> torch.Tensor:
+    """The packed array ``key`` of ``count`` bits, checked for its size (a short or long one is corrupt)."""
+    if key not in sd or sd[key].numel() != -(-count // 8):
+        found = "no" if key not in sd else f"{sd[key].numel()} bytes"
+        raise MaskError(f"{key} holds {found}, not the {-(-count // 8)} bytes of its {count} bits: the mask file is "
+                        "corrupt; download it again")
+    return sd[key]
+
+
 def _decode(sd: dict[str, torch.Tensor], name: str, n: int, method: str, k: float) -> dict[str, np.ndarray]:
     """One tensor's verified payload: its mask bits and what its method adds (flips, re-draw events, slots)."""
     if method == "slot-machine":
-        slots = int(_scalar(sd, "slots"))
-        choice = unpack_uint(sd[f"{name}.slot"], n, _bits_for(slots - 1))
+        slots, bits = int(_scalar(sd, "slots")), _bits_for(int(_scalar(sd, "slots")) - 1)
+        choice = unpack_uint(_packed(sd, f"{name}.slot", n * bits), n, bits)
         if choice.size and int(choice.max()) >= slots:
             raise MaskError(f"tensor {name} chooses candidate {int(choice.max())} of {slots}: the mask file is "
                             "corrupt; download it again")
         return dict(bits=np.ones(n, dtype=np.uint8), slot=choice)
-    bits = unpack_bits(sd[f"{name}.mask"], n)
+    bits = unpack_bits(_packed(sd, f"{name}.mask", n), n)
     kept = int(np.count_nonzero(bits))
     if _free_density(sd) or method == "global-topk":
         if f"{name}.kept" not in sd or kept != int(sd[f"{name}.kept"].item()):
@@ -326,9 +335,10 @@ def _decode(sd: dict[str, torch.Tensor], name: str, n: int, method: str, k: floa
                         "with another k or is corrupt")
     out = dict(bits=bits)
     if method == "signed-supermask":
-        out["flips"] = unpack_bits(sd[f"{name}.flips"], kept)
+        out["flips"] = unpack_bits(_packed(sd, f"{name}.flips", kept), kept)
     if method == "iterand":
-        out["redraws"] = unpack_uint(sd[f"{name}.redraws"], kept, int(sd[f"{name}.redraw_bits"].item()))
+        width = int(sd[f"{name}.redraw_bits"].item())
+        out["redraws"] = unpack_uint(_packed(sd, f"{name}.redraws", kept * width), kept, width)
     return out
 
 

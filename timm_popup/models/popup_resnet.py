@@ -9,10 +9,15 @@ from torch import nn
 from ._builder import CIFAR_K, HUB_ORG, IMAGENET_K, build_popup, popup_cfg
 
 
-def _resnet_cifar(**kwargs) -> ResNet:
-    """ResNet with the CIFAR stem: one 3x3 stride-1 conv and no max-pool (32x32 inputs)."""
-    model = ResNet(**kwargs)
-    model.conv1 = nn.Conv2d(kwargs.get("in_chans", 3), 64, 3, stride=1, padding=1, bias=False)
+def _resnet_cifar(width: float = 1.0, **kwargs) -> ResNet:
+    """ResNet with the CIFAR stem: one 3x3 stride-1 conv and no max-pool (32x32 inputs); ``width`` scales every
+    stage's channels (the paper's width multiplier)."""
+    channels = tuple(max(1, round(c * width)) for c in (64, 128, 256, 512))
+    model = ResNet(**dict(kwargs, channels=channels))
+    model.conv1 = nn.Conv2d(kwargs.get("in_chans", 3), channels[0], 3, stride=1, padding=1, bias=False)
+    if channels[0] != 64:  # timm's plain stem is 64 wide whatever the stages: narrow it and the first block with it
+        model.bn1 = nn.BatchNorm2d(channels[0])
+        model.layer1[0] = kwargs["block"](channels[0], channels[0])
     model.maxpool = nn.Identity()
     # stride-1 stem and no max-pool: the stem's features are at full resolution, each stage 4x finer than timm's
     for info in model.feature_info:
