@@ -105,6 +105,7 @@ def test_info_directory_human_and_json(artifacts, capsys):
     assert code == 0
     assert "popup_resnet18 (config.json)" in out and "seed          3" in out
     assert "verification  OK: the weights regenerated from seed 3 match all 21 tensor fingerprints" in out
+    assert "method        edge-popup" in out and "bits/weight   1.0 stored per masked weight" in out
 
     code, out, _ = _run(["info", artifacts["resnet18"] / "model.safetensors", "--json"], capsys)
     info = json.loads(out)

@@ -61,7 +61,7 @@ def _load(artifact: Path) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_method_trains_writes_an_artifact_that_reloads_bit_exactly(run, data, tmp_path, method):  # noqa: F811
+def test_method_trains_writes_an_artifact_that_reloads_bit_exactly(run, data, tmp_path, capsys, method):  # noqa: F811
     flags, (low, high) = METHODS[method]
     out = tmp_path / method
     k_flags = ["--k", str(K)] if get_method(method).uses_k else []
@@ -74,6 +74,12 @@ def test_method_trains_writes_an_artifact_that_reloads_bit_exactly(run, data, tm
     assert config["timm_popup"]["method"] == method and info["method"] == method and info["format_version"] == 3
     assert low <= info["bits_per_weight"] <= high, info
     assert "stored bits per masked weight" in (out / "README.md").read_text()
+    from timm_popup.cli import main as cli
+
+    assert cli(["info", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert f"method        {method}" in shown and f"bits/weight   {info['bits_per_weight']} stored" in shown
+    assert "verification  OK" in shown
 
     # timm's loader in this process reproduces the logged accuracy; a fresh process, the same logits bit for bit
     model = _load(artifact)
@@ -214,3 +220,16 @@ def test_method_options_belong_to_their_method():
     with pytest.raises(TrainError, match="outside"):
         check_method_options(get_method("iterand"), redraw_rate=1.5)
     assert math.isclose(MethodOptions().redraw_rate, 0.1)
+
+
+def test_convert_takes_the_method_as_an_option():
+    from timm_popup.convert import convert
+
+    model = convert(timm.create_model("test_resnet", num_classes=3), k=0.2, method="global-topk")
+    masks = timm_popup.popup_masks(model)
+    assert model.popup_config.method == "global-topk" and {m.mode for m in masks.values()} == {"global"}
+    model = convert(timm.create_model("test_resnet", num_classes=3), method="slot-machine",
+                    options=MethodOptions(slots=3))
+    assert {m.scores.shape[0] for m in timm_popup.popup_masks(model).values()} == {3}
+    with pytest.raises(ValueError, match="unknown mask method 'dense'"):
+        convert(timm.create_model("test_resnet", num_classes=3), method="dense")

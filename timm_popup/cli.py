@@ -100,10 +100,14 @@ def cmd_info(args: argparse.Namespace) -> int:
             ("architecture", f"{art.architecture} ({'config.json' if art.config else '--model'})"
              if art.architecture else "unknown (no config.json; pass --model to verify)"),
             ("seed", str(info["seed"])),
-            ("k", f"{info['k']} (fraction of weights kept per layer)"),
+            ("method", info["method"]),
+            ("k", f"{info['k']} (fraction of weights kept "
+                  f"{'in the whole network' if info['method'] == 'global-topk' else 'per layer'})"),
             ("weight init", info["weight_init"]),
             ("layers", f"{info['layers']} masked"),
             ("weights kept", f"{kept:,} of {total:,} ({100 * kept / max(total, 1):.1f}%)"),
+            ("bits/weight", f"{info['bits_per_weight']} stored per masked weight (the masks and what the "
+                            "method adds)"),
             ("size", f"{file_bytes:,} bytes; the fp32 dense checkpoint is {dense_bytes:,} bytes "
                      f"({f'{dense_params:,} params, ' if dense_params else ''}{dense_from}): "
                      f"{dense_bytes / file_bytes:.1f}x larger"),

@@ -34,6 +34,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from timm.models import filter_pretrained_cfg
@@ -42,6 +43,9 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.utils import parametrize
 
 from .config import PopupConfig
+
+if TYPE_CHECKING:
+    from .methods import MethodOptions
 from .init import DEFAULT_WEIGHT_INIT, check_k, check_weight_init, fans, random_normal, random_weight
 from .layers import PopupMask, mask_tensor
 
@@ -163,6 +167,8 @@ def convert(
     seed: int = 0,
     dense: Sequence[str] = (),
     init_scores: bool = True,
+    method: str = "edge-popup",
+    options: MethodOptions | None = None,
 ) -> nn.Module:
     """Make ``model`` an edge-popup network in place and return it.
 
@@ -177,6 +183,10 @@ def convert(
 
     After conversion the only trainable tensors are scores (and the parameters of ``dense`` modules). Calling
     it again (as ``reset_classifier`` does) converts only what is new.
+
+    ``method`` (with its ``options``) makes it another mask-learning method of ``timm_popup.methods`` instead
+    (``global-topk``, ``biprop``, ``iterand``, ``signed-supermask``, ``slot-machine``): the same network, its
+    masks in that method's mode.
     """
     k, weight_init, seed = check_k(k), check_weight_init(weight_init), int(seed)
     dense = tuple(dense)
@@ -224,6 +234,10 @@ def convert(
     if hasattr(type(model), "reset_classifier") and not isinstance(
             model.__dict__.get("reset_classifier"), _PopupResetClassifier):
         model.reset_classifier = _PopupResetClassifier(model, type(model).reset_classifier)
+    if method != "edge-popup":
+        from .methods import make_mask_method  # methods builds on this module
+
+        make_mask_method(model, method, options)
     return model
 
 
