@@ -233,3 +233,19 @@ def test_convert_takes_the_method_as_an_option():
     assert {m.scores.shape[0] for m in timm_popup.popup_masks(model).values()} == {3}
     with pytest.raises(ValueError, match="unknown mask method 'dense'"):
         convert(timm.create_model("test_resnet", num_classes=3), method="dense")
+
+
+def test_global_topk_starts_near_k_in_every_layer_and_rescales_scaled_weights():
+    model = timm.create_model("popup_conv4", width=0.5, num_classes=10, k=0.05, weight_init="scaled_signed_constant")
+    model = make_mask_method(model, "global-topk")
+    masks = timm_popup.popup_masks(model)
+    # scores start on one scale: Kaiming-scaled ones would keep none of fc1 (layer collapse, chance accuracy)
+    for name, mask in masks.items():
+        assert 0.03 < float(mask.get_mask().float().mean()) < 0.08, name
+    model.eval()
+    for name, mask in masks.items():
+        density = float(mask.get_mask().float().mean())
+        used = getattr(*_owner(model, name))
+        kept = used[mask.get_mask()].abs()
+        # U_k scaled by sqrt(1/k) at conversion, then to sqrt(1/density) of the tensor itself
+        assert torch.allclose(kept, mask.weight.abs().max() * math.sqrt(0.05 / density)), name

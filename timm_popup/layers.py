@@ -25,7 +25,9 @@ The same masks serve the paper's baselines through a per-tensor ``mode`` (set by
 The strong-lottery-ticket methods that followed the paper are modes of the same mask (``timm_popup.methods``):
 
 * ``"global"`` (global top-k): one threshold over the |scores| of every tensor of a :class:`MaskGroup`, so that
-  round(k * N) weights of the whole network are kept and each tensor's density is free.
+  round(k * N) weights of the whole network are kept and each tensor's density is free. With a scaled
+  distribution (``scaled_*``: std * sqrt(1/k)) each tensor's weights are rescaled to sqrt(1/its density)
+  (:func:`density_rescale`): at k = 0.05 a layer kept at 50% would otherwise carry 4.5x its variance.
 * ``"binary"`` (biprop / multi-prize tickets, MPT-1/32): the kept weights are binarised to ``+-alpha``, alpha the
   mean |weight| of the tensor's kept weights.
 * ``"signed"`` (signed supermask): keep the top-k |scores| and multiply each kept weight by the sign of its score
@@ -46,10 +48,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import native
-from .init import check_k, check_weight_init, fans, random_uniform, random_weight, stream_key
+from .init import WEIGHT_INITS, check_k, check_weight_init, fans, random_uniform, random_weight, stream_key
 
-__all__ = ["PopupMask", "MaskGroup", "MODES", "SLT_MODES", "METHOD_MODES", "use_method", "binary_alpha", "binarized",
-           "slot_candidates", "num_kept", "topk_mask", "fused_masked_weight", "mask_tensor", "unmask_tensor"]
+__all__ = ["PopupMask", "MaskGroup", "MODES", "SLT_MODES", "METHOD_MODES", "use_method", "density_rescale",
+           "binary_alpha", "binarized", "slot_candidates", "num_kept", "topk_mask", "fused_masked_weight",
+           "mask_tensor", "unmask_tensor"]
 
 MODES = ("topk", "sample", "fixed", "dense", "global", "binary", "signed", "slots")
 #: the modes whose forward is ``_select`` then ``_masked`` (the strong-lottery-ticket methods)
@@ -130,6 +133,13 @@ class _SlotSelect(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (candidates,) = ctx.saved_tensors
         return grad.unsqueeze(0) * candidates, None, None
+
+
+def density_rescale(mask: torch.Tensor, k: float) -> torch.Tensor:
+    """``sqrt(k / density)``: turns a scaled distribution's ``sqrt(1/k)`` factor into ``sqrt(1/density)`` of a
+    tensor whose density is not k (global top-k), so that each layer keeps its signal's variance as at density k.
+    A device tensor: no host synchronisation."""
+    return torch.sqrt(k * mask.numel() / mask.sum().clamp(min=1).to(torch.float32))
 
 
 def binary_alpha(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -299,6 +309,8 @@ class PopupMask(nn.Module):
             return _PlainStraightThrough.apply(scores, self.weight, torch.where(scores.detach() < 0, -kept, kept))
         if mode == "slots":
             return _SlotSelect.apply(scores, self.candidates, scores.detach().argmax(0))
+        if WEIGHT_INITS[self.weight_init][1]:  # global with a scaled distribution: sqrt(1/k) of this tensor
+            return _StraightThrough.apply(scores, self.weight * density_rescale(mask, self.k), mask)
         return _StraightThrough.apply(scores, self.weight, mask)
 
     def flips(self) -> torch.Tensor:
