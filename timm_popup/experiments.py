@@ -110,6 +110,11 @@ def compare_cells(models: Mapping[str, float] = COMPARE_MODELS, ks: Sequence[flo
     return list(cells.values())
 
 
+def _method_order(method: str) -> int:
+    order = list(COMPARE_METHODS)
+    return order.index(method) if method in order else len(order)
+
+
 def comparison_table(rows: Iterable[Mapping[str, Any]]) -> str:
     """Markdown: top-1 (mean +- std over seeds, percent) per model, method and k; k-free methods in one column."""
     series = _series([dict(r, k=r["k"] if r["k"] is not None else 1.0) for r in rows], "k", ["model", "method"])
@@ -119,8 +124,7 @@ def comparison_table(rows: Iterable[Mapping[str, Any]]) -> str:
         lines += [f"**{model}** (top-1 %, mean +- std over seeds)", "",
                   "| method | " + " | ".join("all weights" if k == 1.0 else f"k={k:g}" for k in ks) + " |",
                   "|---|" + "---|" * len(ks)]
-        for (m, method), points in sorted(series.items(), key=lambda item: list(COMPARE_METHODS).index(
-                item[0][1]) if item[0][1] in COMPARE_METHODS else len(COMPARE_METHODS)):
+        for (m, method), points in sorted(series.items(), key=lambda item: _method_order(item[0][1])):
             if m != model:
                 continue
             cells = {p[0]: f"{p[1]:.2f} +- {p[2]:.2f}" for p in points}
@@ -141,7 +145,8 @@ def plot_comparison(out: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -
     fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 3.8), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         mine = [r for r in rows if r["model"] == model]
-        for (method,), points in _series([r for r in mine if r["k"] is not None], "k", ["method"]).items():
+        by_method = _series([r for r in mine if r["k"] is not None], "k", ["method"])
+        for (method,), points in sorted(by_method.items(), key=lambda item: _method_order(item[0][0])):
             xs, means, stds, _ = zip(*points, strict=True)
             ax.errorbar([100 * x for x in xs], means, yerr=stds, marker="o", capsize=3, label=method)
         for (method,), points in _series([dict(r, k=1.0) for r in mine if r["k"] is None], "k", ["method"]).items():
@@ -151,8 +156,9 @@ def plot_comparison(out: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -
         width = next((r["width"] for r in mine if r.get("width")), None)
         ax.set(title=model + (f" (width {width:g})" if width else ""), xlabel="% of weights kept (k)",
                ylabel="top-1 (%)", xscale="log")
+        ax.minorticks_off()  # the log axis's minor labels (6x10^0 ...) would crowd the k ticks
         ax.set_xticks([100 * k for k in sorted({r["k"] for r in mine if r["k"] is not None})])
-        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(out) / "slt_comparison.png"

@@ -137,14 +137,16 @@ def make_mask_method(model: nn.Module, method: str, options: MethodOptions | Non
 
 
 def _common_score_scale(masks: list[PopupMask]) -> None:
-    """Rescale every tensor's initial scores (Kaiming-uniform, bound 1/sqrt(fan_in)) to the bound of the widest
-    fan-in, so that the first global threshold keeps about k of every tensor, as edge-popup's per-layer one does.
-    With per-tensor bounds it starts by cutting the widest layer out whole (Conv4 at k = 0.05 kept none of fc1's
-    401k weights and stayed at chance: measured) and a layer cut out gets no gradient to come back."""
+    """Rescale every tensor's initial scores (Kaiming-uniform, bound 1/sqrt(fan_in)) to one bound, the largest
+    (the narrowest fan-in's), so that the first global threshold keeps about k of every tensor, as edge-popup's
+    per-layer one does. Measured on Conv4 (width 0.5, k = 0.05, Fashion-MNIST): with per-tensor bounds it starts
+    by cutting fc1 (401k weights) out whole and stays at chance (a layer cut out gets no gradient to come back);
+    with the smallest bound for all, the first updates move whole layers in and out and one seed of two diverged
+    (9.7%); with the largest, both seeds train (64.0%, 64.8%)."""
     bounds = [1.0 / math.sqrt(fans(mask.fan_shape)[0]) for mask in masks]
     with torch.no_grad():
         for mask, bound in zip(masks, bounds, strict=True):
-            mask.scores.mul_(min(bounds) / bound)
+            mask.scores.mul_(max(bounds) / bound)
 
 
 def _mask_method(name: str) -> Callable[..., nn.Module]:
