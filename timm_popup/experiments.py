@@ -93,9 +93,10 @@ COMPARE_METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
     "biprop": ("scaled_kaiming_normal", ()),
     "slot-machine": ("kaiming_uniform", ("--slots", "8")),
 }
-COMPARE_TRAIN_ARGS = ("--dataset", "fashion-mnist", "--epochs", "2", "--train-samples", "5000", "--val-samples",
+COMPARE_TRAIN_ARGS = ("--dataset", "fashion-mnist", "--epochs", "2", "--train-samples", "4000", "--val-samples",
                       "2000", "--batch-size", "64", "--workers", "0", "--log-with", "none", "--log-every", "1000")
 COMPARE_OUT = "results/slt_fmnist"
+COMPARE_THREADS = 1  # one compute thread per run: the same numbers on any machine (summation order)
 
 
 def compare_cells(models: Mapping[str, float] = COMPARE_MODELS, ks: Sequence[float] = COMPARE_KS,
@@ -215,8 +216,9 @@ def default_train_script() -> Path:
 
 def run_grid(cells: Iterable[Cell], out: str | os.PathLike, train_args: Sequence[str] = (), *,
              train_script: str | os.PathLike | None = None, launcher: Sequence[str] = (),
-             log: Any = sys.stderr) -> dict[str, dict[str, Any]]:
-    """Run every cell not yet in ``out/results.jsonl``; returns all results. Resumable at any point."""
+             log: Any = sys.stderr, threads: int | None = None) -> dict[str, dict[str, Any]]:
+    """Run every cell not yet in ``out/results.jsonl``; returns all results. Resumable at any point. ``threads``
+    pins each run's compute threads (results depend on the summation order, so on the thread count)."""
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     script = Path(train_script) if train_script else default_train_script()
@@ -234,7 +236,8 @@ def run_grid(cells: Iterable[Cell], out: str | os.PathLike, train_args: Sequence
                "--output-dir", str(run_dir), "--resume", "latest"]  # starts fresh when there is no checkpoint
         print(f"[{i}/{len(cells)}] {cell.id}: {'resuming' if resumed else 'running'}", file=log, flush=True)
         start = time.perf_counter()
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "sweep.log").write_text(proc.stdout)
         if proc.returncode != 0:
@@ -398,8 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               {m: COMPARE_METHODS[m] for m in args.method})
         print(f"strong-lottery-ticket comparison: {len(cells)} runs into {args.out} (resumable)", file=sys.stderr)
         try:
-            rows = list(run_grid(cells, args.out, [*COMPARE_TRAIN_ARGS, *train_args],
-                                 train_script=args.train_script).values())
+            rows = list(run_grid(cells, args.out, [*COMPARE_TRAIN_ARGS, *train_args], train_script=args.train_script,
+                                 threads=COMPARE_THREADS).values())
         except (RuntimeError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
