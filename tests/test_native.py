@@ -116,7 +116,7 @@ def test_fused_selection_and_masked_weight_match_the_reference(n):
     for name, scores in _patterns(n).items():
         for k in _ks(n):
             ref_out, ref_grad = _reference_step(scores, weight, k, grad)
-            ref_signed = signed * reference_topk_mask(scores, k)
+            ref_signed, ref_signed_grad = _reference_step(scores, signed, k, grad)
             hint = native.new_hint()
             wrongs = ([0.0, 1e-30], [1e6, 1e7], [2.0, 1.0], [0.0, math.inf]) if k in (0.1, 0.5) else ()
             for h in (hint, hint, *(torch.tensor(w, dtype=torch.float64) for w in wrongs)):
@@ -125,8 +125,11 @@ def test_fused_selection_and_masked_weight_match_the_reference(n):
                 out.backward(grad)
                 assert torch.equal(_bits_of(out), _bits_of(ref_out)), (name, k, h)
                 assert torch.equal(_bits_of(s.grad), _bits_of(ref_grad)), (name, k, h)
-                out_signs, _ = native.masked_weight_signs(scores, signs, std, k, h.clone())
+                s = scores.clone().requires_grad_()
+                out_signs, _ = native.masked_weight_signs(s, signs, std, k, h.clone())
+                out_signs.backward(grad)
                 assert torch.equal(_bits_of(out_signs), _bits_of(ref_signed)), (name, k, h)
+                assert torch.equal(_bits_of(s.grad), _bits_of(ref_signed_grad)), (name, k, h)
 
 
 def test_fused_kernel_takes_the_hint_route_when_the_hint_brackets_the_threshold():

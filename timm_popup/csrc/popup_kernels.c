@@ -58,11 +58,14 @@ static inline int clamp_threads(int nt, int64_t n) {
     return nt > MAX_THREADS ? MAX_THREADS : nt;
 }
 
-/* Contiguous block [*b, *e) of thread t among `team`: static blocks keep every gather in flat-index order. */
+/* Contiguous block [*b, *e) of thread t among `team`: static blocks keep every gather in flat-index order. Blocks
+ * start at multiples of 64 elements, so that threads never share an output cache line and loops over packed sign
+ * bits (FOR_SIGNS) start on a byte boundary. */
 static inline void block_of(int64_t n, int t, int team, int64_t *b, int64_t *e) {
-    const int64_t q = n / team, r = n % team;
-    *b = q * t + (t < r ? t : r);
-    *e = *b + q + (t < r);
+    const int64_t groups = (n + 63) / 64, q = groups / team, r = groups % team;
+    const int64_t gb = q * t + (t < r ? t : r), ge = gb + q + (t < r);
+    *b = gb * 64 < n ? gb * 64 : n;
+    *e = ge * 64 < n ? ge * 64 : n;
 }
 
 /* Serial radix select: the k-th largest (1-based) of keys[0..m), keys < 2^31. Destroys keys (compacts the
@@ -233,13 +236,51 @@ static int select_by_histogram(const float *s, int64_t n, int64_t keep, int nt, 
         }                                                                                       \
     } while (0)
 
-/* -+stdf by bit i of the packed signs: a sign-bit flip (exactly IEEE negation), branch-free so loops vectorise. */
-static inline float sign_weight(const uint8_t *bits, int64_t i, float stdf) {
+/* Signed-constant weights held as packed sign bits: element i is -+stdf by bit i%8 of byte i/8 (1 = negative),
+ * exactly init.py's draw. -stdf is +stdf with the sign bit set (IEEE negation), so weights are built with bit
+ * operations. */
+static inline uint32_t float_bits(float f) {
     uint32_t u;
-    memcpy(&u, &stdf, sizeof u);
-    u ^= (uint32_t)((bits[i >> 3] >> (i & 7)) & 1u) << 31;
-    memcpy(&stdf, &u, sizeof u);
-    return stdf;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+/* The sign bit of lane `lane` of a byte, as a mask test (a fixed shift per lane would not vectorise on SSE2). */
+static inline uint32_t neg_bit(uint32_t byte, int lane) {
+    return (uint32_t) - (int32_t)((byte & (1u << lane)) != 0) & 0x80000000u;
+}
+
+static inline float sign_weight(const uint8_t *bits, int64_t i, float stdf) {
+    return key_value(float_bits(stdf) ^ neg_bit(bits[i >> 3], (int)(i & 7)));
+}
+
+/* BODY for every i in [b, e) with `neg` = the sign bit of weight i. Extracting bit i%8 inside a loop does not
+ * vectorise, so the signs of a run of SIGN_RUN elements (from a byte boundary) are expanded into a small array
+ * first, and BODY runs in a plain contiguous loop (measured: 0.85 ns per element single-threaded, 2.0 with
+ * per-element extraction, 0.75 reading fp32 weights). */
+#define SIGN_RUN 32
+#define FOR_SIGNS(bits, b, e, BODY)                                                             \
+    do {                                                                                        \
+        const int64_t b_ = (b), e_ = (e);                                                       \
+        for (int64_t run_ = b_ & ~(int64_t)7; run_ < e_; run_ += SIGN_RUN) {                    \
+            const int64_t lo_ = run_ > b_ ? run_ : b_;                                          \
+            const int64_t hi_ = e_ - run_ < SIGN_RUN ? e_ : run_ + SIGN_RUN;                    \
+            uint32_t negs_[SIGN_RUN];                                                           \
+            for (int q_ = 0; q_ < (int)((hi_ - run_ + 7) >> 3); q_++) { /* bytes inside bits */ \
+                const uint32_t byte_ = (bits)[(run_ >> 3) + q_];                                \
+                for (int lane_ = 0; lane_ < 8; lane_++) negs_[8 * q_ + lane_] = neg_bit(byte_, lane_); \
+            }                                                                                   \
+            for (int64_t i = lo_; i < hi_; i++) {                                               \
+                const uint32_t neg = negs_[i - run_];                                           \
+                BODY;                                                                           \
+            }                                                                                   \
+        }                                                                                       \
+    } while (0)
+
+/* The masked signed constant: neg | (stdf or 0), which is w * (float)kept bit for bit (a dropped negative weight
+ * is -0.0, as w * 0.0f is). */
+static inline float signed_masked(uint32_t sb, uint32_t neg, int kept) {
+    return key_value(neg | (sb & (uint32_t)-kept));
 }
 
 /* out[i] = w[i] * kept(i). */
@@ -251,8 +292,17 @@ void popup_masked_weight(const float *s, const float *w, int64_t n, float thr, i
  * w[i] = -+(float)std, exactly init.py's draw, without storing the fp32 weight. */
 void popup_masked_weight_signs(const float *s, const uint8_t *bits, double std, int64_t n, float thr,
                                int64_t cut, float *out, int nt) {
-    const float stdf = (float)std;
-    KEEP_LOOP(out[i] = sign_weight(bits, i, stdf) * kf);
+    const uint32_t sb = float_bits((float)std);
+    const int ntc = clamp_threads(nt, n);
+    (void)ntc; /* unused in a serial (no OpenMP) build */
+#pragma omp parallel num_threads(ntc) if (ntc > 1)
+    {
+        int64_t b, e;
+        block_of(n, TEAM_ID, TEAM_SIZE, &b, &e);
+        const int64_t mid = cut + 1 < b ? b : (cut + 1 > e ? e : cut + 1); /* KEEP_LOOP's split at the cut */
+        FOR_SIGNS(bits, b, mid, out[i] = signed_masked(sb, neg, fabsf(s[i]) >= thr));
+        FOR_SIGNS(bits, mid, e, out[i] = signed_masked(sb, neg, fabsf(s[i]) > thr));
+    }
 }
 
 
@@ -300,32 +350,39 @@ static inline __attribute__((always_inline)) void band_pass(const float *s, int6
     /* locals, so that stores to out cannot alias the descriptor's fields (they would stop vectorisation) */
     const float *restrict w = o->w;
     const uint8_t *restrict bits = o->bits;
-    const float stdf = o->stdf;
+    const uint32_t sb = float_bits(o->stdf);
     float *restrict out = o->out;
     int64_t above = 0, c = 0;
-    for (int64_t i = b; i < e; i += CHUNK) {
-        const int64_t stop = e - i < CHUNK ? e : i + CHUNK;
+    for (int64_t from = b; from < e; from += CHUNK) {
+        const int64_t stop = e - from < CHUNK ? e : from + CHUNK;
         uint32_t above_c = 0, any = 0;
-        for (int64_t j = i; j < stop; j++) {
-            const uint32_t k = abs_key(s[j]);
-            above_c += k > hk;
-            any |= k - lk <= span; /* one unsigned range test for lk <= k <= hk */
-            /* |s| > hi as popup_masked_weight compares floats: a NaN score (key above infinity's) is dropped */
-            const float kf = (float)(k > hk && k <= 0x7f800000u);
-            if (kind == OUT_WEIGHT) out[j] = w[j] * kf;
-            else if (kind == OUT_SIGNS) out[j] = sign_weight(bits, j, stdf) * kf;
-        }
+/* |s| > hi as popup_masked_weight compares floats: a NaN score (key above infinity's) is dropped */
+#define BAND_STEP(j, OUTPUT)                                                                    \
+    do {                                                                                        \
+        const uint32_t k = abs_key(s[j]);                                                       \
+        const int kept = k > hk && k <= 0x7f800000u; /* int: SSE2 converts only signed to float */ \
+        above_c += k > hk;                                                                      \
+        any |= k - lk <= span; /* one unsigned range test for lk <= k <= hk */                  \
+        OUTPUT;                                                                                 \
+    } while (0)
+        if (kind == OUT_SIGNS)
+            FOR_SIGNS(bits, from, stop, BAND_STEP(i, out[i] = signed_masked(sb, neg, kept)));
+        else if (kind == OUT_WEIGHT)
+            for (int64_t j = from; j < stop; j++) BAND_STEP(j, out[j] = w[j] * (float)kept);
+        else
+            for (int64_t j = from; j < stop; j++) BAND_STEP(j, (void)kept);
+#undef BAND_STEP
         above += above_c;
         if (!any) continue;
         if (c + CHUNK <= cap) /* room for the whole chunk: append without a branch (a band test mispredicts) */
-            for (int64_t j = i; j < stop; j++) {
+            for (int64_t j = from; j < stop; j++) {
                 const uint32_t k = abs_key(s[j]);
                 dst.keys[c] = k;
                 dst.idx[c] = j;
                 c += k - lk <= span;
             }
         else
-            for (int64_t j = i; j < stop; j++) {
+            for (int64_t j = from; j < stop; j++) {
                 const uint32_t k = abs_key(s[j]);
                 if (k - lk <= span) {
                     if (c < cap) {
@@ -510,10 +567,14 @@ void popup_ste_backward(const float *g, const float *w, const float *s, int64_t 
 
 void popup_ste_backward_signs(const float *g, const uint8_t *bits, double std, const float *s, int64_t n,
                               float *out, int nt) {
-    const float stdf = (float)std;
+    const uint32_t sb = float_bits((float)std);
     nt = clamp_threads(nt, n);
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-    for (int64_t i = 0; i < n; i++) out[i] = (g[i] * sign_weight(bits, i, stdf)) * sign_of(s[i]);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int64_t b, e;
+        block_of(n, TEAM_ID, TEAM_SIZE, &b, &e);
+        FOR_SIGNS(bits, b, e, out[i] = (g[i] * key_value(sb ^ neg)) * sign_of(s[i]));
+    }
 }
 
 /* ---- the generator of timm_popup/init.py ---------------------------------------------------------------- */
