@@ -2,8 +2,8 @@
 
 The profile of a popup training step shows ~13 extra passes over every weight tensor (abs, bracket
 comparisons, count, band gather, final comparison, ``weight * mask``, and three in backward) plus host syncs.
-``csrc/popup_kernels.c`` does the same work in three passes (select, mask, backward) and regenerates seeded
-weights at a few ns per weight in parallel. It is plain C + OpenMP, compiled here on first use with the
+``csrc/popup_kernels.c`` does the same work in two passes (select and mask together, backward) and regenerates
+seeded weights at a few ns per weight in parallel. It is plain C + OpenMP, compiled here on first use with the
 system C compiler into a per-user cache, and loaded with ctypes, so the package needs no build step.
 
 Everything here is exact: masks, masked weights, gradients and generated weights are bit-identical to
@@ -12,11 +12,14 @@ compiler, ``TIMM_POPUP_NATIVE=0``, a CUDA tensor, a non-contiguous or non-float3
 implementation computes the same values without host syncs (no ``.item()``, ``nonzero`` or boolean indexing).
 
 The tensor ops are ``torch.library`` custom ops (``torch.ops.timm_popup.*``) with fake implementations, so
-they trace under ``torch.compile``; ``masked_weight`` has its straight-through backward registered.
+they trace under ``torch.compile``; ``masked_weight`` has its straight-through backward registered. Eager training
+on the CPU calls the kernels directly instead (see "eager training path" below): same bits, less dispatch.
 
 The selection takes a *hint*: a float64 tensor ``[lo, hi]`` bracketing the threshold (:func:`new_hint` makes an
 empty one). The kernel reads it and writes the bracket for the next call, so a layer that keeps one hint
-tensor selects in one pass over its scores from the second step on. A wrong hint only costs time.
+tensor selects in one pass over its scores from the second step on, and that same pass writes the masked weight
+of every entry outside the bracket (the few inside are patched once the threshold is known). A wrong hint only
+costs time.
 """
 
 from __future__ import annotations
