@@ -248,23 +248,21 @@ def _torch_masked(scores: torch.Tensor, source: torch.Tensor, std: float | None,
 def _ste(grad: torch.Tensor, source: torch.Tensor, std: float | None, scores: torch.Tensor) -> torch.Tensor:
     """``(grad * weight) * sign(scores)``: one C pass where the kernels take the tensors, PyTorch ops elsewhere;
     ``source`` as in :func:`_torch_masked`."""
-    if std is None:
-        lib = _native(grad, source, scores)
-        if (lib is not None and grad.dtype == source.dtype == scores.dtype == torch.float32
-                and grad.shape == source.shape == scores.shape):
-            out = torch.empty_like(scores)
-            lib.popup_ste_backward(grad.data_ptr(), source.data_ptr(), scores.data_ptr(), scores.numel(),
-                                   out.data_ptr(), _threads())
-            return out
-        return (grad * source).mul_(scores.sign())
     lib = _native(grad, source, scores)
-    if (lib is not None and grad.dtype == scores.dtype == torch.float32 and source.dtype == torch.uint8
-            and grad.shape == scores.shape):
-        out = torch.empty_like(scores)
-        lib.popup_ste_backward_signs(grad.data_ptr(), source.data_ptr(), std, scores.data_ptr(), scores.numel(),
-                                     out.data_ptr(), _threads())
-        return out
-    return (grad * _unpack_signs(source, std, scores)).mul_(scores.sign())
+    if lib is not None and grad.dtype == scores.dtype == torch.float32 and grad.shape == scores.shape:
+        n = scores.numel()
+        if std is None and source.dtype == torch.float32 and source.shape == scores.shape:
+            out = torch.empty_like(scores)
+            lib.popup_ste_backward(grad.data_ptr(), source.data_ptr(), scores.data_ptr(), n, out.data_ptr(),
+                                   _threads())
+            return out
+        if std is not None and source.dtype == torch.uint8 and source.numel() == (n + 7) // 8:
+            out = torch.empty_like(scores)
+            lib.popup_ste_backward_signs(grad.data_ptr(), source.data_ptr(), std, scores.data_ptr(), n,
+                                         out.data_ptr(), _threads())
+            return out
+    weight = source if std is None else _unpack_signs(source, std, scores)
+    return (grad * weight).mul_(scores.sign())
 
 
 @torch.library.custom_op("timm_popup::topk_select", mutates_args=("hint",))

@@ -27,6 +27,13 @@
 #define TEAM_SIZE 1
 #endif
 
+/* The hinted pass is specialised per output kind by inlining it with a constant kind (gcc and clang). */
+#if defined(__GNUC__)
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define ALWAYS_INLINE inline
+#endif
+
 /* Below this many elements a parallel region costs more than it saves. */
 #define PAR_MIN 32768
 #define MAX_THREADS 256
@@ -342,10 +349,9 @@ typedef struct {
 /* The hinted pass over the block [b, e): counts the scores above the bracket, records the band (the entries inside
  * it; at most cap, counted beyond), and, when `kind` says so, writes the masked weight as if the threshold were
  * the bracket's top: final for every entry outside the band, patched later inside it. */
-static inline __attribute__((always_inline)) void band_pass(const float *s, int64_t b, int64_t e, uint32_t lk,
-                                                            uint32_t hk, int kind, const masked_out *o,
-                                                            band_buf dst, int64_t cap, int64_t *above_out,
-                                                            int64_t *count_out) {
+static ALWAYS_INLINE void band_pass(const float *s, int64_t b, int64_t e, uint32_t lk, uint32_t hk, int kind,
+                                    const masked_out *o, band_buf dst, int64_t cap, int64_t *above_out,
+                                    int64_t *count_out) {
     const uint32_t span = hk - lk;
     /* locals, so that stores to out cannot alias the descriptor's fields (they would stop vectorisation) */
     const float *restrict w = o->w;
