@@ -2,9 +2,10 @@
 
     python bench/kernels.py [--rounds 5]
 
-1. Per-step mask work over every weight tensor of resnet18: the exact pure-PyTorch path (what runs without a
-   compiler, and on GPUs) versus the fused select (with the previous step's hint) + masked weight + backward
-   kernels. Whole training steps are bench/step_time.py's.
+1. Per-step mask work (forward and backward) over every weight tensor of resnet18: the exact pure-PyTorch path
+   (what runs without a compiler, and on GPUs) versus the training path's fused kernels (selection through the
+   previous step's hint and the masked weight in one call, then the backward). Whole training steps are
+   bench/step_time.py's.
 2. Weight generation throughput (weights/s): numpy (``init.draw_reference``) versus the C generator, per family.
 
 Timings are interleaved medians of a CPU checked idle first (``machine.check_idle``).
@@ -46,38 +47,35 @@ def _load() -> str:
 def bench_mask_work(rounds: int, k: float = 0.5) -> None:
     shapes = [tuple(p.shape) for p in timm.create_model("resnet18", num_classes=10).parameters() if p.dim() > 1]
     gen = torch.Generator().manual_seed(0)
-    tensors = [(torch.randn(s, generator=gen) * 0.05, torch.randn(s, generator=gen), torch.randn(s, generator=gen))
-               for s in shapes]
+    tensors = [((torch.randn(s, generator=gen) * 0.05).requires_grad_(), torch.randn(s, generator=gen),
+                torch.randn(s, generator=gen)) for s in shapes]
     hints = [native.new_hint() for _ in shapes]
 
+    # every row runs forward and backward through autograd, as a training step does
     def torch_path() -> None:
         for scores, weight, grad in tensors:
-            thr, cut = native.torch_select(scores, layers.num_kept(scores.numel(), k))
-            out = weight * native.torch_mask(scores, thr, cut)
-            (grad * weight).mul_(scores.sign())
-            del out
+            thr, cut = native.torch_select(scores.detach(), layers.num_kept(scores.numel(), k))
+            layers._StraightThrough.apply(scores, weight, native.torch_mask(scores, thr, cut)).backward(grad)
 
-    def fused_path() -> None:
+    def fused_path() -> None:  # what PopupMask.forward runs: selection + masked weight in one call
         for (scores, weight, grad), hint in zip(tensors, hints, strict=True):
-            thr, cut = torch.ops.timm_popup.topk_select(scores, layers.num_kept(scores.numel(), k), hint)
-            torch.ops.timm_popup.masked_weight(scores, weight, thr, cut)
-            torch.ops.timm_popup.ste_backward(grad, weight, scores)
+            native.masked_weight(scores, weight, k, hint)[0].backward(grad)
 
     def fused_no_hint() -> None:
         for scores, weight, grad in tensors:
-            out, _ = native.masked_weight(scores, weight, k)
-            native.ste_backward(grad, weight, scores)
-            del out
+            native.masked_weight(scores, weight, k)[0].backward(grad)
 
     def drift() -> None:  # scores move a little between steps, as in training: the hint must follow
-        for scores, _, _ in tensors:
-            scores.add_(scores, alpha=1e-3)
+        with torch.no_grad():
+            for scores, _, _ in tensors:
+                scores.add_(scores, alpha=1e-3)
+                scores.grad = None
 
     fns = {"pytorch (fallback)": torch_path, "fused, hinted": fused_path, "fused, no hint": fused_no_hint}
     res = _median_ms({name: (lambda f=f: (drift(), f())) for name, f in fns.items()}, rounds, 3)
     n = sum(s.numel() for s, _, _ in tensors)
-    print(f"\nmask work per training step, resnet18 weights ({len(shapes)} tensors, {n / 1e6:.1f}M weights, k={k}, "
-          f"{torch.get_num_threads()} threads; {_load()})")
+    print(f"\nmask work per training step (forward + backward), resnet18 weights ({len(shapes)} tensors, "
+          f"{n / 1e6:.1f}M weights, k={k}, {torch.get_num_threads()} threads; {_load()})")
     base = res["pytorch (fallback)"]
     for name, ms in res.items():
         print(f"  {name:22s} {ms:8.2f} ms  {base / ms:5.1f}x")

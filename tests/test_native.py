@@ -105,6 +105,50 @@ def test_kernel_takes_the_hint_route_when_the_hint_brackets_the_threshold():
     assert float(thr) == float(scores.abs()[expected].min()) and int(cut) == 199_999
 
 
+@pytest.mark.parametrize("n", SIZES[:-1])  # 70_001 already splits across threads
+def test_fused_selection_and_masked_weight_match_the_reference(n):
+    """The eager training path (selection and masked weight in one kernel call, fp32 or sign-bit weights) against
+    the reference, with no hint, the hint its first call leaves (the one-pass route) and wrong hints."""
+    gen = torch.Generator().manual_seed(n + 1)
+    weight, grad = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    key, std = 0xC0FFEE + n, 0.0625
+    signs, signed = native.sign_bits((n,), key), _draw((n,), "signed", std, key)
+    for name, scores in _patterns(n).items():
+        for k in _ks(n):
+            ref_out, ref_grad = _reference_step(scores, weight, k, grad)
+            ref_signed, ref_signed_grad = _reference_step(scores, signed, k, grad)
+            hint = native.new_hint()
+            wrongs = ([0.0, 1e-30], [1e6, 1e7], [2.0, 1.0], [0.0, math.inf]) if k in (0.1, 0.5) else ()
+            for h in (hint, hint, *(torch.tensor(w, dtype=torch.float64) for w in wrongs)):
+                s = scores.clone().requires_grad_()
+                out, _ = native.masked_weight(s, weight, k, h)
+                out.backward(grad)
+                assert torch.equal(_bits_of(out), _bits_of(ref_out)), (name, k, h)
+                assert torch.equal(_bits_of(s.grad), _bits_of(ref_grad)), (name, k, h)
+                s = scores.clone().requires_grad_()
+                out_signs, _ = native.masked_weight_signs(s, signs, std, k, h.clone())
+                out_signs.backward(grad)
+                assert torch.equal(_bits_of(out_signs), _bits_of(ref_signed)), (name, k, h)
+                assert torch.equal(_bits_of(s.grad), _bits_of(ref_signed_grad)), (name, k, h)
+
+
+def test_fused_kernel_takes_the_hint_route_when_the_hint_brackets_the_threshold():
+    scores, weight = torch.randn(2, 200_000, generator=torch.Generator().manual_seed(5))
+    out = torch.empty_like(weight)
+    thr, cut = torch.empty((), dtype=torch.float32), torch.empty((), dtype=torch.int64)
+    lib = native._library()
+
+    def select(hint: torch.Tensor) -> int:
+        return lib.popup_select_masked_weight(scores.data_ptr(), weight.data_ptr(), scores.numel(), 60_000,
+                                              hint.data_ptr(), 2, out.data_ptr(), thr.data_ptr(), cut.data_ptr())
+
+    expected = weight * reference_topk_mask(scores, 0.3)
+    hint = native.new_hint()
+    assert select(hint) == 1 and torch.equal(out, expected)  # no hint: histogram route, then a mask pass
+    out.fill_(math.nan)
+    assert select(hint) == 0 and torch.equal(out, expected)  # one pass writes every entry
+
+
 @pytest.mark.parametrize("n", SIZES)
 def test_fallback_gives_the_same_threshold_cut_and_mask(n, monkeypatch):
     for name, scores in _patterns(n).items():

@@ -75,8 +75,9 @@ def topk_mask(scores: torch.Tensor, k: float) -> torch.Tensor:
 
 
 def fused_masked_weight(scores: torch.Tensor, weight: torch.Tensor, k: float, hint: torch.Tensor) -> torch.Tensor:
-    """``weight * topk_mask(scores, k)`` with the straight-through gradient to ``scores``, in two passes over the
-    tensor (select, apply) and one in backward; ``hint`` carries the threshold bracket from step to step."""
+    """``weight * topk_mask(scores, k)`` with the straight-through gradient to ``scores``, in one pass over the
+    tensor (selection and masked weight together) and one in backward; ``hint`` carries the threshold bracket from
+    step to step."""
     return native.masked_weight(scores, weight, k, hint)[0]
 
 

@@ -2,8 +2,8 @@
 
 The profile of a popup training step shows ~13 extra passes over every weight tensor (abs, bracket
 comparisons, count, band gather, final comparison, ``weight * mask``, and three in backward) plus host syncs.
-``csrc/popup_kernels.c`` does the same work in three passes (select, mask, backward) and regenerates seeded
-weights at a few ns per weight in parallel. It is plain C + OpenMP, compiled here on first use with the
+``csrc/popup_kernels.c`` does the same work in two passes (select and mask together, backward) and regenerates
+seeded weights at a few ns per weight in parallel. It is plain C + OpenMP, compiled here on first use with the
 system C compiler into a per-user cache, and loaded with ctypes, so the package needs no build step.
 
 Everything here is exact: masks, masked weights, gradients and generated weights are bit-identical to
@@ -12,11 +12,14 @@ compiler, ``TIMM_POPUP_NATIVE=0``, a CUDA tensor, a non-contiguous or non-float3
 implementation computes the same values without host syncs (no ``.item()``, ``nonzero`` or boolean indexing).
 
 The tensor ops are ``torch.library`` custom ops (``torch.ops.timm_popup.*``) with fake implementations, so
-they trace under ``torch.compile``; ``masked_weight`` has its straight-through backward registered.
+they trace under ``torch.compile``; ``masked_weight`` has its straight-through backward registered. Eager training
+on the CPU calls the kernels directly instead (see "eager training path" below): same bits, less dispatch.
 
 The selection takes a *hint*: a float64 tensor ``[lo, hi]`` bracketing the threshold (:func:`new_hint` makes an
 empty one). The kernel reads it and writes the bracket for the next call, so a layer that keeps one hint
-tensor selects in one pass over its scores from the second step on. A wrong hint only costs time.
+tensor selects in one pass over its scores from the second step on, and that same pass writes the masked weight
+of every entry outside the bracket (the few inside are patched once the threshold is known). A wrong hint only
+costs time.
 """
 
 from __future__ import annotations
@@ -90,6 +93,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     sigs = {
         "popup_has_openmp": ([], cint),
         "popup_topk_select": ([ptr, i64, i64, ptr, cint, ptr, ptr], cint),
+        "popup_select_masked_weight": ([ptr, ptr, i64, i64, ptr, cint, ptr, ptr, ptr], cint),
+        "popup_select_masked_weight_signs": ([ptr, ptr, f64, i64, i64, ptr, cint, ptr, ptr, ptr], cint),
         "popup_masked_weight": ([ptr, ptr, i64, f32, i64, ptr, cint], None),
         "popup_masked_weight_signs": ([ptr, ptr, f64, i64, f32, i64, ptr, cint], None),
         "popup_build_mask": ([ptr, i64, f32, i64, ptr, cint], None),
@@ -228,11 +233,42 @@ def _unpack_signs(bits: torch.Tensor, std: float, like: torch.Tensor) -> torch.T
 # ---- custom ops ----------------------------------------------------------------------------------------------
 
 
+def _is_hint(hint: torch.Tensor) -> bool:
+    """Whether the kernels can read and update ``hint`` (:func:`new_hint`'s kind of tensor)."""
+    return hint.dtype == torch.float64 and hint.device.type == "cpu" and hint.is_contiguous() and hint.numel() == 2
+
+
+def _torch_masked(scores: torch.Tensor, source: torch.Tensor, std: float | None, thr: torch.Tensor,
+                  cut: torch.Tensor) -> torch.Tensor:
+    """The masked weight with PyTorch ops: ``source`` is the fp32 weight, or packed sign bits when ``std`` is given."""
+    weight = source if std is None else _unpack_signs(source, std, scores)
+    return weight * torch_mask(scores, thr, cut)
+
+
+def _ste(grad: torch.Tensor, source: torch.Tensor, std: float | None, scores: torch.Tensor) -> torch.Tensor:
+    """``(grad * weight) * sign(scores)``: one C pass where the kernels take the tensors, PyTorch ops elsewhere;
+    ``source`` as in :func:`_torch_masked`."""
+    lib = _native(grad, source, scores)
+    if lib is not None and grad.dtype == scores.dtype == torch.float32 and grad.shape == scores.shape:
+        n = scores.numel()
+        if std is None and source.dtype == torch.float32 and source.shape == scores.shape:
+            out = torch.empty_like(scores)
+            lib.popup_ste_backward(grad.data_ptr(), source.data_ptr(), scores.data_ptr(), n, out.data_ptr(),
+                                   _threads())
+            return out
+        if std is not None and source.dtype == torch.uint8 and source.numel() == (n + 7) // 8:
+            out = torch.empty_like(scores)
+            lib.popup_ste_backward_signs(grad.data_ptr(), source.data_ptr(), std, scores.data_ptr(), n,
+                                         out.data_ptr(), _threads())
+            return out
+    weight = source if std is None else _unpack_signs(source, std, scores)
+    return (grad * weight).mul_(scores.sign())
+
+
 @torch.library.custom_op("timm_popup::topk_select", mutates_args=("hint",))
 def _topk_select(scores: torch.Tensor, keep: int, hint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     lib = _native(scores)
-    if (lib is not None and scores.dtype == torch.float32 and hint.dtype == torch.float64
-            and hint.device.type == "cpu" and hint.is_contiguous() and hint.numel() == 2):
+    if lib is not None and scores.dtype == torch.float32 and _is_hint(hint):
         thr = torch.empty((), dtype=torch.float32)
         cut = torch.empty((), dtype=torch.int64)
         status = lib.popup_topk_select(scores.data_ptr(), scores.numel(), keep, hint.data_ptr(), _threads(),
@@ -271,7 +307,7 @@ def _masked_weight(scores: torch.Tensor, weight: torch.Tensor, thr: torch.Tensor
         lib.popup_masked_weight(scores.data_ptr(), weight.data_ptr(), weight.numel(), float(thr), int(cut),
                                 out.data_ptr(), _threads())
         return out
-    return weight * torch_mask(scores, thr, cut)
+    return _torch_masked(scores, weight, None, thr, cut)
 
 
 @_masked_weight.register_fake
@@ -288,7 +324,7 @@ def _masked_weight_signs(scores: torch.Tensor, signs: torch.Tensor, std: float, 
         lib.popup_masked_weight_signs(scores.data_ptr(), signs.data_ptr(), std, scores.numel(), float(thr),
                                       int(cut), out.data_ptr(), _threads())
         return out
-    return _unpack_signs(signs, std, scores) * torch_mask(scores, thr, cut)
+    return _torch_masked(scores, signs, std, thr, cut)
 
 
 @_masked_weight_signs.register_fake
@@ -298,14 +334,7 @@ def _(scores: torch.Tensor, signs: torch.Tensor, std: float, thr: torch.Tensor, 
 
 @torch.library.custom_op("timm_popup::ste_backward", mutates_args=())
 def _ste_backward(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    lib = _native(grad, weight, scores)
-    if (lib is not None and grad.dtype == weight.dtype == scores.dtype == torch.float32
-            and grad.shape == weight.shape == scores.shape):
-        out = torch.empty_like(scores)
-        lib.popup_ste_backward(grad.data_ptr(), weight.data_ptr(), scores.data_ptr(), scores.numel(),
-                               out.data_ptr(), _threads())
-        return out
-    return (grad * weight).mul_(scores.sign())
+    return _ste(grad, weight, None, scores)
 
 
 @_ste_backward.register_fake
@@ -315,14 +344,7 @@ def _(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor) -> torch.T
 
 @torch.library.custom_op("timm_popup::ste_backward_signs", mutates_args=())
 def _ste_backward_signs(grad: torch.Tensor, signs: torch.Tensor, std: float, scores: torch.Tensor) -> torch.Tensor:
-    lib = _native(grad, signs, scores)
-    if (lib is not None and grad.dtype == scores.dtype == torch.float32 and signs.dtype == torch.uint8
-            and grad.shape == scores.shape):
-        out = torch.empty_like(scores)
-        lib.popup_ste_backward_signs(grad.data_ptr(), signs.data_ptr(), std, scores.data_ptr(), scores.numel(),
-                                     out.data_ptr(), _threads())
-        return out
-    return (grad * _unpack_signs(signs, std, scores)).mul_(scores.sign())
+    return _ste(grad, signs, std, scores)
 
 
 @_ste_backward_signs.register_fake
@@ -357,6 +379,68 @@ torch.library.register_autograd("timm_popup::masked_weight", _mw_backward, setup
 torch.library.register_autograd("timm_popup::masked_weight_signs", _mws_backward, setup_context=_mws_setup)
 
 
+# ---- eager training path --------------------------------------------------------------------------------------
+# Each custom-op call costs tens of microseconds of Python dispatch (measured: select + masked weight + backward
+# ~200 us per layer and step, a few ms per resnet18 step), and selecting and masking separately reads the scores
+# twice. Eager training on the CPU kernels therefore takes one C call forward (selection through the hint and the
+# masked weight in one pass) and one backward, inside a plain autograd.Function; torch.compile traces the custom
+# ops above instead, which compute the same bits.
+
+
+def _fusable(scores: torch.Tensor, source: torch.Tensor, std: float | None, hint: torch.Tensor) -> bool:
+    """Whether :class:`_FusedMaskedWeight` can run these tensors on the C kernels."""
+    if torch.compiler.is_compiling() or scores.dtype != torch.float32 or not _is_hint(hint):
+        return False
+    if std is None:
+        if source.dtype != torch.float32 or source.shape != scores.shape:
+            return False
+    elif source.dtype != torch.uint8 or source.numel() != (scores.numel() + 7) // 8:
+        return False
+    return _native(scores, source) is not None
+
+
+class _FusedMaskedWeight(torch.autograd.Function):
+    """``(weight * topk_mask(scores), thr)`` in one kernel call, straight-through backward in another (see above)."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, source: torch.Tensor, std: float | None, keep: int,
+                hint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lib = _library()
+        out = torch.empty(scores.shape, dtype=torch.float32)
+        thr, cut = torch.empty((), dtype=torch.float32), torch.empty((), dtype=torch.int64)
+        ptrs = (hint.data_ptr(), _threads(), out.data_ptr(), thr.data_ptr(), cut.data_ptr())
+        if std is None:
+            status = lib.popup_select_masked_weight(scores.data_ptr(), source.data_ptr(), scores.numel(), keep, *ptrs)
+        else:
+            status = lib.popup_select_masked_weight_signs(scores.data_ptr(), source.data_ptr(), std, scores.numel(),
+                                                          keep, *ptrs)
+        if status < 0:  # the kernel ran out of memory for its band: the exact PyTorch path
+            thr, cut = torch_select(scores, keep)
+            out = _torch_masked(scores, source, std, thr, cut)
+        ctx.save_for_backward(scores, source)
+        ctx.std = std
+        ctx.mark_non_differentiable(thr)
+        ctx.set_materialize_grads(False)
+        return out, thr
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor | None, _: torch.Tensor | None):
+        scores, source = ctx.saved_tensors
+        return None if grad is None else _ste(grad, source, ctx.std, scores), None, None, None, None
+
+
+def _masked(scores: torch.Tensor, source: torch.Tensor, std: float | None, k: float, hint: torch.Tensor | None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    keep = num_kept(scores.numel(), k)
+    hint = new_hint() if hint is None else hint
+    if _fusable(scores, source, std, hint):
+        return _FusedMaskedWeight.apply(scores, source, std, keep, hint)
+    thr, cut = torch.ops.timm_popup.topk_select(scores.detach(), keep, hint)
+    if std is None:
+        return torch.ops.timm_popup.masked_weight(scores, source, thr, cut), thr
+    return torch.ops.timm_popup.masked_weight_signs(scores, source, std, thr, cut), thr
+
+
 # ---- public API -------------------------------------------------------------------------------------------------
 
 
@@ -383,17 +467,16 @@ def topk_mask(scores: torch.Tensor, k: float, hint: torch.Tensor | None = None) 
 def masked_weight(scores: torch.Tensor, weight: torch.Tensor, k: float, hint: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weight * topk_mask(scores, k), thr)``, differentiable in ``scores`` by the straight-through rule
-    ``d/d(scores) = grad * weight * sign(scores)`` (as ``layers._StraightThrough``)."""
-    thr, cut = topk_threshold(scores, k, hint)
-    return torch.ops.timm_popup.masked_weight(scores, weight, thr, cut), thr
+    ``d/d(scores) = grad * weight * sign(scores)`` (as ``layers._StraightThrough``). ``hint`` as in
+    :func:`topk_threshold`."""
+    return _masked(scores, weight, None, k, hint)
 
 
 def masked_weight_signs(scores: torch.Tensor, signs: torch.Tensor, std: float, k: float,
                         hint: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`masked_weight` for a signed-constant weight given as packed sign bits (:func:`sign_bits`) and its
     std: the weight is ``-+float32(std)``, exactly ``init.draw_reference``'s, and is never materialised in fp32."""
-    thr, cut = topk_threshold(scores, k, hint)
-    return torch.ops.timm_popup.masked_weight_signs(scores, signs, float(std), thr, cut), thr
+    return _masked(scores, signs, float(std), k, hint)
 
 
 def ste_backward(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
