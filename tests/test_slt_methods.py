@@ -249,3 +249,31 @@ def test_global_topk_starts_near_k_in_every_layer_and_rescales_scaled_weights():
         kept = used[mask.get_mask()].abs()
         # U_k scaled by sqrt(1/k) at conversion, then to sqrt(1/density) of the tensor itself
         assert torch.allclose(kept, mask.weight.abs().max() * math.sqrt(0.05 / density)), name
+
+
+@pytest.mark.parametrize("method", ["global-topk", "slot-machine", "iterand"])
+def test_a_new_head_learns_the_models_method_and_saves(method, tmp_path):
+    from timm_popup.convert import convert
+
+    model = convert(timm.create_model("test_resnet", num_classes=3), k=0.3, method=method,
+                    options=MethodOptions(slots=3))
+    model.reset_classifier(7)
+    masks = timm_popup.popup_masks(model)
+    head = masks["fc.weight"]  # test_resnet's classifier
+    assert tuple(head.weight.shape) == (7, model.num_features)
+    assert {mask.mode for mask in masks.values()} == {{"global-topk": "global", "slot-machine": "slots",
+                                                       "iterand": "topk"}[method]}
+    if method == "global-topk":
+        assert {id(mask.group) for mask in masks.values()} == {id(head.group)}
+        assert len(head.group.members) == len(masks)
+    if method == "slot-machine":
+        assert head.scores.shape[0] == 3
+    if method == "iterand":
+        assert "redraws" in head._buffers
+    timm_popup.save_pretrained(model.eval(), tmp_path / "a")
+    again = timm.create_model("popup_test_resnet", pretrained=True, num_classes=7,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "a" / "model.safetensors"))).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+

@@ -47,7 +47,7 @@ from .config import PopupConfig
 if TYPE_CHECKING:
     from .methods import MethodOptions
 from .init import DEFAULT_WEIGHT_INIT, check_k, check_weight_init, fans, random_normal, random_weight
-from .layers import PopupMask, mask_tensor
+from .layers import METHOD_MODES, PopupMask, mask_tensor, use_method
 
 __all__ = ["convert", "build_converted", "reseed", "regenerated", "popup_masks", "frozen_tensors", "is_norm",
            "is_masked_weight", "EMBED_STD", "NEAR_ZERO", "POPUP_PREFIX"]
@@ -157,7 +157,16 @@ class _PopupResetClassifier:
     def __call__(self, *args, **kwargs):
         self.original(self.model, *args, **kwargs)
         cfg = self.model.popup_config
+        before = {id(mask) for mask in popup_masks(self.model).values()}
         convert(self.model, k=cfg.k, weight_init=cfg.weight_init, seed=cfg.seed, dense=cfg.dense)
+        if cfg.method in METHOD_MODES and cfg.method != "edge-popup":  # the new head learns the model's method
+            masks = list(popup_masks(self.model).values())
+            new = [mask for mask in masks if id(mask) not in before]
+            # a global top-k regroups every tensor; the others change only the new head's masks
+            use_method(masks if METHOD_MODES[cfg.method] == "global" else new, cfg.method, k=cfg.k, slots=cfg.slots)
+            if cfg.method == "iterand":
+                for mask in new:
+                    mask.track_redraws()
 
 
 def convert(
