@@ -164,9 +164,6 @@ class _PopupResetClassifier:
             new = [mask for mask in masks if id(mask) not in before]
             # a global top-k regroups every tensor; the others change only the new head's masks
             use_method(masks if METHOD_MODES[cfg.method] == "global" else new, cfg.method, k=cfg.k, slots=cfg.slots)
-            if cfg.method == "iterand":
-                for mask in new:
-                    mask.track_redraws()
 
 
 def convert(

@@ -51,7 +51,7 @@ from . import native
 from .init import WEIGHT_INITS, check_k, check_weight_init, fans, random_uniform, random_weight, stream_key
 
 __all__ = ["PopupMask", "MaskGroup", "MODES", "SLT_MODES", "METHOD_MODES", "use_method", "density_rescale",
-           "binary_alpha", "binarized", "slot_candidates", "num_kept", "topk_mask", "fused_masked_weight",
+           "binary_alpha", "binarized", "num_kept", "topk_mask", "fused_masked_weight",
            "mask_tensor", "unmask_tensor"]
 
 MODES = ("topk", "sample", "fixed", "dense", "global", "binary", "signed", "slots")
@@ -154,15 +154,6 @@ def binarized(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return weight.sign() * binary_alpha(weight, mask)
 
 
-def slot_candidates(base: torch.Tensor, *, slots: int, seed: int, name: str, weight_init: str, k: float,
-                    fan_shape: Sequence[int]) -> torch.Tensor:
-    """The ``slots`` seeded candidate values of every weight of tensor ``name``: candidate 0 is the tensor's own
-    draw (``base``, what the artifact fingerprints), candidate j > 0 the draw of ``name#slot<j>``."""
-    draws = [base] + [random_weight(base.shape, seed=seed, name=f"{name}#slot{j}", weight_init=weight_init, k=k,
-                                    fan_shape=fan_shape).to(base.device) for j in range(1, slots)]
-    return torch.stack(draws)
-
-
 class MaskGroup:
     """The tensors that share one global top-k: ``round(k * N)`` of their N weights are kept, those of largest
     |score| over the whole group (ties to the lowest index in group order, the order of the model's tensors).
@@ -227,11 +218,15 @@ class PopupMask(nn.Module):
     def regenerate(self, *, seed: int, k: float, weight_init: str, device: torch.device | None = None) -> None:
         """Make ``weight`` the seeded draw for (seed, tensor name, k, weight_init); the scores stay as they are."""
         self.k, self.weight_init, self.seed = check_k(k), check_weight_init(weight_init), int(seed)
-        weight = random_weight(self.weight.shape, seed=self.seed, name=self.popup_name,
-                               weight_init=self.weight_init, k=self.k, fan_shape=self.fan_shape)
-        self.weight = weight.to(device or self.weight.device)
+        self.weight = self.draw().to(device or self.weight.device)
         self._cache: tuple | None = None
         self._hint = native.new_hint()  # the threshold bracket the fused selection carries from step to step
+
+    def draw(self, stream: str = "") -> torch.Tensor:
+        """The seeded values of this tensor's stream ``<name><stream>`` (CPU) at its seed, k and distribution:
+        ``""`` its own weights, ``"#slot<j>"`` slot candidates, ``"#iterand<e>"`` IteRand's re-draws."""
+        return random_weight(self.weight.shape, seed=self.seed, name=self.popup_name + stream,
+                             weight_init=self.weight_init, k=self.k, fan_shape=self.fan_shape)
 
     def set_mode(self, mode: str) -> None:
         """Switch to another of ``MODES`` (what ``timm_popup.methods`` and loading a supermask do)."""
@@ -310,9 +305,10 @@ class PopupMask(nn.Module):
             return _PlainStraightThrough.apply(scores, self.weight, torch.where(scores.detach() < 0, -kept, kept))
         if mode == "slots":
             return _SlotSelect.apply(scores, self.candidates, scores.detach().argmax(0))
-        if WEIGHT_INITS[self.weight_init][1]:  # global with a scaled distribution: sqrt(1/k) of this tensor
-            return _StraightThrough.apply(scores, self.weight * density_rescale(mask, self.k), mask)
-        return _StraightThrough.apply(scores, self.weight, mask)
+        weight = self.weight
+        if WEIGHT_INITS[self.weight_init][1]:  # global, scaled distribution: sqrt(1/density) of this tensor
+            weight = weight * density_rescale(mask, self.k)
+        return _StraightThrough.apply(scores, weight, mask)
 
     def flips(self) -> torch.Tensor:
         """Signed supermask: where the score is negative, i.e. the kept weight's sign is flipped."""
@@ -326,9 +322,9 @@ class PopupMask(nn.Module):
         """Switch to slot machines with ``slots`` seeded candidates per weight and fresh scores, one per candidate."""
         if slots < 2:
             raise ValueError(f"slot machines need at least 2 candidate values per weight, not {slots}")
-        candidates = slot_candidates(self.weight, slots=slots, seed=self.seed, name=self.popup_name,
-                                     weight_init=self.weight_init, k=self.k, fan_shape=self.fan_shape)
-        self.register_buffer("candidates", candidates, persistent=False)
+        # candidate 0 is the tensor's own draw (what the artifact fingerprints), j > 0 the stream "#slot<j>"
+        candidates = [self.weight] + [self.draw(f"#slot{j}").to(self.weight.device) for j in range(1, slots)]
+        self.register_buffer("candidates", torch.stack(candidates), persistent=False)
         self.weight = self.candidates[0]
         self.scores = nn.Parameter(torch.empty(self.candidates.shape, device=self.weight.device))
         self.reset_scores()
@@ -339,19 +335,17 @@ class PopupMask(nn.Module):
         stream ``<name>#iterand<event>``, so the weights stay a function of the seed and the events; the event
         of each weight's last re-draw is kept in ``redraws`` (checkpointed; an artifact keeps the kept ones')."""
         with torch.no_grad():
-            shape, device = self.weight.shape, self.weight.device
-            pick = random_uniform(shape, seed=self.seed, name=f"{self.popup_name}#iterand-pick{event}").abs() < rate
-            chosen = pick.to(device) & ~topk_mask(self.scores, self.k)
-            new = random_weight(shape, seed=self.seed, name=f"{self.popup_name}#iterand{event}",
-                                weight_init=self.weight_init, k=self.k, fan_shape=self.fan_shape).to(device)
+            device = self.weight.device
+            pick = random_uniform(self.weight.shape, seed=self.seed, name=f"{self.popup_name}#iterand-pick{event}")
+            chosen = (pick.abs() < rate).to(device) & ~topk_mask(self.scores, self.k)
+            new = self.draw(f"#iterand{event}").to(device)
             self.redraws.masked_fill_(chosen, event)
             self.set_weight(torch.where(chosen, new, self.weight))
 
     def weight_seeded(self) -> torch.Tensor:
         """The tensor's draw from the seed (what an artifact fingerprints): ``weight`` unless IteRand re-drew some."""
         if "redraws" in self._buffers and bool(self.redraws.any()):
-            return random_weight(self.weight.shape, seed=self.seed, name=self.popup_name,
-                                 weight_init=self.weight_init, k=self.k, fan_shape=self.fan_shape)
+            return self.draw()
         return self.weight
 
     def track_redraws(self) -> None:
@@ -363,14 +357,10 @@ class PopupMask(nn.Module):
 
     def rebuild_redrawn(self) -> None:
         """Recompute ``weight`` from the seed and ``redraws`` (after a checkpoint or an artifact is loaded)."""
-        weight = random_weight(self.weight.shape, seed=self.seed, name=self.popup_name, weight_init=self.weight_init,
-                               k=self.k, fan_shape=self.fan_shape)
-        redraws = self.redraws.cpu()
+        weight, redraws = self.draw(), self.redraws.cpu()
         for event in torch.unique(redraws).tolist():
             if event:
-                new = random_weight(weight.shape, seed=self.seed, name=f"{self.popup_name}#iterand{event}",
-                                    weight_init=self.weight_init, k=self.k, fan_shape=self.fan_shape)
-                weight = torch.where(redraws == event, new, weight)
+                weight = torch.where(redraws == event, self.draw(f"#iterand{event}"), weight)
         self.set_weight(weight.to(self.weight.device))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
@@ -404,7 +394,8 @@ class PopupMask(nn.Module):
 
 def use_method(masks: Sequence[PopupMask], method: str, *, k: float, slots: int = 0) -> None:
     """Put ``masks`` (all of a model's) in the mode of ``method`` (``METHOD_MODES``): global top-k groups them,
-    slot machines draw ``slots`` candidates per weight. Scores are kept except where slots replace them."""
+    slot machines draw ``slots`` candidates per weight, IteRand starts each tensor's re-draw record. Scores are
+    kept except where slots replace them."""
     if method not in METHOD_MODES:
         raise ValueError(f"unknown mask method {method!r}; choose one of: {', '.join(METHOD_MODES)}")
     mode = METHOD_MODES[method]
@@ -415,6 +406,8 @@ def use_method(masks: Sequence[PopupMask], method: str, *, k: float, slots: int 
         else:
             mask.set_mode(mode)
         mask.group = group
+        if method == "iterand":
+            mask.track_redraws()
 
 
 def mask_tensor(module: nn.Module, tensor_name: str, mask: PopupMask) -> None:

@@ -318,7 +318,8 @@ def _packed(sd: dict[str, torch.Tensor], key: str, count: int) -> torch.Tensor:
 def _decode(sd: dict[str, torch.Tensor], name: str, n: int, method: str, k: float) -> dict[str, np.ndarray]:
     """One tensor's verified payload: its mask bits and what its method adds (flips, re-draw events, slots)."""
     if method == "slot-machine":
-        slots, bits = int(_scalar(sd, "slots")), _bits_for(int(_scalar(sd, "slots")) - 1)
+        slots = int(_scalar(sd, "slots"))
+        bits = _bits_for(slots - 1)
         choice = unpack_uint(_packed(sd, f"{name}.slot", n * bits), n, bits)
         if choice.size and int(choice.max()) >= slots:
             raise MaskError(f"tensor {name} chooses candidate {int(choice.max())} of {slots}: the mask file is "
@@ -430,7 +431,6 @@ def filter_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> 
                 value[kept] = 1.0 - 2.0 * torch.from_numpy(payload["flips"]).float()
             mask.scores.copy_(value)
             if method == "iterand":
-                mask.track_redraws()
                 mask.redraws.zero_()[kept.to(mask.redraws.device)] = torch.from_numpy(payload["redraws"]).to(
                     mask.redraws)
                 # loading the state rebuilds the weights from the seed and these events (PopupMask)

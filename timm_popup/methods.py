@@ -131,8 +131,6 @@ def make_mask_method(model: nn.Module, method: str, options: MethodOptions | Non
         cfg.slots = options.slots
     if method == "iterand":
         cfg.redraw_every, cfg.redraw_rate = options.redraw_every, options.redraw_rate
-        for mask in popup_masks(model).values():
-            mask.track_redraws()
     return model
 
 
