@@ -125,6 +125,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--cpu", action="store_true", help="run on CPU even if an accelerator is present")
     g.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"],
                    help="default: accelerate's config / launch flag")
+    g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the model (timm's --torchcompile; backend default inductor): the mask path "
+                        "compiles into the graph with no break")
+    g.add_argument("--compile-mode", default=None, metavar="MODE",
+                   help="with --compile: torch.compile's mode, e.g. reduce-overhead (CUDA graphs) or max-autotune")
     g.add_argument("--log-with", default="auto", help="trackers besides the CSV/JSON log: auto (tensorboard if "
                                                       "installed), none, or e.g. tensorboard,wandb")
     g.add_argument("--log-every", type=int, default=10, help="progress bar refresh, in steps")
@@ -174,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if resumed is None:
             train.check_fresh_output_dir(output_dir, overwrite=args.overwrite)
         trackers = _trackers(args.log_with, train.TrainError)
+        dynamo = train.compile_plugin(args.compile, args.compile_mode)
         if args.push_to_hub:  # last: the endpoint, the token and write access, before any training
             from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -186,10 +192,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:  # TrainError and the library's other one-line ValueErrors
         return _fail(e)
 
-    # 2. Accelerate: processes, device, mixed precision, DDP without the frozen weights.
+    # 2. Accelerate: processes, device, mixed precision, DDP without the frozen weights, torch.compile.
     accelerator = Accelerator(
         cpu=args.cpu, mixed_precision=args.mixed_precision, gradient_accumulation_steps=recipe.grad_accum,
-        log_with=trackers, project_dir=str(output_dir),
+        log_with=trackers, project_dir=str(output_dir), dynamo_plugin=dynamo,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         # Frozen weights are buffers, identical on every process by construction: never broadcast them.
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
@@ -248,8 +254,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # with mixup, timm's Mixup makes soft targets and applies the label smoothing itself
     loss_fn = SoftTargetCrossEntropy() if mixup_fn else nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     train.use_portable_checkpoints(accelerator)
-    # the method's per-update hook (IteRand's re-draws) acts on the model itself, not on its DDP wrapper
-    after_update = (functools.partial(method.after_update, accelerator.unwrap_model(model))
+    # the model itself, without its DDP and torch.compile wrappers: what the method's per-update hook (IteRand's
+    # re-draws) acts on, what is evaluated (eager: the same masks) and saved
+    bare = accelerator.unwrap_model(model, keep_torch_compile=False)
+    after_update = (functools.partial(method.after_update, bare)
                     if method.after_update else None)
 
     # 5. Resume: model, optimizer and update count from the checkpoint; data order and augmentation are a
@@ -268,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     accelerator.init_trackers("tensorboard", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                      for k, v in card_recipe.items()})
 
-    total, kept, trainable = train.count_weights(accelerator.unwrap_model(model))
+    total, kept, trainable = train.count_weights(bare)
     say(f"{ds.describe()}")
     say(f"{model_name} ({method.name}): input {'x'.join(map(str, input_size))}, {ds.num_classes} classes, "
         f"{kept:,} of {total:,} weights used, {trainable:,} trainable values; k={run['k']}, "
@@ -292,8 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             lockstep=ds.streaming and accelerator.num_processes > 1, log_every=args.log_every,
             desc=f"epoch {epoch + 1}/{recipe.epochs}", after_update=after_update)
         train.sync_batchnorm_stats(model, accelerator)
-        metrics = train.evaluate(accelerator.unwrap_model(model), val_loader, device=accelerator.device,
-                                 accelerator=accelerator)
+        metrics = train.evaluate(bare, val_loader, device=accelerator.device, accelerator=accelerator)
         train_time += train_stats["time_s"]
         row = dict(epoch=epoch + 1, lr=lr_used, train_loss=train_stats["loss"],
                    train_top1=train_stats["top1"], val_loss=metrics["loss"], val_top1=metrics["top1"],
@@ -314,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fail(e, status=1)
 
     # 7. Every process must hold the same result; then write the artifact (and push it).
-    final = accelerator.unwrap_model(model)
+    final = bare
     digest = train.mask_digest(final)
     digests = gather_object([digest])
     if accelerator.num_processes > 1:

@@ -158,7 +158,9 @@ def test_fallback_gives_the_same_threshold_cut_and_mask(n, monkeypatch):
                 m.setattr(native, "_library", lambda: None)
                 thr_t, cut_t = native.topk_threshold(scores, k)
                 mask_t = native.topk_mask(scores, k)
-            assert torch.equal(thr, thr_t) and torch.equal(cut, cut_t), (name, k)
+            # the cut may differ where every tie is kept (the C kernels say n - 1): the pairs mean the same mask
+            assert torch.equal(thr, thr_t), (name, k)
+            assert torch.equal(native.torch_mask(scores, thr, cut), native.torch_mask(scores, thr_t, cut_t)), (name, k)
             assert torch.equal(mask_t, reference_topk_mask(scores, k)), (name, k)
 
 

@@ -66,19 +66,22 @@ def num_kept(n: int, k: float) -> int:
     return round(k * n)
 
 
-def topk_mask(scores: torch.Tensor, k: float) -> torch.Tensor:
+def topk_mask(scores: torch.Tensor, k: float, selection: native.Selection | None = None) -> torch.Tensor:
     """Boolean mask of the ``round(k * n)`` largest ``|scores|``; ties broken by lowest flat index.
 
-    Exact and free of host synchronisation (``timm_popup.native``: fused C kernels on the CPU, PyTorch ops
-    elsewhere)."""
-    return native.topk_mask(scores, k)
+    Exact and free of host synchronisation (``timm_popup.native``: fused C kernels on the CPU, a keyed
+    ``torch.topk`` elsewhere); ``selection`` is the state a layer keeps between calls."""
+    return native.topk_mask(scores, k, selection)
 
 
-def fused_masked_weight(scores: torch.Tensor, weight: torch.Tensor, k: float, hint: torch.Tensor) -> torch.Tensor:
-    """``weight * topk_mask(scores, k)`` with the straight-through gradient to ``scores``, in one pass over the
-    tensor (selection and masked weight together) and one in backward; ``hint`` carries the threshold bracket from
-    step to step."""
-    return native.masked_weight(scores, weight, k, hint)[0]
+def fused_masked_weight(scores: torch.Tensor, weight: torch.Tensor, k: float,
+                        selection: native.Selection | torch.Tensor) -> torch.Tensor:
+    """``weight * topk_mask(scores, k)`` with the straight-through gradient to ``scores``: one pass over the tensor
+    forward (selection and masked weight together) and one backward on the CPU kernels, a handful of device ops
+    elsewhere; ``selection`` (or a bare threshold bracket) carries state from step to step."""
+    if not isinstance(selection, native.Selection):
+        selection = native.Selection(selection)
+    return native.training_masked_weight(scores, weight, k, selection)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -220,7 +223,7 @@ class PopupMask(nn.Module):
         self.k, self.weight_init, self.seed = check_k(k), check_weight_init(weight_init), int(seed)
         self.weight = self.draw().to(device or self.weight.device)
         self._cache: tuple | None = None
-        self._hint = native.new_hint()  # the threshold bracket the fused selection carries from step to step
+        self._selection = native.Selection()  # what the selection carries from step to step (threshold bracket, keys)
 
     def draw(self, stream: str = "") -> torch.Tensor:
         """The seeded values of this tensor's stream ``<name><stream>`` (CPU) at its seed, k and distribution:
@@ -249,7 +252,7 @@ class PopupMask(nn.Module):
         mode = self.mode
         if mode == "topk":
             if self.training:
-                return topk_mask(self.scores, self.k)
+                return topk_mask(self.scores, self.k, self._selection)
             return self._cached()[1]
         if mode == "sample":
             return self._cached()[1]
@@ -264,7 +267,7 @@ class PopupMask(nn.Module):
         mode = self.mode
         if mode == "topk":  # edge-popup's hot path: keep it first and unchanged
             if self.training:
-                return fused_masked_weight(self.scores, self.weight, self.k, self._hint)
+                return fused_masked_weight(self.scores, self.weight, self.k, self._selection)
             if torch.is_grad_enabled() and self.scores.requires_grad:
                 return _StraightThrough.apply(self.scores, self.weight, self._cached()[1])
             return self._cached()[2]
@@ -293,7 +296,7 @@ class PopupMask(nn.Module):
             return self.group.mask_of(self)
         if mode == "slots":  # every weight is used: the scores choose its value, not whether it is kept
             return torch.ones_like(self.weight, dtype=torch.bool)
-        return topk_mask(self.scores, self.k)
+        return topk_mask(self.scores, self.k, self._selection)
 
     def _masked(self, mask: torch.Tensor) -> torch.Tensor:
         """The weight a strong-lottery-ticket mode computes with, under ``mask``, with its straight-through rule."""
@@ -382,7 +385,7 @@ class PopupMask(nn.Module):
                     self._cache = (key, mask, self._masked(mask))
                 return self._cache
             # sample mode's eval mask: sigmoid(s) > 0.5 without rounding sigmoid near 0.5
-            mask = topk_mask(s, self.k) if self.mode == "topk" else s.detach() > 0
+            mask = topk_mask(s, self.k, self._selection) if self.mode == "topk" else s.detach() > 0
             self._cache = (key, mask, self.weight * mask)
         return self._cache
 

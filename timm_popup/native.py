@@ -41,8 +41,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "new_hint", "topk_threshold", "topk_mask", "masked_weight", "masked_weight_signs",
-           "ste_backward", "generate", "sign_bits", "torch_select", "torch_mask", "FAMILIES"]
+__all__ = ["available", "new_hint", "Selection", "topk_threshold", "topk_mask", "masked_weight",
+           "training_masked_weight", "masked_weight_signs", "ste_backward", "generate", "sign_bits", "torch_select",
+           "torch_mask", "key_words", "selection_keys", "kth_key", "keyed_mask", "FAMILIES"]
 
 #: generator families of ``timm_popup.init.draw_reference`` and their codes in the C kernel
 FAMILIES = {"normal": 0, "signed": 1, "uniform": 2}
@@ -195,24 +196,62 @@ def num_kept(n: int, k: float) -> int:
     return round(k * n)
 
 
-# ---- pure-PyTorch reference (any device, no host syncs) ---------------------------------------------------
+# ---- the exact selection on any device: unique keys and torch.topk (no host syncs) ---------------------------
+# Each entry gets one int64 key: the float32 bits of |score| (monotonic in the value for non-negative floats,
+# +0 and -0 equal) in the high word and the inverted flat index n-1-i in the low word. Keys are unique and order
+# entries exactly as the selection does (larger |score| first, ties to the lower index), so the keep largest keys
+# *are* the mask: one torch.topk, no tie pass, no kthvalue (which CUDA runs 50-200x slower than topk on one long
+# row). The key of the keep-th largest entry carries the (thr, cut) of the C kernels in its two words.
+# A NaN score ranks above every number here, where the C kernels drop it: only a diverged run has one.
+
+_LO, _HI = (0, 1) if sys.byteorder == "little" else (1, 0)  # the int32 words of an int64
+_NONE_KEPT = torch.iinfo(torch.int64).max  # above every key: |score| bits < 2**31 and n - 1 - i < 2**31
+_ALL_KEPT = torch.iinfo(torch.int64).min
+
+
+def key_words(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """An ``(n, 2)`` int32 buffer whose rows read as int64 keys: the index words set, the |score| words to fill.
+
+    Kept from step to step (:class:`Selection`), it makes a training step's keys one ``abs`` into the high words."""
+    if n >= 2**31:
+        raise ValueError(f"a masked tensor of {n} entries is too large for the keyed selection (at most 2**31 - 1)")
+    words = torch.empty((n, 2), dtype=torch.int32, device=device)
+    words[:, _LO].copy_(torch.arange(n - 1, -1, -1, dtype=torch.int32, device=device))
+    return words
+
+
+def selection_keys(scores: torch.Tensor, words: torch.Tensor | None = None) -> torch.Tensor:
+    """The flat int64 key of every entry of ``scores`` (above); written into ``words`` (:func:`key_words`) if given."""
+    a = scores.detach().reshape(-1)
+    if words is None:
+        index = torch.arange(a.numel() - 1, -1, -1, device=a.device)
+        return (a.abs().view(torch.int32).to(torch.int64) << 32) | index
+    torch.abs(a, out=words[:, _HI].view(torch.float32))
+    return words.view(torch.int64).view(-1)
+
+
+def kth_key(keys: torch.Tensor, keep: int) -> torch.Tensor:
+    """The key of the ``keep``-th largest entry (0-dim, on the keys' device): entry i is kept iff its key is >= it."""
+    if keep >= keys.numel():
+        return torch.full((), _ALL_KEPT, dtype=torch.int64, device=keys.device)
+    if keep <= 0:
+        return torch.full((), _NONE_KEPT, dtype=torch.int64, device=keys.device)
+    return keys.topk(keep, sorted=False).values.min()
 
 
 def torch_select(scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(thr, cut)`` of the ``keep`` largest ``|scores|`` with PyTorch ops only, kept on the device (no sync)."""
-    a = scores.detach().abs().flatten()
-    n = a.numel()
+    """``(thr, cut)`` of the ``keep`` largest ``|scores|`` with PyTorch ops only, kept on the device (no sync).
+
+    ``cut`` is the flat index of the last kept entry tied at ``thr``: the same mask as the C kernels' pair, which
+    says ``n - 1`` where every tie is kept."""
+    n = scores.numel()
     if keep >= n:
-        return a.new_full((), -math.inf), torch.full((), n - 1, dtype=torch.int64, device=a.device)
+        return scores.new_full((), -math.inf), torch.full((), n - 1, dtype=torch.int64, device=scores.device)
     if keep <= 0:
-        return a.new_full((), math.inf), torch.full((), -1, dtype=torch.int64, device=a.device)
-    thr = a.kthvalue(n - keep + 1).values
-    tied = a == thr
-    need = keep - (a > thr).sum()  # how many of the tied entries are kept (>= 1)
-    ranks = tied.cumsum(0)
-    # the need-th tie sits at the first position whose running count reaches need
-    cut = torch.where(ranks[-1] == need, n - 1, (ranks < need).sum())
-    return thr, cut
+        return scores.new_full((), math.inf), torch.full((), -1, dtype=torch.int64, device=scores.device)
+    kth = kth_key(selection_keys(scores), keep)
+    thr = (kth >> 32).to(torch.int32).view(torch.float32)
+    return thr, (n - 1) - (kth & 0xFFFFFFFF)
 
 
 def torch_mask(scores: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
@@ -220,6 +259,12 @@ def torch_mask(scores: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor) -> to
     a = scores.detach().abs()
     idx = torch.arange(a.numel(), device=a.device).view_as(a)
     return (a > thr) | ((a == thr) & (idx <= cut))
+
+
+def keyed_mask(scores: torch.Tensor, k: float, words: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask of the ``round(k * n)`` largest ``|scores|`` (ties to the lowest flat index), in three ops."""
+    keys = selection_keys(scores, words)
+    return (keys >= kth_key(keys, num_kept(scores.numel(), k))).view(scores.shape)
 
 
 def _unpack_signs(bits: torch.Tensor, std: float, like: torch.Tensor) -> torch.Tensor:
@@ -429,16 +474,48 @@ class _FusedMaskedWeight(torch.autograd.Function):
         return None if grad is None else _ste(grad, source, ctx.std, scores), None, None, None, None
 
 
-def _masked(scores: torch.Tensor, source: torch.Tensor, std: float | None, k: float, hint: torch.Tensor | None
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+class _KeyedMaskedWeight(torch.autograd.Function):
+    """``(weight * topk_mask(scores), kth key)`` with the keyed selection in five device ops (abs into the key words,
+    topk, min, compare, multiply) and the straight-through backward in three: the path where the C kernels do not
+    run (CUDA, no compiler), with no host sync and no custom-op dispatch."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, weight: torch.Tensor, keep: int, words: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = selection_keys(scores, words)
+        kth = kth_key(keys, keep)
+        ctx.save_for_backward(scores, weight)
+        ctx.mark_non_differentiable(kth)
+        ctx.set_materialize_grads(False)
+        return weight * (keys >= kth).view(weight.shape), kth
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor | None, _: torch.Tensor | None):
+        scores, weight = ctx.saved_tensors
+        return None if grad is None else (grad * weight).mul_(scores.sign()), None, None, None
+
+
+def _key_threshold(kth: torch.Tensor) -> torch.Tensor:
+    """The float32 |score| in the high word of a key (the threshold of :func:`torch_select`)."""
+    return (kth >> 32).to(torch.int32).view(torch.float32)
+
+
+def _masked(scores: torch.Tensor, source: torch.Tensor, std: float | None, k: float,
+            hint: torch.Tensor | Selection | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(masked weight, thr, False)`` from the C kernels or the custom ops, ``(masked weight, kth key, True)`` from
+    the keyed path; the same masked weight either way."""
     keep = num_kept(scores.numel(), k)
-    hint = new_hint() if hint is None else hint
-    if _fusable(scores, source, std, hint):
-        return _FusedMaskedWeight.apply(scores, source, std, keep, hint)
-    thr, cut = torch.ops.timm_popup.topk_select(scores.detach(), keep, hint)
+    state = hint if isinstance(hint, Selection) else Selection(hint)
+    if _fusable(scores, source, std, state.hint):
+        return (*_FusedMaskedWeight.apply(scores, source, std, keep, state.hint), False)
+    compiling = torch.compiler.is_compiling()
+    if std is None and (scores.device.type != "cpu" if compiling else _native(scores, source) is None):
+        words = None if compiling else state.words_for(scores)  # compiled: the compiler fuses the key ops itself
+        return (*_KeyedMaskedWeight.apply(scores, source, keep, words), True)
+    thr, cut = torch.ops.timm_popup.topk_select(scores.detach(), keep, state.hint)
     if std is None:
-        return torch.ops.timm_popup.masked_weight(scores, source, thr, cut), thr
-    return torch.ops.timm_popup.masked_weight_signs(scores, source, std, thr, cut), thr
+        return torch.ops.timm_popup.masked_weight(scores, source, thr, cut), thr, False
+    return torch.ops.timm_popup.masked_weight_signs(scores, source, std, thr, cut), thr, False
 
 
 # ---- public API -------------------------------------------------------------------------------------------------
@@ -447,6 +524,22 @@ def _masked(scores: torch.Tensor, source: torch.Tensor, std: float | None, k: fl
 def new_hint() -> torch.Tensor:
     """An empty threshold bracket (float64 ``[nan, nan]``) for a layer to keep and pass on every call."""
     return torch.full((2,), math.nan, dtype=torch.float64)
+
+
+class Selection:
+    """What one masked tensor carries from one training step to the next: the C kernels' threshold bracket
+    (:func:`new_hint`) and, where the C kernels do not run, the key words of the keyed selection
+    (:func:`key_words`), made on first use on the scores' device."""
+
+    def __init__(self, hint: torch.Tensor | None = None) -> None:
+        self.hint = new_hint() if hint is None else hint
+        self.words: torch.Tensor | None = None
+
+    def words_for(self, scores: torch.Tensor) -> torch.Tensor:
+        words = self.words
+        if words is None or words.device != scores.device or words.shape[0] != scores.numel():
+            words = self.words = key_words(scores.numel(), scores.device)
+        return words
 
 
 def topk_threshold(scores: torch.Tensor, k: float, hint: torch.Tensor | None = None
@@ -458,9 +551,14 @@ def topk_threshold(scores: torch.Tensor, k: float, hint: torch.Tensor | None = N
     return torch.ops.timm_popup.topk_select(scores.detach(), keep, new_hint() if hint is None else hint)
 
 
-def topk_mask(scores: torch.Tensor, k: float, hint: torch.Tensor | None = None) -> torch.Tensor:
-    """Boolean mask identical to ``timm_popup.layers.topk_mask(scores, k)``."""
-    thr, cut = topk_threshold(scores, k, hint)
+def topk_mask(scores: torch.Tensor, k: float, hint: torch.Tensor | Selection | None = None) -> torch.Tensor:
+    """Boolean mask identical to ``timm_popup.layers.topk_mask(scores, k)``: the C kernels where they take the
+    tensor, else the keyed selection (three device ops, any device, traced as plain ops by ``torch.compile``)."""
+    state = hint if isinstance(hint, Selection) else Selection(hint)
+    compiling = torch.compiler.is_compiling()
+    if scores.device.type != "cpu" if compiling else _native(scores) is None:
+        return keyed_mask(scores, k, None if compiling else state.words_for(scores))
+    thr, cut = topk_threshold(scores, k, state.hint)
     return torch.ops.timm_popup.build_mask(scores.detach(), thr, cut)
 
 
@@ -469,14 +567,22 @@ def masked_weight(scores: torch.Tensor, weight: torch.Tensor, k: float, hint: to
     """``(weight * topk_mask(scores, k), thr)``, differentiable in ``scores`` by the straight-through rule
     ``d/d(scores) = grad * weight * sign(scores)`` (as ``layers._StraightThrough``). ``hint`` as in
     :func:`topk_threshold`."""
-    return _masked(scores, weight, None, k, hint)
+    out, thr, keyed = _masked(scores, weight, None, k, hint)
+    return out, _key_threshold(thr) if keyed else thr
+
+
+def training_masked_weight(scores: torch.Tensor, weight: torch.Tensor, k: float, selection: Selection
+                           ) -> torch.Tensor:
+    """:func:`masked_weight`'s weight alone, with the state a layer keeps between steps (:class:`Selection`): what
+    a training forward computes, with nothing spent on a threshold it does not read."""
+    return _masked(scores, weight, None, k, selection)[0]
 
 
 def masked_weight_signs(scores: torch.Tensor, signs: torch.Tensor, std: float, k: float,
                         hint: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`masked_weight` for a signed-constant weight given as packed sign bits (:func:`sign_bits`) and its
     std: the weight is ``-+float32(std)``, exactly ``init.draw_reference``'s, and is never materialised in fp32."""
-    return _masked(scores, signs, float(std), k, hint)
+    return _masked(scores, signs, float(std), k, hint)[:2]
 
 
 def ste_backward(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ import timm.optim
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import TorchDynamoPlugin, set_seed
 from timm.scheduler import create_scheduler_v2
 from timm.scheduler.scheduler import Scheduler
 from timm.utils import AverageMeter, accuracy, distribute_bn
@@ -262,6 +262,21 @@ def check_init_artifact(path: str | None, method: Method) -> Path | None:
         raise TrainError(f"--init-artifact {path}: no such file (pass an edge-popup run's output directory or its "
                          "model.safetensors)")
     return file
+
+
+def compile_plugin(backend: str | None, mode: str | None = None) -> TorchDynamoPlugin | None:
+    """Accelerate's torch.compile settings for ``--compile BACKEND [--compile-mode MODE]`` (None: the launcher's
+    own ``--dynamo_backend``, if any, applies); an unknown backend is a one-line error before any work."""
+    if backend is None:
+        if mode is not None:
+            raise TrainError("--compile-mode needs --compile")
+        return None
+    import torch._dynamo
+
+    known = sorted({*torch._dynamo.list_backends(), "aot_eager", "eager"})
+    if backend not in known:
+        raise TrainError(f"--compile {backend!r} is not a torch.compile backend; choose one of: {', '.join(known)}")
+    return TorchDynamoPlugin(backend=backend, mode=mode)
 
 
 def prepare_output_dir(path: str | os.PathLike) -> Path:
@@ -701,14 +716,14 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
             bar.set_postfix(loss=f"{losses.avg.item():.4f}", acc=f"{top1.avg.item():.2f}",
                             lr=f"{optimizer.param_groups[0]['lr']:.4g}", img_s=f"{rate:.0f}")
     bar.close()
-    elapsed = time.perf_counter() - start
-    if scheduler is not None:
-        scheduler.step(epoch + 1)  # epoch-stepped schedules only; no-op when stepped per update
     sums = torch.tensor([float(losses.sum), float(top1.sum), float(losses.count)], dtype=torch.float64,
                         device=accelerator.device)
     if world > 1:
         sums = accelerator.reduce(sums, reduction="sum")
     loss_sum, top1_sum, count = sums.tolist()
+    elapsed = time.perf_counter() - start  # after the sync above: a GPU's queued work belongs to the epoch
+    if scheduler is not None:
+        scheduler.step(epoch + 1)  # epoch-stepped schedules only; no-op when stepped per update
     if count == 0:
         raise TrainError("the training loader yielded no batch; lower --batch-size or check the train split")
     loss = loss_sum / count
@@ -773,16 +788,21 @@ def use_portable_checkpoints(accelerator: Accelerator) -> None:
 
     def save_hook(models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
         for i, model in enumerate(models):
-            weights[i] = accelerator.unwrap_model(model).state_dict()
+            weights[i] = _bare(accelerator, model).state_dict()
 
     def load_hook(models: list[nn.Module], input_dir: str) -> None:
         for i, model in enumerate(models):
             path = Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
-            accelerator.unwrap_model(model).load_state_dict(safetensors.torch.load_file(str(path)))
+            _bare(accelerator, model).load_state_dict(safetensors.torch.load_file(str(path)))
         models.clear()  # loaded: Accelerate skips them
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+def _bare(accelerator: Accelerator, model: nn.Module) -> nn.Module:
+    """The model without its DDP and torch.compile wrappers (whose state dict keys carry ``_orig_mod.``)."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, *, epoch: int, state: Mapping[str, Any],
