@@ -2,8 +2,8 @@
 
     python bench/kernels.py [--rounds 5]
 
-1. Per-step mask work (forward and backward) over every weight tensor of resnet18: the exact pure-PyTorch path
-   (what runs without a compiler, and on GPUs) versus the training path's fused kernels (selection through the
+1. Per-step mask work (forward and backward) over every weight tensor of resnet18: the keyed selection (what
+   runs on GPUs and without a compiler) versus the training path's fused kernels (selection through the
    previous step's hint and the masked weight in one call, then the backward). Whole training steps are
    bench/step_time.py's.
 2. Weight generation throughput (weights/s): numpy (``init.draw_reference``) versus the C generator, per family.
@@ -22,6 +22,7 @@ from collections.abc import Callable
 import timm
 import torch
 from machine import check_idle
+from opcount import keyed_path
 
 import timm_popup  # noqa: F401  (registers popup_*)
 from timm_popup import layers, native
@@ -51,11 +52,13 @@ def bench_mask_work(rounds: int, k: float = 0.5) -> None:
                 torch.randn(s, generator=gen)) for s in shapes]
     hints = [native.new_hint() for _ in shapes]
 
+    selections = [native.Selection() for _ in shapes]
+
     # every row runs forward and backward through autograd, as a training step does
-    def torch_path() -> None:
-        for scores, weight, grad in tensors:
-            thr, cut = native.torch_select(scores.detach(), layers.num_kept(scores.numel(), k))
-            layers._StraightThrough.apply(scores, weight, native.torch_mask(scores, thr, cut)).backward(grad)
+    def torch_path() -> None:  # the keyed selection, as a GPU (or a machine without a compiler) runs it
+        with keyed_path():
+            for (scores, weight, grad), selection in zip(tensors, selections, strict=True):
+                layers.fused_masked_weight(scores, weight, k, selection).backward(grad)
 
     def fused_path() -> None:  # what PopupMask.forward runs: selection + masked weight in one call
         for (scores, weight, grad), hint in zip(tensors, hints, strict=True):
@@ -71,12 +74,12 @@ def bench_mask_work(rounds: int, k: float = 0.5) -> None:
                 scores.add_(scores, alpha=1e-3)
                 scores.grad = None
 
-    fns = {"pytorch (fallback)": torch_path, "fused, hinted": fused_path, "fused, no hint": fused_no_hint}
+    fns = {"keyed (GPU path)": torch_path, "fused, hinted": fused_path, "fused, no hint": fused_no_hint}
     res = _median_ms({name: (lambda f=f: (drift(), f())) for name, f in fns.items()}, rounds, 3)
     n = sum(s.numel() for s, _, _ in tensors)
     print(f"\nmask work per training step (forward + backward), resnet18 weights ({len(shapes)} tensors, "
           f"{n / 1e6:.1f}M weights, k={k}, {torch.get_num_threads()} threads; {_load()})")
-    base = res["pytorch (fallback)"]
+    base = res["keyed (GPU path)"]
     for name, ms in res.items():
         print(f"  {name:22s} {ms:8.2f} ms  {base / ms:5.1f}x")
 
