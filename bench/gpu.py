@@ -151,8 +151,7 @@ def cpu_proxy(dense: str) -> None:
           "TIMM_POPUP_NATIVE=0 runs it):")
     step, fwd_bwd = extra_ops_per_masked_tensor(dense, keyed=True)
     print(f"  popup_{dense} vs {dense}: {step:+.2f} leaf device ops per masked tensor per training step (optimizer "
-          f"included), {fwd_bwd:+.2f} in forward + backward alone (abs, topk, min, compare, multiply; "
-          f"multiply, sign, multiply)")
+          f"included), {fwd_bwd:+.2f} in forward + backward alone")
 
 
 def main() -> int:

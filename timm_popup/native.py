@@ -43,7 +43,7 @@ import torch
 
 __all__ = ["available", "new_hint", "Selection", "topk_threshold", "topk_mask", "masked_weight",
            "training_masked_weight", "masked_weight_signs", "ste_backward", "generate", "sign_bits", "torch_select",
-           "torch_mask", "key_words", "selection_keys", "kth_key", "keyed_mask", "FAMILIES"]
+           "torch_mask", "selection_keys", "kth_key", "keyed_mask", "FAMILIES"]
 
 #: generator families of ``timm_popup.init.draw_reference`` and their codes in the C kernel
 FAMILIES = {"normal": 0, "signed": 1, "uniform": 2}
@@ -204,30 +204,23 @@ def num_kept(n: int, k: float) -> int:
 # row). The key of the keep-th largest entry carries the (thr, cut) of the C kernels in its two words.
 # A NaN score ranks above every number here, where the C kernels drop it: only a diverged run has one.
 
-_LO, _HI = (0, 1) if sys.byteorder == "little" else (1, 0)  # the int32 words of an int64
+_HI = 1 if sys.byteorder == "little" else 0  # the high int32 word of an int64
 _NONE_KEPT = torch.iinfo(torch.int64).max  # above every key: |score| bits < 2**31 and n - 1 - i < 2**31
 _ALL_KEPT = torch.iinfo(torch.int64).min
 
 
-def key_words(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """An ``(n, 2)`` int32 buffer whose rows read as int64 keys: the index words set, the |score| words to fill.
-
-    Kept from step to step (:class:`Selection`), it makes a training step's keys one ``abs`` into the high words."""
+def selection_keys(scores: torch.Tensor) -> torch.Tensor:
+    """The flat int64 key of every entry of ``scores`` (above), in two device ops: the index words by ``arange``
+    (an int64 below 2**31 has a zero high word), then ``abs`` written into the high words."""
+    a = scores.detach().reshape(-1)
+    n = a.numel()
     if n >= 2**31:
         raise ValueError(f"a masked tensor of {n} entries is too large for the keyed selection (at most 2**31 - 1)")
-    words = torch.empty((n, 2), dtype=torch.int32, device=device)
-    words[:, _LO].copy_(torch.arange(n - 1, -1, -1, dtype=torch.int32, device=device))
-    return words
-
-
-def selection_keys(scores: torch.Tensor, words: torch.Tensor | None = None) -> torch.Tensor:
-    """The flat int64 key of every entry of ``scores`` (above); written into ``words`` (:func:`key_words`) if given."""
-    a = scores.detach().reshape(-1)
-    if words is None:
-        index = torch.arange(a.numel() - 1, -1, -1, device=a.device)
-        return (a.abs().view(torch.int32).to(torch.int64) << 32) | index
-    torch.abs(a, out=words[:, _HI].view(torch.float32))
-    return words.view(torch.int64).view(-1)
+    keys = torch.arange(n - 1, -1, -1, device=a.device)
+    if torch.compiler.is_compiling():  # written functionally: the compiler fuses it into one kernel anyway
+        return (a.abs().view(torch.int32).to(torch.int64) << 32) | keys
+    torch.abs(a, out=keys.view(torch.int32).view(n, 2)[:, _HI].view(torch.float32))
+    return keys
 
 
 def kth_key(keys: torch.Tensor, keep: int) -> torch.Tensor:
@@ -261,9 +254,9 @@ def torch_mask(scores: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor) -> to
     return (a > thr) | ((a == thr) & (idx <= cut))
 
 
-def keyed_mask(scores: torch.Tensor, k: float, words: torch.Tensor | None = None) -> torch.Tensor:
-    """Boolean mask of the ``round(k * n)`` largest ``|scores|`` (ties to the lowest flat index), in three ops."""
-    keys = selection_keys(scores, words)
+def keyed_mask(scores: torch.Tensor, k: float) -> torch.Tensor:
+    """Boolean mask of the ``round(k * n)`` largest ``|scores|`` (ties to the lowest flat index), in five ops."""
+    keys = selection_keys(scores)
     return (keys >= kth_key(keys, num_kept(scores.numel(), k))).view(scores.shape)
 
 
@@ -475,14 +468,13 @@ class _FusedMaskedWeight(torch.autograd.Function):
 
 
 class _KeyedMaskedWeight(torch.autograd.Function):
-    """``(weight * topk_mask(scores), kth key)`` with the keyed selection in five device ops (abs into the key words,
-    topk, min, compare, multiply) and the straight-through backward in three: the path where the C kernels do not
-    run (CUDA, no compiler), with no host sync and no custom-op dispatch."""
+    """``(weight * topk_mask(scores), kth key)`` with the keyed selection in six device ops (the keys' index words,
+    abs into their high words, topk, min, compare, multiply) and the straight-through backward in three: the path
+    where the C kernels do not run (CUDA, no compiler), with no host sync and no custom-op dispatch."""
 
     @staticmethod
-    def forward(ctx, scores: torch.Tensor, weight: torch.Tensor, keep: int, words: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = selection_keys(scores, words)
+    def forward(ctx, scores: torch.Tensor, weight: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = selection_keys(scores)
         kth = kth_key(keys, keep)
         ctx.save_for_backward(scores, weight)
         ctx.mark_non_differentiable(kth)
@@ -492,7 +484,7 @@ class _KeyedMaskedWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor | None, _: torch.Tensor | None):
         scores, weight = ctx.saved_tensors
-        return None if grad is None else (grad * weight).mul_(scores.sign()), None, None, None
+        return None if grad is None else (grad * weight).mul_(scores.sign()), None, None
 
 
 def _key_threshold(kth: torch.Tensor) -> torch.Tensor:
@@ -510,8 +502,7 @@ def _masked(scores: torch.Tensor, source: torch.Tensor, std: float | None, k: fl
         return (*_FusedMaskedWeight.apply(scores, source, std, keep, state.hint), False)
     compiling = torch.compiler.is_compiling()
     if std is None and (scores.device.type != "cpu" if compiling else _native(scores, source) is None):
-        words = None if compiling else state.words_for(scores)  # compiled: the compiler fuses the key ops itself
-        return (*_KeyedMaskedWeight.apply(scores, source, keep, words), True)
+        return (*_KeyedMaskedWeight.apply(scores, source, keep), True)
     thr, cut = torch.ops.timm_popup.topk_select(scores.detach(), keep, state.hint)
     if std is None:
         return torch.ops.timm_popup.masked_weight(scores, source, thr, cut), thr, False
@@ -528,18 +519,11 @@ def new_hint() -> torch.Tensor:
 
 class Selection:
     """What one masked tensor carries from one training step to the next: the C kernels' threshold bracket
-    (:func:`new_hint`) and, where the C kernels do not run, the key words of the keyed selection
-    (:func:`key_words`), made on first use on the scores' device."""
+    (:func:`new_hint`). The keyed selection carries nothing: its keys (8 bytes per weight) live for one call,
+    so that a GPU's peak memory holds one tensor's, not the network's."""
 
     def __init__(self, hint: torch.Tensor | None = None) -> None:
         self.hint = new_hint() if hint is None else hint
-        self.words: torch.Tensor | None = None
-
-    def words_for(self, scores: torch.Tensor) -> torch.Tensor:
-        words = self.words
-        if words is None or words.device != scores.device or words.shape[0] != scores.numel():
-            words = self.words = key_words(scores.numel(), scores.device)
-        return words
 
 
 def topk_threshold(scores: torch.Tensor, k: float, hint: torch.Tensor | None = None
@@ -557,7 +541,7 @@ def topk_mask(scores: torch.Tensor, k: float, hint: torch.Tensor | Selection | N
     state = hint if isinstance(hint, Selection) else Selection(hint)
     compiling = torch.compiler.is_compiling()
     if scores.device.type != "cpu" if compiling else _native(scores) is None:
-        return keyed_mask(scores, k, None if compiling else state.words_for(scores))
+        return keyed_mask(scores, k)
     thr, cut = topk_threshold(scores, k, state.hint)
     return torch.ops.timm_popup.build_mask(scores.detach(), thr, cut)
 
