@@ -302,13 +302,19 @@ def test_two_processes_bf16_end_with_identical_masks(tmp_path):
 # ------------------------------------------------------------------------------ other datasets, in-process
 
 
-def test_image_folder_trains_with_grad_accum_and_clipping(in_process, tmp_path):
-    root = tmp_path / "folder"
-    for split, seed in (("train", 4), ("val", 5)):
-        images, labels = _images(32, seed, size=28, mode="L")
+def _image_folder(root: Path, splits: dict[str, tuple[int, int]], *, size: int = 28, mode: str = "L",
+                  suffix: str = ".png") -> Path:
+    """An image folder ``root/<split>/<class>/<i><suffix>`` with ``splits[split] = (images, seed)``."""
+    for split, (n, seed) in splits.items():
+        images, labels = _images(n, seed, size=size, mode=mode)
         for i, (img, y) in enumerate(zip(images, labels, strict=True)):
             (root / split / CLASSES[y]).mkdir(parents=True, exist_ok=True)
-            img.save(root / split / CLASSES[y] / f"{i}.png")
+            img.save(root / split / CLASSES[y] / f"{i}{suffix}")
+    return root
+
+
+def test_image_folder_trains_with_grad_accum_and_clipping(in_process, tmp_path):
+    root = _image_folder(tmp_path / "folder", {"train": (32, 4), "val": (32, 5)})
     out = tmp_path / "run"
     assert in_process([*TINY, "--dataset", str(root), "--output-dir", str(out), "--epochs", "1", "--grad-accum",
                        "2", "--clip-grad", "1.0", "--batch-size", "8", "--data-cache", str(tmp_path / "cache")]) == 0
@@ -368,6 +374,36 @@ def test_dense_method_writes_a_dense_checkpoint(in_process, data, tmp_path):
                               capture_output=True, timeout=TIMEOUT)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "popup-tests/dense" in proc.stdout
+
+
+# popup_resnet18 on 32x32 images: a BatchNorm network (norm scales, shifts and statistics), one step per epoch
+RESNET = ["--model", "popup_resnet18", "--img-size", "32", "--batch-size", "8", "--workers", "0", "--epochs", "1",
+          "--log-every", "1"]
+
+
+@pytest.mark.parametrize("method", ["dense", "finetune", "random-subnet"])
+def test_weight_learning_methods_write_a_checkpoint_of_a_batchnorm_network(in_process, tmp_path, method):
+    folder = _image_folder(tmp_path / "folder", {"train": (8, 11), "val": (8, 12)}, size=16, mode="RGB")
+    extra = []
+    if method != "dense":  # the mask of the same network (untrained: what matters here is that it verifies)
+        found = timm_popup.save_pretrained(timm.create_model("popup_resnet18", num_classes=len(CLASSES)),
+                                           tmp_path / "found")
+        extra = ["--init-artifact", str(found)]
+    out = tmp_path / method
+    assert in_process([*RESNET, "--dataset", str(folder), "--output-dir", str(out), "--method", method,
+                       "--data-cache", str(tmp_path / "cache"), *extra]) == 0
+    weights = safetensors.torch.load_file(str(out / "model.safetensors"))
+    # the norms learned their scale and shift again (the parameter policy had frozen them), with their statistics
+    assert {"bn1.weight", "bn1.bias", "bn1.running_mean", "layer1.0.conv1.weight"} <= set(weights)
+    assert not any(k.endswith("scores") or k.startswith("__popup__") for k in weights)
+    model = load_dense(out)  # loads back, and computes what the run measured
+    ds = train.load_data(str(folder), cache_dir=tmp_path / "cache")
+    _, val_loader = train.build_loaders(ds, timm.data.resolve_data_config({}, model=model), batch_size=8, workers=0,
+                                        seed=0)
+    assert train.evaluate(model, val_loader)["top1"] == _rows(out)[-1]["val_top1"]
+    conv = model.layer1[0].conv1.weight
+    kept = int((conv != 0).sum())
+    assert kept == (conv.numel() if method == "dense" else round(0.3 * conv.numel()))  # the subnetwork, k=0.3
 
 
 # ------------------------------------------------------------------------------- bad input, before training

@@ -27,14 +27,14 @@ from timm.models._input import get_model_input_config
 from torch import nn
 
 from ._io import atomic_write
-from .export import dense_state_dict
+from .export import CONFIG_NAME, WEIGHTS_NAME, dense_state_dict
 from .init import GENERATOR_VERSION
 from .masks import MaskError, artifact_format, artifact_info, read_mask_file, save_masks
 
 __all__ = ["save_pretrained", "push_to_hub", "push_artifact", "model_card", "model_stats", "check_push_access",
            "PushError", "format_value", "card_fields", "CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME", "ARTIFACT_FILES"]
 
-CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
+CARD_NAME = "README.md"
 ARTIFACT_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 CARD_TEMPLATE = "popup_model_card.md"
 TAGS = ["image-classification", "timm", "edge-popup", "supermask"]

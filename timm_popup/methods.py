@@ -57,7 +57,7 @@ from torch.nn.utils import parametrize
 
 from ._io import atomic_write
 from .convert import is_norm, popup_masks
-from .export import dense_state_dict
+from .export import dense_state_dict, unshared
 from .hub import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, card_fields, format_value, push_artifact, save_pretrained
 from .init import fans, random_weight
 from .layers import PopupMask, topk_mask, unmask_tensor, use_method
@@ -327,7 +327,7 @@ def save_dense(model: nn.Module, save_directory: str | os.PathLike, *, metrics: 
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
     # fixed masks folded in: the checkpoint is then a plain dense one
-    state = {name: t.detach().cpu().contiguous() for name, t in dense_state_dict(model).items()}
+    state = unshared(dense_state_dict(model))
     fixed = [mask.fixed_mask for mask in popup_masks(model).values() if mask.mode == "fixed"]
     kept, total = sum(int(m.sum()) for m in fixed), sum(m.numel() for m in fixed)
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: safetensors.torch.save_file(
