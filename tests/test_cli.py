@@ -161,6 +161,20 @@ def test_info_errors_are_one_line(artifacts, tmp_path, capsys):
     code, _, err = _run(["info", artifacts["conv2"], "--model", "popup_conv4"], capsys)
     assert code == 2 and "is a popup_conv2 artifact" in _error_line(err)
 
+    # timm's name for a directory works too; a damaged config.json is one line naming it and what to do
+    code, out, _ = _run(["info", f"local-dir:{artifacts['conv2']}", "--json"], capsys)
+    assert code == 0 and json.loads(out)["verified"] is True
+    damaged = tmp_path / "damaged"
+    shutil.copytree(artifacts["conv2"], damaged)
+    (damaged / "config.json").write_text('{"architecture": "popup_conv2",\n')
+    for spec in (damaged, f"local-dir:{damaged}"):
+        code, _, err = _run(["info", spec], capsys)
+        line = _error_line(err)
+        assert code == 1 and f"{damaged / 'config.json'} is not valid JSON" in line, line
+        assert "write the artifact again" in line
+    with pytest.raises(json.JSONDecodeError, match=r"damaged/config.json is not valid JSON, .* write the artifact "):
+        timm.create_model(f"local-dir:{damaged}", pretrained=True)  # timm's own loader, in Python
+
     # this process is offline (HF_HUB_OFFLINE=1): an uncached Hub artifact is a one-line failure, not a traceback
     code, _, err = _run(["info", "hf-hub:popup-tests/not-cached"], capsys)
     assert code == 1 and "could not download config.json of popup-tests/not-cached" in _error_line(err)

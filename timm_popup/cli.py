@@ -33,7 +33,15 @@ import torch.nn.functional as F
 from timm.models import is_model, list_models
 from torch import nn
 
-from .artifacts import HUB_PREFIX, ArtifactError, build_model, dense_size, require_architecture, resolve_artifact
+from .artifacts import (
+    HUB_PREFIX,
+    LOCAL_PREFIX,
+    ArtifactError,
+    build_model,
+    dense_size,
+    require_architecture,
+    resolve_artifact,
+)
 from .convert import popup_masks
 from .export import PLAIN_TWINS, ExportError, export_plain, plain_twin, save_plain
 from .hub import CONFIG_NAME, WEIGHTS_NAME
@@ -123,7 +131,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _looks_like_artifact(spec: str) -> bool:
-    return spec.startswith(HUB_PREFIX) or Path(spec).expanduser().exists() or spec.endswith(".safetensors") or (
+    return spec.startswith((HUB_PREFIX, LOCAL_PREFIX)) or Path(spec).expanduser().exists() or spec.endswith(
+        ".safetensors") or (
         "/" in spec or os.sep in spec)
 
 

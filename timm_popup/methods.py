@@ -352,7 +352,11 @@ def load_dense(directory: str | os.PathLike, **kwargs: Any) -> nn.Module:
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"{directory} holds no {CONFIG_NAME}: pass a directory written by save_dense")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{config_path} is not valid JSON ({' '.join(str(e).split())}): write the checkpoint again "
+                         "(save_dense) or repair the file") from e
     if config.get("timm_popup", {}).get("method") not in _DENSE_CHECKPOINTS:
         raise ValueError(f"{directory} is not a dense checkpoint (it is a mask artifact?): load a mask with "
                          "timm.create_model(..., pretrained=True)")
