@@ -140,13 +140,14 @@ def script():
 
 @pytest.fixture
 def in_process(script, monkeypatch):
-    """Run ``main(argv)`` here: a fresh Accelerate state each time, the global RNG left as it was."""
+    """Run ``main(argv)`` here: a fresh Accelerate state each time, the global RNG and thread count left as they
+    were."""
     from accelerate.state import AcceleratorState
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    rng = torch.get_rng_state()
+    rng, threads = torch.get_rng_state(), torch.get_num_threads()
 
     def run(argv: list[str]) -> int:
         AcceleratorState._reset_state(True)
@@ -155,6 +156,7 @@ def in_process(script, monkeypatch):
     yield run
     AcceleratorState._reset_state(True)
     torch.set_rng_state(rng)
+    torch.set_num_threads(threads)  # the script sets its own count
 
 
 # ------------------------------------------------------------------------------------------- the main run

@@ -491,14 +491,14 @@ def _num_rows(split: str, split_ds: Any) -> int | None:
 
 def peek_image(ds: ImageDataset, split: str) -> Image.Image:
     """The first image of ``split`` as a PIL image (its size and mode tell a small model what to expect)."""
-    split_ds = _undecoded(ds.splits[_check_split(ds, split)], ds.image_column)
+    split_ds, decoder = _undecoded(ds.splits[_check_split(ds, split)], ds.image_column)
     if isinstance(split_ds, datasets.IterableDataset):
         first = next(iter(split_ds.take(1)), None)
     else:
         first = split_ds[0] if len(split_ds) else None
     if first is None:
         raise DataError(f"split {split!r} of dataset {ds.source!r} is empty")
-    return _to_pil(first[ds.image_column])
+    return _to_pil(first[ds.image_column], decoder)
 
 
 def channel_stats(ds: ImageDataset, split: str, input_size: Sequence[int], *, max_images: int = 1000,
@@ -510,7 +510,7 @@ def channel_stats(ds: ImageDataset, split: str, input_size: Sequence[int], *, ma
     the random weights' activations at the scale their distribution assumes; CIFAR's statistics are far off for,
     e.g., Fashion-MNIST.
     """
-    split_ds = _undecoded(ds.splits[_check_split(ds, split)], ds.image_column)
+    split_ds, decoder = _undecoded(ds.splits[_check_split(ds, split)], ds.image_column)
     channels, height, width = (int(v) for v in input_size)
     to_tensor = T.Compose([ConvertMode("L" if channels == 1 else "RGB"), EnsureSize((height, width)), T.ToTensor()])
     if isinstance(split_ds, datasets.IterableDataset):
@@ -523,7 +523,7 @@ def channel_stats(ds: ImageDataset, split: str, input_size: Sequence[int], *, ma
     total_sq = torch.zeros(channels, dtype=torch.float64)
     count = 0
     for value in rows:
-        pixels = to_tensor(_to_pil(value)).to(torch.float64).flatten(1)
+        pixels = to_tensor(_to_pil(value, decoder)).to(torch.float64).flatten(1)
         total += pixels.sum(1)
         total_sq += pixels.square().sum(1)
         count += pixels.shape[1]
@@ -841,31 +841,31 @@ def label_mapping(dataset_names: Sequence[str], model_names: Sequence[str] | Non
 # ----------------------------------------------------------------------------------------------------------- loaders
 
 
-def _undecoded(split_ds: Any, column: str) -> Any:
-    """``split_ds`` with its image ``column`` left undecoded ({"path", "bytes"}), for :func:`_to_pil` to decode:
-    ``datasets`` decodes an Image feature with no word of which file failed (a truncated JPEG says only "image file
-    is truncated"). A cast of the feature only, no data is rewritten."""
+def _undecoded(split_ds: Any, column: str) -> tuple[Any, datasets.Image]:
+    """``split_ds`` with its image ``column`` left undecoded ({"path", "bytes"}), and the feature that decodes it
+    (its mode included), for :func:`_to_pil`: ``datasets`` decodes an Image feature with no word of which file
+    failed (a truncated JPEG says only "image file is truncated"). Only the feature is cast; no data is rewritten."""
     feature = (split_ds.features or {}).get(column)
     if isinstance(feature, datasets.Image) and feature.decode:
-        return split_ds.cast_column(column, datasets.Image(mode=feature.mode, decode=False))
-    return split_ds
+        return split_ds.cast_column(column, datasets.Image(mode=feature.mode, decode=False)), feature
+    return split_ds, datasets.Image()
 
 
-def _decode_image(value: dict[str, Any]) -> Image.Image:
-    """An undecoded ``datasets.Image`` value, opened and its pixels read (as ``datasets`` does: local files,
-    remote paths, embedded bytes); a file that cannot be read is an :class:`UnreadableImageError` naming it."""
+def _decode_image(value: dict[str, Any], decoder: datasets.Image) -> Image.Image:
+    """An undecoded ``datasets.Image`` value, opened and its pixels read by ``decoder`` (``datasets``' own: local
+    files, remote paths, embedded bytes); a file that cannot be read is an :class:`UnreadableImageError` naming it."""
     try:
-        return datasets.Image().decode_example(value)
+        return decoder.decode_example(value)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # what PIL raises on bad files
         where = value.get("path") or "an image stored in the dataset (no file name recorded)"
         raise UnreadableImageError(f"cannot read image {where} ({_one_line(e)}): remove or replace it") from e
 
 
-def _to_pil(value: Any) -> Image.Image:
+def _to_pil(value: Any, decoder: datasets.Image | None = None) -> Image.Image:
     if isinstance(value, Image.Image):
         return value
     if isinstance(value, dict) and (value.get("bytes") or value.get("path")):  # undecoded datasets.Image value
-        return _decode_image(value)
+        return _decode_image(value, decoder or datasets.Image())
     if isinstance(value, (str, os.PathLike)):
         return Image.open(value)
     arr = np.asarray(value)
@@ -883,12 +883,12 @@ class _BatchTransform:
     """``with_transform`` hook: decode + transform only the two used columns, lazily, per fetched batch."""
 
     def __init__(self, image_column: str, label_column: str, transform: Callable,
-                 label_map: Sequence[int] | None = None) -> None:
+                 label_map: Sequence[int] | None = None, decoder: datasets.Image | None = None) -> None:
         self.image_column, self.label_column, self.transform = image_column, label_column, transform
-        self.label_map = label_map
+        self.label_map, self.decoder = label_map, decoder
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        return {"image": [self.transform(_to_pil(v)) for v in batch[self.image_column]],
+        return {"image": [self.transform(_to_pil(v, self.decoder)) for v in batch[self.image_column]],
                 "label": [_map_label(int(v), self.label_map) for v in batch[self.label_column]]}
 
 
@@ -904,9 +904,10 @@ class _StreamingImages(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, stream: datasets.IterableDataset, image_column: str, label_column: str,
-                 transform: Callable, label_map: Sequence[int] | None = None) -> None:
+                 transform: Callable, label_map: Sequence[int] | None = None,
+                 decoder: datasets.Image | None = None) -> None:
         super().__init__()
-        self.stream, self.transform, self.label_map = stream, transform, label_map
+        self.stream, self.transform, self.label_map, self.decoder = stream, transform, label_map, decoder
         self.image_column, self.label_column = image_column, label_column
 
     def set_epoch(self, epoch: int) -> None:
@@ -914,7 +915,7 @@ class _StreamingImages(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for example in self.stream:
-            yield {"image": self.transform(_to_pil(example[self.image_column])),
+            yield {"image": self.transform(_to_pil(example[self.image_column], self.decoder)),
                    "label": _map_label(int(example[self.label_column]), self.label_map)}
 
 
@@ -940,7 +941,7 @@ def create_loader(ds: ImageDataset, split: str, transform: Callable, *, batch_si
     stream, whole shards when they divide evenly, else every ``num_shards``-th example), so that each of several
     processes reads and decodes only its own images. ``label_map[i]`` replaces label ``i`` (see :func:`label_mapping`).
     """
-    split_ds = _undecoded(ds.splits[_check_split(ds, split)], ds.image_column)
+    split_ds, decoder = _undecoded(ds.splits[_check_split(ds, split)], ds.image_column)
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index {shard_index} is outside 0..{num_shards - 1}")
     generator = torch.Generator().manual_seed(seed)
@@ -955,11 +956,11 @@ def create_loader(ds: ImageDataset, split: str, transform: Callable, *, batch_si
         if shuffle:
             stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer)
         return torch.utils.data.DataLoader(
-            _StreamingImages(stream, ds.image_column, ds.label_column, transform, label_map), **common)
+            _StreamingImages(stream, ds.image_column, ds.label_column, transform, label_map, decoder), **common)
     if num_shards > 1:
         split_ds = split_ds.shard(num_shards=num_shards, index=shard_index, contiguous=True)
-    mapped = split_ds.with_transform(_BatchTransform(ds.image_column, ds.label_column, transform, label_map),
-                                     columns=[ds.image_column, ds.label_column])
+    mapped = split_ds.with_transform(_BatchTransform(ds.image_column, ds.label_column, transform, label_map,
+                                                     decoder), columns=[ds.image_column, ds.label_column])
     return torch.utils.data.DataLoader(mapped, shuffle=shuffle, **common)
 
 
