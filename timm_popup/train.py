@@ -202,16 +202,13 @@ def scaled_lr(recipe: Recipe, global_batch: int) -> float:
 def check_model_name(name: str) -> str:
     """``name`` if it is a registered popup_* model; else a :class:`TrainError` suggesting close names."""
     base = timm.models.split_model_name_tag(name)[0]
-    popup = timm.list_models("popup_*")
-    if base in popup:
+    # is_model registers popup_<any timm model> on first lookup (timm.list_models lists only those used so far)
+    if base.startswith("popup_") and timm.is_model(base):
         return base
-    if f"popup_{base}" in popup:
+    if timm.is_model(f"popup_{base}"):
         raise TrainError(f"{name!r} is not an edge-popup model; did you mean popup_{base}? "
                          "(timm.list_models('popup_*') lists them)")
-    close = difflib.get_close_matches(base, popup, n=3, cutoff=0.6)
-    if timm.is_model(base):
-        raise TrainError(f"{name!r} is a timm model without popup layers; train a registered popup_* model "
-                         f"(timm.list_models('popup_*')){f', e.g. {close[0]}' if close else ''}")
+    close = difflib.get_close_matches(base, timm.list_models("popup_*"), n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise TrainError(f"unknown model {name!r}{hint} (timm.list_models('popup_*') lists the popup models)")
 
@@ -835,11 +832,25 @@ def use_portable_checkpoints(accelerator: Accelerator) -> None:
     def load_hook(models: list[nn.Module], input_dir: str) -> None:
         for i, model in enumerate(models):
             path = Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
-            accelerator.unwrap_model(model).load_state_dict(safetensors.torch.load_file(str(path)))
+            _load_model_state(accelerator.unwrap_model(model), safetensors.torch.load_file(str(path)))
         models.clear()  # loaded: Accelerate skips them
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+def _load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """``model.load_state_dict(state)``, strict but for the names Accelerate's safetensors save leaves out: of a
+    tensor reachable under several names (a module shared by several blocks, as in CoaT) it writes one
+    (``clean_state_dict_for_safetensors``), and loading that one fills the tensor under all its names."""
+    current = model.state_dict()
+    loaded = {current[name].untyped_storage().data_ptr() for name in state if name in current}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [name for name in missing if not (current[name].numel() and
+                                                current[name].untyped_storage().data_ptr() in loaded)]
+    if missing or unexpected:
+        raise RuntimeError(f"the checkpoint does not fit the model: missing {missing[:3]}, unexpected "
+                           f"{unexpected[:3]}")
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, *, epoch: int, state: Mapping[str, Any],
@@ -907,13 +918,13 @@ def write_error_cause(e: BaseException) -> str:
     return "the write failed"
 
 
-def _damaged(checkpoint: Path, file: str, e: BaseException) -> TrainError:
+def _damaged(checkpoint: Path, what: str, e: BaseException) -> TrainError:
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS_DIR else checkpoint.parent
     older = [c for c in list_checkpoints(run_dir) if c != checkpoint and c.name < checkpoint.name]
     then = (f"delete it (rm -r {checkpoint}) to resume from the one before, {older[-1].name}, or pass --overwrite "
             "to start over" if older else "delete it and start over with --overwrite")
-    return TrainError(f"the checkpoint {checkpoint} is damaged ({file}: {' '.join(str(e).split())}), e.g. cut short "
-                      f"by a full disk or an interrupted copy: {then}")
+    return TrainError(f"the checkpoint {checkpoint} {what} ({' '.join(str(e).split())[:500]}), e.g. cut short by a "
+                      f"full disk or an interrupted copy: {then}")
 
 
 def check_checkpoint(checkpoint: Path) -> None:
@@ -924,7 +935,7 @@ def check_checkpoint(checkpoint: Path) -> None:
             with safetensors.safe_open(str(file), framework="pt"):
                 pass
         except (OSError, safetensors.SafetensorError) as e:
-            raise _damaged(checkpoint, file.name, e) from e
+            raise _damaged(checkpoint, f"is damaged: {file.name} cannot be read", e) from e
 
 
 def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> dict[str, Any]:
