@@ -277,7 +277,8 @@ def test_killed_run_resumes_to_the_same_mask(main_run, data, tmp_path):
     masks, expected = _masks(out), _masks(reference)
     assert masks.keys() == expected.keys() and all(torch.equal(masks[k], expected[k]) for k in expected)
     # (both ran with the same thread count: another count sums in another order)
-    assert train.read_trainer_state(done)["run"]["threads"] == CPUS
+    assert {train.read_trainer_state(train.list_checkpoints(run)[-1])["run"]["threads"]
+            for run in (out, reference)} == {CPUS}
     # every epoch logged exactly once, with the same numbers as the uninterrupted run
     keys = ("epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5")
     assert [{k: r[k] for k in keys} for r in _rows(out)] == [{k: r[k] for k in keys} for r in _rows(reference)]
