@@ -23,8 +23,18 @@ from collections.abc import Sequence
 
 from timm.utils import ParseKwargs
 
-_EPILOG = ("Recipe values (epochs, batch size, lr, ...) default to --recipe and may each be overridden. "
+from timm_popup.methods import METHODS
+
+_EPILOG = ("Recipe values (epochs, batch size, lr, ...) default to --recipe and may each be overridden.\n"
            "k is always the fraction of weights KEPT.")
+
+
+def _methods_help() -> str:
+    """One line per training method, from the methods table itself (timm_popup.methods.METHODS)."""
+    width = max(map(len, METHODS))
+    return "methods (--method NAME):\n" + "\n".join(
+        f"  {name:<{width}}  {method.summary}{' (default)' if name == 'edge-popup' else ''}"
+        for name, method in METHODS.items())
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,15 +43,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = _Parser(prog="train_accelerate.py", description=__doc__.splitlines()[0], epilog=_EPILOG)
+    # raw epilog: the method list keeps one line per method
+    p = _Parser(prog="train_accelerate.py", description=__doc__.splitlines()[0],
+                epilog=f"{_methods_help()}\n\n{_EPILOG}", formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to train")
     g.add_argument("--model", required=True, help="a registered popup_* model, e.g. popup_conv4, popup_resnet50")
     g.add_argument("--dataset", required=True,
                    help="Hub id (uoft-cs/cifar10, ILSVRC/imagenet-1k), save_to_disk dir, image folder, or "
                         "'fashion-mnist' (Debian's dataset-fashion-mnist, converted on first use)")
     g.add_argument("--method", default="edge-popup",
-                   help="edge-popup (learn a top-k mask), supermask (Zhou et al.: sampled masks), dense (learn the "
-                        "weights), finetune / random-subnet (learn the weights of a found / random subnetwork)")
+                   help=f"what the run learns: one of the {len(METHODS)} methods listed at the end (default "
+                        "edge-popup)")
     g.add_argument("--init-artifact", default=None, metavar="PATH",
                    help="finetune, random-subnet: an edge-popup run's output dir (or its model.safetensors); the same "
                         "--model, --model-kwargs and --seed as that run")
@@ -123,6 +135,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--push-to-hub", default=None, metavar="ORG/NAME", help="upload the artifact to this Hub repo")
     g.add_argument("--hub-private", action="store_true", help="create the Hub repo private")
     g.add_argument("--cpu", action="store_true", help="run on CPU even if an accelerator is present")
+    g.add_argument("--threads", type=int, default=None,
+                   help="compute threads per process (default: OMP_NUM_THREADS if set other than a launcher's "
+                        "default 1, else the process's share of the CPUs it may use); results repeat exactly only "
+                        "with the same count")
     g.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"],
                    help="default: accelerate's config / launch flag")
     g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
@@ -148,18 +164,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
 
     import timm.data
+    import torch
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, gather_object, set_seed
     from timm.loss import SoftTargetCrossEntropy
     from torch import nn
 
     from timm_popup import train
+    from timm_popup.data import DataError
     from timm_popup.methods import get_method
 
     # 1. Check every setting before touching data or devices.
     recipe_flags = ("epochs", "batch_size", "opt", "lr", "lr_base_size", "momentum", "nesterov", "weight_decay",
                     "sched", "warmup_epochs", "warmup_lr", "min_lr", "label_smoothing", "clip_grad", "grad_accum")
     try:
+        threads, threads_why = train.choose_threads(args.threads)
+        torch.set_num_threads(threads)  # before any tensor work; the C kernels read the same count
+        train.check_seed(args.seed)
         method = get_method(args.method)
         model_name = train.check_model_name(args.model)
         recipe = train.resolve_recipe(args.recipe, model_name=model_name, method=method,
@@ -175,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise train.TrainError(f"--{flag.replace('_', '-')} must be at least {least}")
         output_dir = train.prepare_output_dir(args.output_dir or f"output/{model_name}-{method.name}")
         resume_from = train.find_checkpoint(args.resume, output_dir)
+        if resume_from is not None:
+            train.check_checkpoint(resume_from)
         resumed = train.read_trainer_state(resume_from) if resume_from else None
         if resumed is None:
             train.check_fresh_output_dir(output_dir, overwrite=args.overwrite)
@@ -224,7 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    weight_init=model.popup_config.weight_init, seed=args.seed, num_classes=ds.num_classes,
                    input_size=list(input_size), mean=list(mean), std=list(std), model_kwargs=args.model_kwargs,
                    dataset=args.dataset, **dataclasses.asdict(recipe), augmentation=augmentation.describe(),
-                   num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision)
+                   num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision,
+                   threads=threads)
         if init_artifact is not None:
             run["init_artifact"] = str(init_artifact)
         if resumed is not None:
@@ -264,7 +288,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # function of (seed, epoch), so the run continues exactly where the checkpoint left it.
     start_epoch, num_updates, train_time, metrics = 0, 0, 0.0, {}
     if resume_from is not None:
-        state = train.load_checkpoint(accelerator, resume_from)
+        try:
+            state = train.load_checkpoint(accelerator, resume_from)
+        except ValueError as e:
+            return _fail(e)
         start_epoch, num_updates = state["epoch"], state["num_updates"]
         train_time, metrics = state.get("train_time_s", 0.0), state.get("metrics", {})
         if scheduler is not None:
@@ -285,6 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"process(es) x {recipe.batch_size} x {recipe.grad_accum}), {recipe.opt} lr {lr:.4g}, wd "
         f"{recipe.weight_decay}, {recipe.sched} schedule, {_precision(accelerator.mixed_precision)}, "
         f"{accelerator.device}; output {output_dir}")
+    say(f"threads: {threads} per process ({threads_why})")
     chosen = args.no_aug or any(getattr(args, name) is not None for name in _AUG_FLAGS)
     say(f"augmentation: {augmentation.describe()}"
         + ("" if chosen else " (the default for this data and budget; --no-aug, --hflip ... change it)"))
@@ -294,13 +322,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         lr_used = optimizer.param_groups[0]["lr"]
         train.seed_epoch(args.seed, epoch)
         train.set_loader_epoch(train_loader, args.seed, epoch)
-        train_stats, num_updates = train.train_one_epoch(
-            model, train_loader, optimizer, loss_fn, accelerator, epoch=epoch, num_updates=num_updates,
-            scheduler=scheduler, clip_grad=recipe.clip_grad, total_steps=steps, mixup_fn=mixup_fn,
-            lockstep=ds.streaming and accelerator.num_processes > 1, log_every=args.log_every,
-            desc=f"epoch {epoch + 1}/{recipe.epochs}", after_update=after_update)
-        train.sync_batchnorm_stats(model, accelerator)
-        metrics = train.evaluate(bare, val_loader, device=accelerator.device, accelerator=accelerator)
+        try:
+            train_stats, num_updates = train.train_one_epoch(
+                model, train_loader, optimizer, loss_fn, accelerator, epoch=epoch, num_updates=num_updates,
+                scheduler=scheduler, clip_grad=recipe.clip_grad, total_steps=steps, mixup_fn=mixup_fn,
+                lockstep=ds.streaming and accelerator.num_processes > 1, log_every=args.log_every,
+                desc=f"epoch {epoch + 1}/{recipe.epochs}", after_update=after_update)
+            train.sync_batchnorm_stats(model, accelerator)
+            metrics = train.evaluate(bare, val_loader, device=accelerator.device, accelerator=accelerator)
+        except (DataError, train.TrainError) as e:  # an unreadable image, a diverged loss: one line, checkpoints kept
+            accelerator.end_training()
+            kept = train.list_checkpoints(output_dir)
+            where = (f"the last checkpoint, {kept[-1]}, is kept: continue from it with --resume latest" if kept
+                     else "no epoch had finished, so there is no checkpoint yet")
+            return _fail(f"{e}; {where}")
         train_time += train_stats["time_s"]
         row = dict(epoch=epoch + 1, lr=lr_used, train_loss=train_stats["loss"],
                    train_top1=train_stats["top1"], val_loss=metrics["loss"], val_top1=metrics["top1"],
@@ -394,7 +429,7 @@ def _card_recipe(run: dict, recipe, *, lr: float, global_batch: int, args: argpa
                min_lr=recipe.min_lr, label_smoothing=recipe.label_smoothing, clip_grad=recipe.clip_grad,
                k=run["k"], weight_init=run["weight_init"], seed=run["seed"],
                input_size="x".join(map(str, run["input_size"])), mean=run["mean"], std=run["std"],
-               augmentation=run["augmentation"], mixed_precision=run["mixed_precision"])
+               augmentation=run["augmentation"], mixed_precision=run["mixed_precision"], threads=run["threads"])
     if "init_artifact" in run:
         out["init_artifact"] = run["init_artifact"]
     if run["model_kwargs"]:

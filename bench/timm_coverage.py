@@ -11,8 +11,9 @@ with a timeout, through:
   by a named policy;
 * (d) k=1: the folded k=1 network equals plain timm loaded with the same weights;
 * (e) save -> load: ``save_pretrained`` then ``pretrained=True`` gives bitwise-equal logits;
-* (export): the k=0.5 network folded into a plain timm checkpoint file, loaded by timm's own loader, gives
-  the popup model's logits.
+* (export): the k=0.5 network folded and written as ``timm-popup export`` does, loaded by timm's own loader,
+  gives the popup model's logits; and the checkpoint of the weight-learning methods (``save_dense``, here of a
+  random subnetwork) reloads with the same logits.
 
 Usage::
 
@@ -47,7 +48,7 @@ CHECKS = ("a", "b", "c", "d", "e", "export")
 CHECK_TITLES = {
     "a": "build + convert", "b": "forward/backward, every score gets a gradient",
     "c": "every weight masked or frozen by a policy", "d": "k=1 equals plain timm",
-    "e": "save -> load bitwise", "export": "plain timm checkpoint",
+    "e": "save -> load bitwise", "export": "plain timm checkpoint; dense checkpoint",
 }
 # A child reports each finished check on its own stdout line behind this tag, so a parent that has to kill it
 # (timeout) still knows which checks had finished and which one hung.
@@ -400,15 +401,29 @@ def run_checks(model_name: str, kwargs: dict[str, Any] | None = None, *, family:
             return f"reloaded logits differ, max |diff| {(logits - again).abs().max().item():.3g}"
 
         def export() -> str | None:
-            dense = {n: t.detach().contiguous().clone() for n, t in dense_state_dict(popup).items()}
-            safetensors.torch.save_file(dense, str(tmp / "dense.safetensors"))
+            from timm_popup.export import export_plain, save_plain
+            from timm_popup.methods import make_dense, make_random_subnet, save_dense
+
+            # what `timm-popup export` does: fold, compare the logits, write timm's files (shared modules too)
+            folded, _ = export_plain(popup, model_name, input_size=shape)
+            save_plain(folded, tmp / "plain")
             # timm's own loader (pretrained_cfg_overlay file=), as a user of the exported checkpoint would
             loaded = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay(
-                tmp / "dense.safetensors"), **kwargs)
+                tmp / "plain" / "model.safetensors"), **kwargs)
             again = _logits(loaded, xe)
-            if torch.allclose(logits, again, rtol=RTOL, atol=ATOL):
-                return None
-            return f"plain timm logits differ, max |diff| {(logits - again).abs().max().item():.3g}"
+            if not torch.allclose(logits, again, rtol=RTOL, atol=ATOL):
+                return f"plain timm logits differ, max |diff| {(logits - again).abs().max().item():.3g}"
+            # the weight-learning methods' checkpoint (dense, finetune, random-subnet all write it with save_dense):
+            # random-subnet has both kinds of tensor, fixed-mask weights and frozen tensors made trainable again
+            trained = make_random_subnet(build(popup=True))
+            save_dense(trained, tmp / "dense")
+            reloaded = make_dense(build(popup=True))
+            reloaded.load_state_dict(safetensors.torch.load_file(str(tmp / "dense" / "model.safetensors")))
+            want, got = _logits(trained, xe), _logits(reloaded, xe)
+            if not torch.allclose(want, got, rtol=RTOL, atol=ATOL):
+                diff = (want - got).abs().max().item()
+                return f"the save_dense checkpoint reloads with other logits, max |diff| {diff:.3g}"
+            return None
 
         run("e", e)
         run("export", export)

@@ -24,7 +24,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from timm_popup import convert, masks, save_pretrained  # noqa: E402
-from timm_popup.cli import PLAIN_TWINS, main  # noqa: E402
+from timm_popup.cli import main  # noqa: E402
+from timm_popup.export import plain_twin  # noqa: E402
 
 try:
     from hub_server import HubServer
@@ -42,7 +43,12 @@ MODELS = {
     "convnext": ("popup_convnext_atto", dict(seed=4, depths=(1, 1, 2, 1)), 64),
     # any timm model made popup with timm_popup.convert (BatchNormAct, depthwise convs, squeeze-excite biases)
     "effnet": ("test_efficientnet", dict(k=0.4, seed=9), 64),
+    # modules shared by several blocks (convolutional position encodings): one tensor under several names
+    "coat": ("popup_coat_tiny", dict(seed=6, img_size=64, embed_dims=(32, 32, 32, 32), serial_depths=(1, 1, 1, 1),
+                                     parallel_depth=1), 64),
 }
+# the create kwargs that shape a network (they travel in config.json's model_args)
+SHAPE_ARGS = ("img_size", "depth", "depths", "embed_dims", "serial_depths", "parallel_depth")
 CLASSES = ["ant", "bee", "cat"]
 
 
@@ -155,6 +161,20 @@ def test_info_errors_are_one_line(artifacts, tmp_path, capsys):
     code, _, err = _run(["info", artifacts["conv2"], "--model", "popup_conv4"], capsys)
     assert code == 2 and "is a popup_conv2 artifact" in _error_line(err)
 
+    # timm's name for a directory works too; a damaged config.json is one line naming it and what to do
+    code, out, _ = _run(["info", f"local-dir:{artifacts['conv2']}", "--json"], capsys)
+    assert code == 0 and json.loads(out)["verified"] is True
+    damaged = tmp_path / "damaged"
+    shutil.copytree(artifacts["conv2"], damaged)
+    (damaged / "config.json").write_text('{"architecture": "popup_conv2",\n')
+    for spec in (damaged, f"local-dir:{damaged}"):
+        code, _, err = _run(["info", spec], capsys)
+        line = _error_line(err)
+        assert code == 1 and f"{damaged / 'config.json'} is not valid JSON" in line, line
+        assert "write the artifact again" in line
+    with pytest.raises(json.JSONDecodeError, match=r"damaged/config.json is not valid JSON, .* write the artifact "):
+        timm.create_model(f"local-dir:{damaged}", pretrained=True)  # timm's own loader, in Python
+
     # this process is offline (HF_HUB_OFFLINE=1): an uncached Hub artifact is a one-line failure, not a traceback
     code, _, err = _run(["info", "hf-hub:popup-tests/not-cached"], capsys)
     assert code == 1 and "could not download config.json of popup-tests/not-cached" in _error_line(err)
@@ -244,13 +264,13 @@ def test_export_loads_in_plain_timm_with_identical_logits(saved, artifacts, tmp_
     code, out, err = _run(["info", artifacts["effnet"], "--json"], capsys)  # rebuilt with convert + load_masks
     assert code == 0 and json.loads(out)["verified"] is True, err
     spec = {}
-    for name in ("resnet18", "vit", "convnext", "effnet"):
+    for name in ("resnet18", "vit", "convnext", "effnet", "coat"):
         arch, _, side = MODELS[name]
         out_dir = tmp_path / f"{name}-plain"
         code, out, err = _run(["export", artifacts[name], out_dir], capsys)
         assert code == 0, err
         assert "logits vs the popup model: bitwise identical" in out
-        twin = PLAIN_TWINS.get(arch, arch)
+        twin = plain_twin(arch)
         config = json.loads((out_dir / "config.json").read_text())
         assert config["architecture"] == twin and "timm_popup" not in config
         assert not any(n.endswith("scores") for n in safetensors.torch.load_file(str(out_dir / "model.safetensors")))
@@ -258,7 +278,7 @@ def test_export_loads_in_plain_timm_with_identical_logits(saved, artifacts, tmp_
         with torch.no_grad():
             y = saved[name][0](x)  # the model that saved the artifact (test_masks: loading it is bit-exact)
         safetensors.torch.save_file({"x": x, "y": y}, str(tmp_path / f"{name}.io.safetensors"))
-        kwargs = {k: v for k, v in MODELS[name][1].items() if k in ("img_size", "depth", "depths")}
+        kwargs = {k: v for k, v in MODELS[name][1].items() if k in SHAPE_ARGS}
         spec[name] = dict(arch=twin, kwargs=kwargs, file=str(out_dir / "model.safetensors"), dir=str(out_dir),
                           io=str(tmp_path / f"{name}.io.safetensors"))
     proc = subprocess.run([sys.executable, "-c", _PLAIN_LOAD, json.dumps(spec)], capture_output=True, text=True,
@@ -266,7 +286,7 @@ def test_export_loads_in_plain_timm_with_identical_logits(saved, artifacts, tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     assert result.pop("plugin_imported") is False
-    assert len(result) == 8
+    assert len(result) == 10
     for key, r in result.items():
         assert r["equal"], (key, r)  # bitwise: the folded weight is the very tensor the popup forward uses
 

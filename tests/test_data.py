@@ -477,3 +477,23 @@ def test_augmentation_settings():
     _raises("unknown --aa policy", Augmentation, aa="bogus")
     _raises("--pad-crop is the paper's crop", build_transforms, TIMM_CFG, is_training=True, cifar_style=False,
             augmentation=Augmentation(pad_crop=4))
+
+
+def test_images_decode_with_their_features_mode_and_a_bad_one_names_what_it_is(tmp_path):
+    import io
+
+    from timm_popup.data import UnreadableImageError, peek_image
+
+    gray = Image.fromarray(np.full((8, 8), 100, dtype=np.uint8), "L")
+    good = io.BytesIO()
+    gray.save(good, format="PNG")
+    rows = {"image": [{"bytes": good.getvalue(), "path": None}, {"bytes": good.getvalue()[:20], "path": None}],
+            "label": [0, 1]}
+    features = datasets.Features({"image": datasets.Image(mode="RGB"), "label": datasets.ClassLabel(names=["a", "b"])})
+    split = datasets.Dataset.from_dict(rows, features=features)
+    datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(tmp_path / "ds"))
+    ds = load_image_dataset(tmp_path / "ds")
+    assert peek_image(ds, "train").mode == "RGB"  # the feature's mode, as datasets itself decodes it
+    loader = create_loader(ds, "train", lambda img: torch.zeros(1), batch_size=2, shuffle=False)
+    with pytest.raises(UnreadableImageError, match=r"cannot read image an image stored in the dataset \(no file"):
+        next(iter(loader))

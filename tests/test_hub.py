@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -27,6 +28,7 @@ try:
 except ImportError:  # tests/ turned into a package
     from tests.hub_server import HubServer
 
+ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 240
 ORG = "popup-tests"
 # name -> (architecture, build kwargs, input size, registry name whose hf_hub_id serves it, or None)
@@ -404,13 +406,55 @@ def test_card_renders_like_timms_with_whole_tables(artifacts, named_artifact):
             assert section in headings, (section, headings)
         for expected in ("Params (M): ", "GMACs: ", "Activations (M): ", "Image size: ", "https://arxiv.org/abs/1911",
                          "resolve_model_data_config", "create_transform(**data_config, is_training=False)",
-                         "torch.topk", "git+https://github.com/timm-popup/timm-popup"):
+                         "torch.topk", "pip install ./timm-popup", "the directory that holds its `pyproject.toml`"):
             assert expected in text, expected
-        assert "pip install timm-popup\n" not in text  # no registry serves it
+        _assert_names_no_undeclared_address(text)
     config = json.loads((dirs["resnet"] / "config.json").read_text())
     assert config["timm_popup"]["stats"]["params"] == 11_181_642  # resnet18, 10 classes (timm: 11.18 M)
     card = (dirs["resnet"] / "README.md").read_text()
     assert "GMACs: 1.81" in card and "Activations (M): 2.48" in card and "Image size: 224 x 224" in card  # timm's
+
+
+def _assert_names_no_undeclared_address(card: str) -> None:
+    """Every web address a card names is a paper's, or the source address the package metadata declares."""
+    from timm_popup.hub import source_url
+
+    allowed = {"https://arxiv.org/abs/1911.13299", *filter(None, [source_url()])}
+    addresses = set(re.findall(r"https?://[^\s)\]\"'>]+", card))
+    assert addresses <= allowed | {a for a in addresses if a.startswith("https://arxiv.org/abs/")}, addresses
+    assert "pip install timm-popup" not in card  # no package index serves it
+
+
+def test_card_source_address_comes_from_the_package_metadata_only(named_artifact, monkeypatch):
+    import importlib.metadata
+
+    from timm_popup import hub
+
+    directory, _ = named_artifact
+    # this package declares none ([project.urls] in pyproject.toml): no link, and an install line that works
+    assert hub.source_url() is None
+    card = hub._render_card(directory, None).text
+    assert "**Original:**" not in card and "[timm-popup](" not in card and "git+" not in card
+    assert "timm-popup (0.1.0 wrote this card) has no public source address" in card
+    _assert_names_no_undeclared_address(card)
+    for path in (ROOT / "timm_popup" / "pretrained").glob("*/README.md"):  # the cards that ship in the package
+        _assert_names_no_undeclared_address(path.read_text())
+        assert "pip install ./timm-popup" in path.read_text(), path
+    # declared: the link and the install line use it, and nothing else
+    real = importlib.metadata.metadata("timm-popup")
+
+    class Declared:
+        def get_all(self, name):
+            return ["Documentation, https://docs.example.org/popup", "Source, https://git.example.org/lab/popup"] \
+                if name == "Project-URL" else real.get_all(name)
+
+    monkeypatch.setattr(hub, "metadata", lambda name: Declared())
+    assert hub.source_url() == "https://git.example.org/lab/popup"
+    card = hub._render_card(directory, None).text
+    assert "[timm-popup](https://git.example.org/lab/popup)" in card
+    assert "**Original:** https://git.example.org/lab/popup" in card
+    assert 'pip install "timm-popup @ git+https://git.example.org/lab/popup"' in card
+    assert "pip install ./timm-popup" not in card and "docs.example.org" not in card
 
 
 def test_card_usage_code_runs_and_names_the_classes(named_artifact, tmp_path):

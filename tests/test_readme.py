@@ -1,4 +1,4 @@
-"""The README's two commands are what CI runs: its install line verbatim, its main command as a smoke run."""
+"""The README's two commands are what CI runs, and each sets up what it needs on a fresh machine."""
 
 from __future__ import annotations
 
@@ -8,23 +8,37 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _first_bash_block(text: str, after: str) -> str:
-    section = text[text.index(after):]
-    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
-    return " ".join(line.rstrip("\\").strip() for line in block.strip().splitlines())
+def _bash_blocks(text: str) -> list[str]:
+    return [" ".join(line.rstrip("\\").strip() for line in block.strip().splitlines())
+            for block in re.findall(r"```bash\n(.*?)```", text, re.S)]
 
 
-def test_ci_runs_the_readme_install_line_and_a_smoke_run_of_the_main_command():
+def _commands(script: Path) -> list[str]:
+    """The lines of a shell script that do something (no comments, no blank lines, no `set`/`cd` preamble)."""
+    lines = [line.strip() for line in script.read_text().splitlines()]
+    return [line for line in lines if line and not line.startswith(("#", "set -", "cd "))]
+
+
+def test_ci_runs_exactly_the_two_commands_at_the_top_of_the_readme():
     readme = (ROOT / "README.md").read_text()
-    install = _first_bash_block(readme, "## Install")
-    main = _first_bash_block(readme, "Main job")
-    ci = (ROOT / ".ci" / "run").read_text().splitlines()
-    assert install in ci  # verbatim, as one line
-    assert "apt-get install -y dataset-fashion-mnist" in install
-    assert install.rstrip().endswith('pip install -e ".[dev]"')
-    assert "|| true) >/dev/null 2>&1;" in install  # harmless where apt-get is missing or not allowed
-    smoke = [line for line in ci if line.startswith(main + " ")]
-    assert len(smoke) == 1 and "--train-samples" in smoke[0] and ci.index(smoke[0]) > ci.index(install)
-    assert "python -m pytest -q" in ci
-    # the Training section shows the same command
-    assert main in " ".join(line.rstrip("\\").strip() for line in readme[readme.index("## Training"):].splitlines())
+    top = readme[readme.index("## Quick start"):readme.index("## Use")]
+    main, tests = _bash_blocks(top)
+    assert (main, tests) == ("bash scripts/main.sh", "bash scripts/test.sh")
+    assert _commands(ROOT / ".ci" / "run") == [main, tests]  # exactly these two, nothing installed before them
+
+
+def test_the_two_commands_set_up_what_they_need_then_run_the_main_job_and_the_tests():
+    readme = (ROOT / "README.md").read_text()
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    # the Debian data where apt-get may install it, harmless where it may not; the package in .venv
+    assert "apt-get install -y dataset-fashion-mnist" in setup and "|| true) >/dev/null 2>&1" in setup
+    assert "python3 -m venv .venv" in setup and 'pip install -q -e ".[dev]"' in setup
+    for name in ("main.sh", "test.sh"):
+        assert ". scripts/setup.sh" in _commands(ROOT / "scripts" / name), name
+    # the main job is the Training section's command (resumed when run again), the tests are pytest
+    training = _bash_blocks(readme[readme.index("## Training"):])[0]
+    assert training.startswith("accelerate launch train_accelerate.py --model popup_conv4 --dataset fashion-mnist")
+    main = _commands(ROOT / "scripts" / "main.sh")[-1]
+    assert main == f'exec {training} "${{resume[@]}}" "$@"'
+    assert 'resume=(--resume latest)' in _commands(ROOT / "scripts" / "main.sh")
+    assert _commands(ROOT / "scripts" / "test.sh")[-1] == 'exec python -m pytest -q "$@"'

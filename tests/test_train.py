@@ -35,7 +35,7 @@ from PIL import Image  # noqa: E402
 
 import timm_popup  # noqa: E402
 from timm_popup import train  # noqa: E402
-from timm_popup.data import load_image_dataset  # noqa: E402
+from timm_popup.data import DataError, load_image_dataset  # noqa: E402
 from timm_popup.methods import get_method, load_dense  # noqa: E402
 
 try:
@@ -51,6 +51,7 @@ CLASSES = ["red", "green", "blue", "square"]
 TINY = ["--model", "popup_conv2", "--model-kwargs", "width=0.125", "--batch-size", "16", "--workers", "0",
         "--log-every", "1"]
 REPO = "popup-tests/conv2-run"
+CPUS = len(os.sched_getaffinity(0))
 
 
 def _images(n: int, seed: int, size: int = 32, mode: str = "RGB") -> tuple[list[Image.Image], list[int]]:
@@ -139,13 +140,14 @@ def script():
 
 @pytest.fixture
 def in_process(script, monkeypatch):
-    """Run ``main(argv)`` here: a fresh Accelerate state each time, the global RNG left as it was."""
+    """Run ``main(argv)`` here: a fresh Accelerate state each time, the global RNG and thread count left as they
+    were."""
     from accelerate.state import AcceleratorState
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    rng = torch.get_rng_state()
+    rng, threads = torch.get_rng_state(), torch.get_num_threads()
 
     def run(argv: list[str]) -> int:
         AcceleratorState._reset_state(True)
@@ -154,6 +156,7 @@ def in_process(script, monkeypatch):
     yield run
     AcceleratorState._reset_state(True)
     torch.set_rng_state(rng)
+    torch.set_num_threads(threads)  # the script sets its own count
 
 
 # ------------------------------------------------------------------------------------------- the main run
@@ -227,6 +230,9 @@ def test_log_checkpoints_and_progress(main_run):
     assert all(name.endswith("scores") for name in safetensors.torch.load_file(str(ckpt / "model.safetensors")))
     assert "epoch 3/3: train loss" in log and "all 1 process(es) hold the same mask" in log
     assert "recipe cifar: 3 epochs, global batch 16" in log
+    # `accelerate launch` gave the process OMP_NUM_THREADS=1; the run computes with every CPU it may use
+    assert f"threads: {CPUS} per process (the {CPUS} CPUs this process may use" in log
+    assert state["run"]["threads"] == CPUS
     # TensorBoard (a dependency, so on by default): one scalar per epoch, the same values as the CSV
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -270,6 +276,9 @@ def test_killed_run_resumes_to_the_same_mask(main_run, data, tmp_path):
     assert f"resumed from {done}" in log
     masks, expected = _masks(out), _masks(reference)
     assert masks.keys() == expected.keys() and all(torch.equal(masks[k], expected[k]) for k in expected)
+    # (both ran with the same thread count: another count sums in another order)
+    assert {train.read_trainer_state(train.list_checkpoints(run)[-1])["run"]["threads"]
+            for run in (out, reference)} == {CPUS}
     # every epoch logged exactly once, with the same numbers as the uninterrupted run
     keys = ("epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5")
     assert [{k: r[k] for k in keys} for r in _rows(out)] == [{k: r[k] for k in keys} for r in _rows(reference)]
@@ -291,6 +300,7 @@ def test_two_processes_bf16_end_with_identical_masks(tmp_path):
     assert set(digests) == {"0/2", "1/2"} and len(set(digests.values())) == 1, log[-3000:]
     assert "all 2 process(es) hold the same mask" in log and "bf16 mixed precision" in log
     assert "global batch 16 (2 process(es) x 8 x 1)" in log
+    assert f"threads: {max(1, CPUS // 2)} per process (a 1/2 share of the {CPUS} CPUs" in log
     model = timm.create_model("popup_resnet18_cifar", pretrained=True, layers=(1, 1, 1, 1),
                               channels=(8, 16, 32, 64), num_classes=len(CLASSES),
                               pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")))
@@ -302,13 +312,19 @@ def test_two_processes_bf16_end_with_identical_masks(tmp_path):
 # ------------------------------------------------------------------------------ other datasets, in-process
 
 
-def test_image_folder_trains_with_grad_accum_and_clipping(in_process, tmp_path):
-    root = tmp_path / "folder"
-    for split, seed in (("train", 4), ("val", 5)):
-        images, labels = _images(32, seed, size=28, mode="L")
+def _image_folder(root: Path, splits: dict[str, tuple[int, int]], *, size: int = 28, mode: str = "L",
+                  suffix: str = ".png") -> Path:
+    """An image folder ``root/<split>/<class>/<i><suffix>`` with ``splits[split] = (images, seed)``."""
+    for split, (n, seed) in splits.items():
+        images, labels = _images(n, seed, size=size, mode=mode)
         for i, (img, y) in enumerate(zip(images, labels, strict=True)):
             (root / split / CLASSES[y]).mkdir(parents=True, exist_ok=True)
-            img.save(root / split / CLASSES[y] / f"{i}.png")
+            img.save(root / split / CLASSES[y] / f"{i}{suffix}")
+    return root
+
+
+def test_image_folder_trains_with_grad_accum_and_clipping(in_process, tmp_path):
+    root = _image_folder(tmp_path / "folder", {"train": (32, 4), "val": (32, 5)})
     out = tmp_path / "run"
     assert in_process([*TINY, "--dataset", str(root), "--output-dir", str(out), "--epochs", "1", "--grad-accum",
                        "2", "--clip-grad", "1.0", "--batch-size", "8", "--data-cache", str(tmp_path / "cache")]) == 0
@@ -370,6 +386,49 @@ def test_dense_method_writes_a_dense_checkpoint(in_process, data, tmp_path):
         assert "popup-tests/dense" in proc.stdout
 
 
+# popup_resnet18 on 32x32 images: a BatchNorm network (norm scales, shifts and statistics), one step per epoch
+RESNET = ["--model", "popup_resnet18", "--img-size", "32", "--batch-size", "8", "--workers", "0", "--epochs", "1",
+          "--log-every", "1"]
+
+
+@pytest.mark.parametrize("method", ["dense", "finetune", "random-subnet"])
+def test_weight_learning_methods_write_a_checkpoint_of_a_batchnorm_network(in_process, tmp_path, method):
+    folder = _image_folder(tmp_path / "folder", {"train": (8, 11), "val": (8, 12)}, size=16, mode="RGB")
+    extra = []
+    if method != "dense":  # the mask of the same network (untrained: what matters here is that it verifies)
+        found = timm_popup.save_pretrained(timm.create_model("popup_resnet18", num_classes=len(CLASSES)),
+                                           tmp_path / "found")
+        extra = ["--init-artifact", str(found)]
+    out = tmp_path / method
+    assert in_process([*RESNET, "--dataset", str(folder), "--output-dir", str(out), "--method", method,
+                       "--data-cache", str(tmp_path / "cache"), *extra]) == 0
+    weights = safetensors.torch.load_file(str(out / "model.safetensors"))
+    # the norms learned their scale and shift again (the parameter policy had frozen them), with their statistics
+    assert {"bn1.weight", "bn1.bias", "bn1.running_mean", "layer1.0.conv1.weight"} <= set(weights)
+    assert not any(k.endswith("scores") or k.startswith("__popup__") for k in weights)
+    model = load_dense(out)  # loads back, and computes what the run measured
+    ds = train.load_data(str(folder), cache_dir=tmp_path / "cache")
+    _, val_loader = train.build_loaders(ds, timm.data.resolve_data_config({}, model=model), batch_size=8, workers=0,
+                                        seed=0)
+    assert train.evaluate(model, val_loader)["top1"] == _rows(out)[-1]["val_top1"]
+    conv = model.layer1[0].conv1.weight
+    kept = int((conv != 0).sum())
+    assert kept == (conv.numel() if method == "dense" else round(0.3 * conv.numel()))  # the subnetwork, k=0.3
+
+
+def test_any_timm_model_with_shared_modules_trains_and_resumes(in_process, capsys, tmp_path):
+    """popup_<any timm name> is trainable (timm registers it on first lookup, so timm.list_models does not list it
+    yet), and CoaT's shared modules, whose tensors Accelerate's checkpoint stores under one name, resume."""
+    folder = _image_folder(tmp_path / "folder", {"train": (8, 16), "val": (8, 17)}, size=16, mode="RGB")
+    run = ["--model", "popup_coat_tiny", "--model-kwargs", "embed_dims=(16,16,16,16)", "serial_depths=(1,1,1,1)",
+           "parallel_depth=1", "--img-size", "32", "--batch-size", "8", "--workers", "0", "--dataset", str(folder),
+           "--output-dir", str(tmp_path / "run"), "--data-cache", str(tmp_path / "cache")]
+    assert in_process([*run, "--epochs", "1"]) == 0
+    assert in_process([*run, "--epochs", "2", "--resume", "latest"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert [r["epoch"] for r in _rows(tmp_path / "run")] == [1, 2]
+
+
 # ------------------------------------------------------------------------------- bad input, before training
 
 
@@ -401,6 +460,17 @@ def unlabeled(tmp_path_factory) -> Path:
     ("bad weight init", ["--dataset", "{data}", "--weight-init", "kaiming_normall"], "did you mean kaiming_normal"),
     ("bad recipe", ["--dataset", "{data}", "--recipe", "mnist"], "unknown recipe"),
     ("bad repo id", ["--dataset", "{data}", "--push-to-hub", "a/b/c"], "not a valid repo id"),
+    ("negative seed", ["--dataset", "{data}", "--seed", "-1"], "--seed -1 is outside 0 .. 4294967295"),
+    ("seed above 32 bits", ["--dataset", "{data}", "--seed", str(2**32)], "pass e.g. --seed 0"),
+    ("zero threads", ["--dataset", "{data}", "--threads", "0"], "--threads 0: pass at least 1"),
+    ("overlapping slices", ["--dataset", "{data}", "--train-split", "train[:80%]", "--val-split", "train[50%:]"],
+     "shares 29 images with the train split"),
+    ("val slice of the train split", ["--dataset", "{data}", "--val-split", "train[80%:]"],
+     "shares 19 images with the train split 'train'"),
+    ("malformed slice", ["--dataset", "{data}", "--train-split", "train[:80%", "--val-split", "test"],
+     "is not a split name or a slice like 'train[:80%]'"),
+    ("slice of an unknown split", ["--dataset", "{data}", "--train-split", "training[:80%]"],
+     "unknown split in 'training[:80%]'"),
 ])
 def test_bad_input_is_one_line_before_training(in_process, capsys, data, unlabeled, tmp_path, case, extra, expected):
     (tmp_path / "blocker").write_text("a file, not a directory")
@@ -427,7 +497,110 @@ def test_resume_with_other_structural_setting_fails(in_process, capsys, main_run
     assert "made with seed=7" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("damage", ["model header", "model data", "optimizer"])
+def test_a_damaged_checkpoint_is_one_line_naming_it_and_the_one_before(in_process, capsys, main_run, data, tmp_path,
+                                                                        damage):
+    out = tmp_path / "copy"
+    shutil.copytree(main_run[0], out)
+    newest = out / "checkpoints" / "epoch_0003"
+    name = "optimizer.bin" if damage == "optimizer" else "model.safetensors"
+    content = (newest / name).read_bytes()
+    (newest / name).write_bytes(content[:5] if damage == "model header" else content[: len(content) // 2])
+    assert in_process([*MAIN_ARGS, "--dataset", str(data), "--output-dir", str(out), "--resume", "latest"]) == 2
+    err = _errors(capsys)
+    assert len(err) == 1 and err[0].startswith("train_accelerate.py: error: the checkpoint"), err
+    expected = {"model header": "header too small", "model data": "file not fully covered",
+                "optimizer": "cannot be loaded"}[damage]
+    assert f"{newest} {'cannot be loaded' if damage == 'optimizer' else 'is damaged'}" in err[0], err
+    assert expected in err[0], err
+    assert f"delete it (rm -r {newest}) to resume from the one before, epoch_0002" in err[0]
+    assert (newest / name).stat().st_size < len(content)  # nothing was overwritten
+
+
 # --------------------------------------------------------------------------------------------- units
+
+
+def test_help_lists_every_method_with_its_line_of_the_methods_table(script, capsys):
+    from timm_popup.methods import METHODS
+
+    with pytest.raises(SystemExit) as exit_:
+        script.parse_args(["--help"])
+    assert exit_.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(METHODS) == 10
+    for name, method in METHODS.items():
+        rows = [line for line in lines if re.match(rf"\s+{re.escape(name)}\s", line)]
+        assert len(rows) == 1 and method.summary in rows[0], (name, rows)  # one line each, its own summary
+
+
+@pytest.mark.parametrize("env,threads,cpus,expected", [
+    ({"ACCELERATE_MIXED_PRECISION": "no", "OMP_NUM_THREADS": "1"}, None, 2, 2),  # accelerate launch's default
+    ({"ACCELERATE_MIXED_PRECISION": "no", "OMP_NUM_THREADS": "3"}, None, 2, 3),  # --num_cpu_threads_per_process 3
+    ({"OMP_NUM_THREADS": "1"}, None, 2, 1),  # set by the user for a plain python run: respected
+    ({"LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}, None, 8, 4),  # torchrun, 2 processes: a share each
+    ({"LOCAL_WORLD_SIZE": "4"}, None, 2, 1),  # more processes than CPUs: at least one thread
+    ({}, None, 6, 6),
+    ({"ACCELERATE_MIXED_PRECISION": "no", "OMP_NUM_THREADS": "1"}, 1, 2, 1),  # --threads wins
+    ({"OMP_NUM_THREADS": "4"}, 2, 8, 2),
+])
+def test_thread_count_is_the_cpus_share_unless_chosen(env, threads, cpus, expected):
+    assert train.choose_threads(threads, env=env, cpus=cpus)[0] == expected
+
+
+def test_split_slices_carve_a_validation_part_out_of_a_train_only_folder(in_process, capsys, tmp_path):
+    folder = _image_folder(tmp_path / "folder", {"train": (40, 13)})  # no val/ folder
+    out = tmp_path / "run"
+    assert in_process([*TINY, "--dataset", str(folder), "--output-dir", str(out), "--epochs", "1",
+                       "--train-split", "train[:80%]", "--val-split", "train[80%:]",
+                       "--data-cache", str(tmp_path / "cache")]) == 0
+    assert "splits [train[:80%]=32, train[80%:]=8], train='train[:80%]', eval='train[80%:]'" in capsys.readouterr().out
+    assert json.loads((out / "checkpoints" / "epoch_0001" / train.TRAINER_STATE).read_text())["metrics"]["count"] == 8
+    assert (timm.create_model(f"local-dir:{out}", pretrained=True).num_classes == len(CLASSES))
+    # the two parts: 32 + 8 different images, all of the folder's
+    ds = train.load_data(str(folder), train_split="train[:80%]", val_split="train[80%:]", cache_dir=tmp_path / "c")
+    whole = load_image_dataset(folder, cache_dir=tmp_path / "c")
+    pixels = [[np.asarray(img).tobytes() for img in split["image"]] for split in
+              (ds.splits["train[:80%]"], ds.splits["train[80%:]"], whole.splits["train"])]
+    assert len(pixels[0]) == 32 and len(pixels[1]) == 8 and not set(pixels[0]) & set(pixels[1])
+    assert sorted(pixels[0] + pixels[1]) == sorted(pixels[2])
+
+
+def test_split_slices_of_a_saved_dataset_streamed_or_not(data):
+    ds = train.load_data(str(data), train_split="train[:25%]+test[:50%]", val_split="test[50%:]")
+    assert ds.num_rows == {"train[:25%]+test[:50%]": 24 + 24, "test[50%:]": 24}
+    # one part given, the other detected: the validation split is the dataset's own test split
+    ds = train.load_data(str(data), train_split="train[:50%]")
+    assert (ds.train_split, ds.eval_split) == ("train[:50%]", "test") and ds.num_rows["train[:50%]"] == 48
+    # a stream of unknown size: sliced by rows (skip / take), a percentage of it is refused in one line
+    ds = train.load_data(str(data), train_split="train[:24]+test[:24]", val_split="test[24:]", streaming=True)
+    assert [sum(1 for _ in ds.splits[s]) for s in ("train[:24]+test[:24]", "test[24:]")] == [48, 24]
+    with pytest.raises(DataError, match=r"cannot take a percentage of it; slice it by rows \('test\[:1000\]'\)"):
+        train.load_data(str(data), train_split="train", val_split="test[50%:]", streaming=True)
+    with pytest.raises(DataError, match="shares its images with the train split 'test'"):
+        train.load_data(str(data), train_split="test", val_split="test[24:]", streaming=True)
+
+
+def test_a_truncated_jpeg_is_one_line_naming_it_and_the_checkpoint_stays(in_process, capsys, tmp_path):
+    folder = _image_folder(tmp_path / "folder", {"train": (32, 14), "val": (16, 15)}, size=32, mode="RGB",
+                           suffix=".jpg")
+    run = [*TINY, "--dataset", str(folder), "--output-dir", str(tmp_path / "run"), "--workers", "1", "--mean",
+           "0.5", "0.5", "0.5", "--std", "0.25", "0.25", "0.25", "--data-cache", str(tmp_path / "cache")]
+    assert in_process([*run, "--epochs", "1"]) == 0
+    capsys.readouterr()
+    broken = folder / "train" / CLASSES[-1] / "31.jpg"  # not the first image, which sizes the model
+    content = broken.read_bytes()
+    broken.write_bytes(content[: len(content) * 2 // 3])  # the header intact, the pixels cut short
+    assert in_process([*run, "--epochs", "2", "--resume", "latest"]) == 2  # read in a DataLoader worker
+    err = _errors(capsys)
+    assert len(err) == 1 and f"cannot read image {broken} (image file is truncated" in err[0], err
+    assert "the last checkpoint" in err[0] and "epoch_0001, is kept: continue from it with --resume latest" in err[0]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["epoch_0001"]
+    # read before training (the data's statistics for the small network): the same line, nothing written
+    assert in_process([*TINY, "--dataset", str(folder), "--output-dir", str(tmp_path / "fresh"),
+                       "--data-cache", str(tmp_path / "cache")]) == 2
+    err = _errors(capsys)
+    assert len(err) == 1 and f"cannot read image {broken}" in err[0], err
+    assert not (tmp_path / "fresh" / "checkpoints").exists()
 
 
 def test_recipes_follow_the_paper_and_every_value_is_overridable():

@@ -5,6 +5,7 @@ into its edge-popup version. ``k`` is always the fraction of weights KEPT.
 """
 
 from . import models  # noqa: F401  (registers popup_* with timm)
+from .artifacts import explain_damaged_local_configs
 from .config import PopupConfig
 from .convert import convert, popup_masks
 from .hub import push_artifact, push_to_hub, save_pretrained
@@ -13,6 +14,8 @@ from .layers import PopupMask, topk_mask
 from .masks import MaskError, load_masks, save_masks
 
 __version__ = "0.1.0"
+
+explain_damaged_local_configs()  # timm.create_model("local-dir:...") names a config.json it cannot parse
 
 __all__ = [
     "convert", "popup_masks", "random_weight", "random_normal", "topk_mask", "PopupMask", "PopupConfig",

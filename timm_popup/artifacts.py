@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,10 +18,11 @@ from .export import dense_state_dict
 from .hub import CONFIG_NAME, WEIGHTS_NAME
 from .masks import read_mask_file
 
-__all__ = ["Artifact", "ArtifactError", "HUB_PREFIX", "resolve_artifact", "require_architecture", "build_model",
-           "dense_size"]
+__all__ = ["Artifact", "ArtifactError", "HUB_PREFIX", "LOCAL_PREFIX", "resolve_artifact", "require_architecture",
+           "build_model", "dense_size", "explain_damaged_local_configs"]
 
 HUB_PREFIX = "hf-hub:"
+LOCAL_PREFIX = "local-dir:"  # timm's name for an artifact directory: the same as the bare path
 
 
 class ArtifactError(ValueError):
@@ -47,12 +50,15 @@ def _one_line(exc: BaseException | str) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+_BAD_CONFIG = "is not valid JSON, so the model it describes cannot be built: write the artifact again " \
+              "(timm_popup.save_pretrained, or download it again) or repair the file"
+
+
 def _read_config(path: Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ArtifactError(f"{path} is not readable JSON ({_one_line(e)}): write the artifact again",
-                            bad_input=False) from e
+        raise ArtifactError(f"{path} {_BAD_CONFIG} ({_one_line(e)})", bad_input=False) from e
     if not isinstance(config, dict) or not isinstance(config.get("architecture"), str):
         raise ArtifactError(f"{path} names no architecture: it is not a timm config.json", bad_input=False)
     return config
@@ -105,7 +111,7 @@ def resolve_artifact(spec: str, model: str | None = None) -> Artifact:
     if spec.startswith(HUB_PREFIX):
         art = _download(spec)
     else:
-        path = Path(spec).expanduser()
+        path = Path(spec.removeprefix(LOCAL_PREFIX)).expanduser()
         if not path.exists():
             raise ArtifactError(f"{spec} does not exist: pass an artifact directory (config.json + "
                                 "model.safetensors), a model.safetensors file or hf-hub:org/name")
@@ -127,6 +133,27 @@ def resolve_artifact(spec: str, model: str | None = None) -> Artifact:
                                 "drop --model")
         art.architecture = model
     return art
+
+
+def explain_damaged_local_configs() -> None:
+    """Make a damaged ``config.json`` read through ``timm.create_model("local-dir:...")`` say which file it is and
+    what to do. timm parses it with a bare ``json.load``, so the error names neither; its loader is wrapped once
+    (when timm_popup is imported), and the error stays a ``json.JSONDecodeError`` (a ``ValueError``)."""
+    import timm.models._factory as factory
+
+    original = factory.load_model_config_from_path
+    if getattr(original, "_timm_popup_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def load_model_config_from_path(model_path: str | os.PathLike) -> Any:
+        try:
+            return original(model_path)
+        except json.JSONDecodeError as e:
+            raise json.JSONDecodeError(f"{Path(model_path) / CONFIG_NAME} {_BAD_CONFIG}; {e.msg}", e.doc, e.pos) from e
+
+    load_model_config_from_path._timm_popup_wrapped = True  # type: ignore[attr-defined]
+    factory.load_model_config_from_path = load_model_config_from_path
 
 
 def require_architecture(art: Artifact) -> str:

@@ -26,19 +26,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import timm
 import timm.data
 import torch
 import torch.nn.functional as F
 from timm.models import is_model, list_models
-from timm.models._hub import save_config_for_hf
 from torch import nn
 
-from ._io import atomic_write
-from .artifacts import HUB_PREFIX, ArtifactError, build_model, dense_size, require_architecture, resolve_artifact
+from .artifacts import (
+    HUB_PREFIX,
+    LOCAL_PREFIX,
+    ArtifactError,
+    build_model,
+    dense_size,
+    require_architecture,
+    resolve_artifact,
+)
 from .convert import popup_masks
-from .export import PLAIN_TWINS, ExportError, export_plain, plain_twin
+from .export import PLAIN_TWINS, ExportError, export_plain, plain_twin, save_plain
 from .hub import CONFIG_NAME, WEIGHTS_NAME
 from .masks import MaskError, artifact_info, read_mask_file
 
@@ -126,7 +131,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _looks_like_artifact(spec: str) -> bool:
-    return spec.startswith(HUB_PREFIX) or Path(spec).expanduser().exists() or spec.endswith(".safetensors") or (
+    return spec.startswith((HUB_PREFIX, LOCAL_PREFIX)) or Path(spec).expanduser().exists() or spec.endswith(
+        ".safetensors") or (
         "/" in spec or os.sep in spec)
 
 
@@ -248,10 +254,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CliError(f"cannot create {out}: {e.strerror}") from e
-    tensors = {n: t.contiguous() for n, t in plain.state_dict().items()}
     labels = {k: art.config[k] for k in ("label_names", "label_descriptions") if art.config and art.config.get(k)}
-    atomic_write(out / WEIGHTS_NAME, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(out / CONFIG_NAME, lambda tmp: save_config_for_hf(plain, tmp, model_config=labels))
+    save_plain(plain, out, model_config=labels)
     logits = "bitwise identical" if diff == 0 else f"max |diff| {diff:.3g}"
     print(f"exported {architecture} -> {twin}: {out / WEIGHTS_NAME} ({(out / WEIGHTS_NAME).stat().st_size:,} bytes) "
           f"and {out / CONFIG_NAME}; logits vs the popup model: {logits}")

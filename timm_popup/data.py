@@ -18,9 +18,10 @@ import logging
 import os
 import shutil
 import struct
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ __all__ = [
     "DataError", "ImageDataset", "load_image_dataset", "build_transforms", "create_loader", "fashion_mnist_to_disk",
     "FASHION_MNIST_CLASSES", "FASHION_MNIST_APT_DIR", "BUILTIN_DATASETS", "resolve_dataset", "open_dataset",
     "default_cache_dir", "peek_image", "channel_stats", "Augmentation", "label_mapping", "has_class_names",
+    "UnreadableImageError", "is_split_slice", "split_rows", "add_split_slice", "check_held_out",
 ]
 
 logger = logging.getLogger(__name__)
@@ -67,6 +69,19 @@ class DataError(ValueError):
     def __init__(self, message: str) -> None:
         # datasets' own messages span lines; the CLI prints ours as a single line.
         super().__init__(" ".join(str(message).split()))
+
+
+class UnreadableImageError(DataError):
+    """An image of the dataset cannot be decoded (a truncated or corrupt file); the message names it."""
+
+    def __init__(self, message: str) -> None:
+        # An exception raised in a DataLoader worker reaches the main process re-built from the worker's traceback
+        # text (torch's ExceptionWrapper.reraise calls type(text) with "Caught ... Original Traceback ...
+        # <module>.UnreadableImageError: <message>"): keep only the original message.
+        marker = f"{type(self).__name__}: "
+        if "Original Traceback" in message and marker in message:
+            message = message.rsplit(marker, 1)[1]
+        super().__init__(message)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -201,10 +216,91 @@ def _parse_split_arg(split: str | Sequence[str] | None) -> list[str] | None:
     return names
 
 
+def is_split_slice(spec: str) -> bool:
+    """Whether ``spec`` uses ``datasets``' split syntax (``train[:80%]``, ``train[10:20]``, ``train+test``)
+    rather than naming one split."""
+    return "[" in spec or "+" in spec
+
+
+def split_rows(spec: str, lengths: dict[str, int], source: str) -> list[tuple[str, int, int]]:
+    """The rows of the split ``spec`` as ``(split, start, stop)`` ranges, read with ``datasets``' own parser
+    (``datasets.ReadInstruction``: percentages round to the closest row, so ``train[:80%]`` and ``train[80%:]``
+    split ``train`` exactly); ``lengths`` gives each split's size."""
+    if not is_split_slice(spec):
+        return [(spec, 0, lengths[spec])]
+    try:
+        instructions = datasets.ReadInstruction.from_spec(spec).to_absolute(lengths)
+    except (ValueError, AssertionError) as e:
+        if "Unknown split" in str(e):
+            raise DataError(f"unknown split in {spec!r} for dataset {source!r}; available splits: "
+                            f"{list(lengths)}") from e
+        raise DataError(f"split {spec!r} is not a split name or a slice like 'train[:80%]', 'train[80%:]', "
+                        f"'train[:1000]' or 'train+validation' ({_one_line(e)})") from e
+    return [(i.splitname, i.from_, i.to) for i in instructions]
+
+
+def _lengths(splits: dict[str, Any], specs: Sequence[str], source: str) -> dict[str, int]:
+    """The sizes of the splits that the splits or slices ``specs`` read. A streamed split of unknown size can be
+    sliced by row numbers (it is then read with skip / take) but not by a percentage."""
+    lengths = {}
+    for spec in specs:
+        for name, _, _ in split_rows(spec, {name: 1 for name in splits}, source):
+            n = _num_rows(name, splits[name])
+            if n is None and "%" in spec:
+                raise DataError(f"split {name!r} of dataset {source!r} is streamed and its size is unknown, so "
+                                f"{spec!r} cannot take a percentage of it; slice it by rows ('{name}[:1000]') or "
+                                "load it without --streaming")
+            lengths[name] = sys.maxsize if n is None else n
+    return lengths
+
+
+def _select_split(splits: dict[str, Any], spec: str, source: str) -> tuple[Any, int | None]:
+    """The rows of the split slice ``spec`` of ``splits`` as one dataset (streamed splits: skip / take), and
+    their number where it is known."""
+    rows = split_rows(spec, _lengths(splits, [spec], source), source)
+    parts = [splits[name].skip(start).take(stop - start) if isinstance(splits[name], datasets.IterableDataset)
+             else splits[name].select(range(start, stop)) for name, start, stop in rows]
+    part = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    count = sum(stop - start for _, start, stop in rows)
+    return part, None if count >= sys.maxsize // 2 else count
+
+
+def _check_held_out(splits: dict[str, Any], train: str, evaluation: str, source: str) -> None:
+    if not (is_split_slice(train) or is_split_slice(evaluation)):
+        return  # two split names: different splits (a name given twice is refused by the training script)
+    lengths = _lengths(splits, [train, evaluation], source)
+    shared = 0
+    for name, start, stop in split_rows(train, lengths, source):
+        for other, first, last in split_rows(evaluation, lengths, source):
+            if other == name:
+                shared += max(0, min(stop, last) - max(start, first))
+    if shared:
+        raise DataError(f"the validation split {evaluation!r} shares {_count(shared)} images with the train split "
+                        f"{train!r}; validate on held-out images, e.g. --train-split 'train[:80%]' --val-split "
+                        "'train[80%:]'")
+
+
+def _count(n: int) -> str:
+    return "its" if n >= sys.maxsize // 2 else str(n)  # an open-ended range of a stream of unknown size
+
+
+def check_held_out(ds: ImageDataset, train: str, evaluation: str) -> None:
+    """A :class:`DataError` when the split (or slice) ``evaluation`` of ``ds`` shares images with ``train``."""
+    _check_held_out(ds.splits, train, evaluation, ds.source)
+
+
+def add_split_slice(ds: ImageDataset, spec: str) -> ImageDataset:
+    """``ds`` with one more split, named ``spec``: the slice ``spec`` of its splits (see :func:`split_rows`)."""
+    part, rows = _select_split(ds.splits, spec, ds.source)
+    return replace(ds, splits={**ds.splits, spec: part}, num_rows={**ds.num_rows, spec: rows})
+
+
 def _check_requested(requested: list[str], available: Sequence[str], source: str) -> None:
-    missing = [s for s in requested if s not in available]
-    if missing:
-        raise DataError(f"unknown split {missing[0]!r} for dataset {source!r}; available splits: {list(available)}")
+    for spec in requested:
+        if is_split_slice(spec):
+            split_rows(spec, {name: 1 for name in available}, source)  # its splits exist, its syntax is valid
+        elif spec not in available:
+            raise DataError(f"unknown split {spec!r} for dataset {source!r}; available splits: {list(available)}")
 
 
 def _check_split(ds: ImageDataset, split: str) -> str:
@@ -322,8 +418,9 @@ def load_image_dataset(name_or_path: str | os.PathLike, *, split: str | Sequence
             folder (class subfolders, optionally under ``train/`` and ``validation|val|test/``), or a local
             parquet/arrow/csv/json file or directory of such files. An existing local path wins over a Hub id.
         split: keep only these splits: one name, a comma-separated string or a sequence. With two or more, the first
-            is the train split and the second the eval split; otherwise roles are detected from the names
-            (``train``; ``validation``/``valid``/``val``/``test``...).
+            is the train split and the second the eval split (which must not share images); otherwise roles are
+            detected from the names (``train``; ``validation``/``valid``/``val``/``test``...). A split may be a
+            slice in ``datasets``' syntax, kept under that name: ``train[:80%]``, ``train[80%:]``, ``train[:1000]``.
         image_column: image column; default: the first ``datasets.Image`` feature, else a column named like
             ``image``/``img``/``pixel_values``.
         label_column: label column; default: a ``ClassLabel`` feature (``label``/``fine_label``... preferred), else a
@@ -346,9 +443,18 @@ def load_image_dataset(name_or_path: str | os.PathLike, *, split: str | Sequence
                         f"folder, or a Hugging Face Hub id such as 'uoft-cs/cifar10'")
     else:
         splits = _load_hub(source, requested, streaming, cache)
+    sliced: dict[str, int] = {}
     if requested is not None:
         _check_requested(requested, list(splits), source)
-        splits = {s: splits[s] for s in requested}
+        if len(requested) >= 2:
+            _check_held_out(splits, requested[0], requested[1], source)
+        kept = {}
+        for spec in requested:
+            if spec in splits:
+                kept[spec] = splits[spec]
+            else:  # a slice such as train[:80%], read from the splits it names
+                kept[spec], sliced[spec] = _select_split(splits, spec, source)
+        splits = kept
     if not splits:
         raise DataError(f"dataset {source!r} has no splits")
 
@@ -371,7 +477,7 @@ def load_image_dataset(name_or_path: str | os.PathLike, *, split: str | Sequence
     train_split, eval_split = _detect_roles(list(splits), requested)
     return ImageDataset(source=source, splits=splits, image_column=image_col, label_column=label_col,
                         class_names=class_names, train_split=train_split, eval_split=eval_split, streaming=streaming,
-                        num_rows={s: _num_rows(s, d) for s, d in splits.items()})
+                        num_rows={s: sliced.get(s, _num_rows(s, d)) for s, d in splits.items()})
 
 
 def _num_rows(split: str, split_ds: Any) -> int | None:
@@ -385,14 +491,14 @@ def _num_rows(split: str, split_ds: Any) -> int | None:
 
 def peek_image(ds: ImageDataset, split: str) -> Image.Image:
     """The first image of ``split`` as a PIL image (its size and mode tell a small model what to expect)."""
-    split_ds = ds.splits[_check_split(ds, split)]
+    split_ds, decoder = _undecoded(ds.splits[_check_split(ds, split)], ds.image_column)
     if isinstance(split_ds, datasets.IterableDataset):
         first = next(iter(split_ds.take(1)), None)
     else:
         first = split_ds[0] if len(split_ds) else None
     if first is None:
         raise DataError(f"split {split!r} of dataset {ds.source!r} is empty")
-    return _to_pil(first[ds.image_column])
+    return _to_pil(first[ds.image_column], decoder)
 
 
 def channel_stats(ds: ImageDataset, split: str, input_size: Sequence[int], *, max_images: int = 1000,
@@ -404,7 +510,7 @@ def channel_stats(ds: ImageDataset, split: str, input_size: Sequence[int], *, ma
     the random weights' activations at the scale their distribution assumes; CIFAR's statistics are far off for,
     e.g., Fashion-MNIST.
     """
-    split_ds = ds.splits[_check_split(ds, split)]
+    split_ds, decoder = _undecoded(ds.splits[_check_split(ds, split)], ds.image_column)
     channels, height, width = (int(v) for v in input_size)
     to_tensor = T.Compose([ConvertMode("L" if channels == 1 else "RGB"), EnsureSize((height, width)), T.ToTensor()])
     if isinstance(split_ds, datasets.IterableDataset):
@@ -417,7 +523,7 @@ def channel_stats(ds: ImageDataset, split: str, input_size: Sequence[int], *, ma
     total_sq = torch.zeros(channels, dtype=torch.float64)
     count = 0
     for value in rows:
-        pixels = to_tensor(_to_pil(value)).to(torch.float64).flatten(1)
+        pixels = to_tensor(_to_pil(value, decoder)).to(torch.float64).flatten(1)
         total += pixels.sum(1)
         total_sq += pixels.square().sum(1)
         count += pixels.shape[1]
@@ -735,11 +841,31 @@ def label_mapping(dataset_names: Sequence[str], model_names: Sequence[str] | Non
 # ----------------------------------------------------------------------------------------------------------- loaders
 
 
-def _to_pil(value: Any) -> Image.Image:
+def _undecoded(split_ds: Any, column: str) -> tuple[Any, datasets.Image]:
+    """``split_ds`` with its image ``column`` left undecoded ({"path", "bytes"}), and the feature that decodes it
+    (its mode included), for :func:`_to_pil`: ``datasets`` decodes an Image feature with no word of which file
+    failed (a truncated JPEG says only "image file is truncated"). Only the feature is cast; no data is rewritten."""
+    feature = (split_ds.features or {}).get(column)
+    if isinstance(feature, datasets.Image) and feature.decode:
+        return split_ds.cast_column(column, datasets.Image(mode=feature.mode, decode=False)), feature
+    return split_ds, datasets.Image()
+
+
+def _decode_image(value: dict[str, Any], decoder: datasets.Image) -> Image.Image:
+    """An undecoded ``datasets.Image`` value, opened and its pixels read by ``decoder`` (``datasets``' own: local
+    files, remote paths, embedded bytes); a file that cannot be read is an :class:`UnreadableImageError` naming it."""
+    try:
+        return decoder.decode_example(value)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # what PIL raises on bad files
+        where = value.get("path") or "an image stored in the dataset (no file name recorded)"
+        raise UnreadableImageError(f"cannot read image {where} ({_one_line(e)}): remove or replace it") from e
+
+
+def _to_pil(value: Any, decoder: datasets.Image | None = None) -> Image.Image:
     if isinstance(value, Image.Image):
         return value
     if isinstance(value, dict) and (value.get("bytes") or value.get("path")):  # undecoded datasets.Image value
-        return Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
+        return _decode_image(value, decoder or datasets.Image())
     if isinstance(value, (str, os.PathLike)):
         return Image.open(value)
     arr = np.asarray(value)
@@ -757,12 +883,12 @@ class _BatchTransform:
     """``with_transform`` hook: decode + transform only the two used columns, lazily, per fetched batch."""
 
     def __init__(self, image_column: str, label_column: str, transform: Callable,
-                 label_map: Sequence[int] | None = None) -> None:
+                 label_map: Sequence[int] | None = None, decoder: datasets.Image | None = None) -> None:
         self.image_column, self.label_column, self.transform = image_column, label_column, transform
-        self.label_map = label_map
+        self.label_map, self.decoder = label_map, decoder
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        return {"image": [self.transform(_to_pil(v)) for v in batch[self.image_column]],
+        return {"image": [self.transform(_to_pil(v, self.decoder)) for v in batch[self.image_column]],
                 "label": [_map_label(int(v), self.label_map) for v in batch[self.label_column]]}
 
 
@@ -778,9 +904,10 @@ class _StreamingImages(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, stream: datasets.IterableDataset, image_column: str, label_column: str,
-                 transform: Callable, label_map: Sequence[int] | None = None) -> None:
+                 transform: Callable, label_map: Sequence[int] | None = None,
+                 decoder: datasets.Image | None = None) -> None:
         super().__init__()
-        self.stream, self.transform, self.label_map = stream, transform, label_map
+        self.stream, self.transform, self.label_map, self.decoder = stream, transform, label_map, decoder
         self.image_column, self.label_column = image_column, label_column
 
     def set_epoch(self, epoch: int) -> None:
@@ -788,7 +915,7 @@ class _StreamingImages(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for example in self.stream:
-            yield {"image": self.transform(_to_pil(example[self.image_column])),
+            yield {"image": self.transform(_to_pil(example[self.image_column], self.decoder)),
                    "label": _map_label(int(example[self.label_column]), self.label_map)}
 
 
@@ -814,7 +941,7 @@ def create_loader(ds: ImageDataset, split: str, transform: Callable, *, batch_si
     stream, whole shards when they divide evenly, else every ``num_shards``-th example), so that each of several
     processes reads and decodes only its own images. ``label_map[i]`` replaces label ``i`` (see :func:`label_mapping`).
     """
-    split_ds = ds.splits[_check_split(ds, split)]
+    split_ds, decoder = _undecoded(ds.splits[_check_split(ds, split)], ds.image_column)
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index {shard_index} is outside 0..{num_shards - 1}")
     generator = torch.Generator().manual_seed(seed)
@@ -829,11 +956,11 @@ def create_loader(ds: ImageDataset, split: str, transform: Callable, *, batch_si
         if shuffle:
             stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer)
         return torch.utils.data.DataLoader(
-            _StreamingImages(stream, ds.image_column, ds.label_column, transform, label_map), **common)
+            _StreamingImages(stream, ds.image_column, ds.label_column, transform, label_map, decoder), **common)
     if num_shards > 1:
         split_ds = split_ds.shard(num_shards=num_shards, index=shard_index, contiguous=True)
-    mapped = split_ds.with_transform(_BatchTransform(ds.image_column, ds.label_column, transform, label_map),
-                                     columns=[ds.image_column, ds.label_column])
+    mapped = split_ds.with_transform(_BatchTransform(ds.image_column, ds.label_column, transform, label_map,
+                                                     decoder), columns=[ds.image_column, ds.label_column])
     return torch.utils.data.DataLoader(mapped, shuffle=shuffle, **common)
 
 

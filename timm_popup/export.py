@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
 import timm
 import timm.data
 import torch
@@ -9,9 +15,13 @@ from timm.models import filter_pretrained_cfg, get_model_args, is_model, model_e
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ._io import atomic_write
 from .config import POPUP_ARGS
 
-__all__ = ["PLAIN_TWINS", "ExportError", "dense_state_dict", "plain_twin", "export_plain"]
+__all__ = ["PLAIN_TWINS", "ExportError", "dense_state_dict", "plain_twin", "export_plain", "unshared", "save_plain"]
+
+#: timm's Hub layout (hub.py's artifacts add a README.md card)
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
 #: hand-written popup architectures and the plain timm architecture their folded weights load into.
 #: ConvNeXt: the popup versions have no layer scale; the plain ones get gamma = 1, an exact no-op.
@@ -50,11 +60,49 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for name, tensor in model.state_dict().items():
             if ".parametrizations." not in f".{name}":
                 out.setdefault(name, tensor.detach().clone())
-        frozen = {id(model.get_buffer(name)) for name in model.popup_config.frozen}
-        for name, tensor in model.named_buffers(remove_duplicate=False):
+        # A frozen tensor is a (non-persistent) buffer, missing from the state dict, until a weight-learning method
+        # (methods.make_dense / finetune / random-subnet) turns it back into a parameter, which the state dict holds.
+        buffers = dict(model.named_buffers(remove_duplicate=False))
+        frozen = {id(buffers[name]) for name in model.popup_config.frozen if name in buffers}
+        for name, tensor in buffers.items():
             if id(tensor) in frozen:
                 out.setdefault(name, tensor.detach().clone())
     return out
+
+
+def unshared(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with every tensor contiguous, on the CPU and in its own memory, ready for safetensors.
+
+    A module shared by several blocks (CoaT's shared convolutional position encodings) appears in a state dict
+    under every name it is reachable by, all of them the same tensor, and safetensors refuses to write tensors
+    that share memory. Its ``save_model`` drops the duplicate names, but timm's loader (``pretrained_cfg_overlay=
+    dict(file=...)``, ``local-dir:``) loads strictly and wants every name: so each duplicate is cloned instead.
+    """
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in state.items():
+        tensor = tensor.detach().cpu().contiguous()
+        if tensor.numel() and tensor.untyped_storage().data_ptr() in seen:
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[name] = tensor
+    return out
+
+
+def save_plain(plain: nn.Module, directory: str | os.PathLike, *, model_config: Mapping[str, Any] | None = None
+               ) -> Path:
+    """Write a plain timm model as timm's Hub layout: ``model.safetensors`` (every state-dict name, shared modules
+    included) and ``config.json``, each atomically; plain timm loads it with ``local-dir:`` or ``file=``."""
+    from timm.models._hub import save_config_for_hf
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = unshared(plain.state_dict())
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: safetensors.torch.save_file(
+        tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: save_config_for_hf(
+        plain, tmp, model_config=dict(model_config or {})))
+    return directory
 
 
 def _is_popup_entry(architecture: str) -> bool:
@@ -69,11 +117,12 @@ def plain_twin(architecture: str) -> str | None:
     return base if is_model(base) and not _is_popup_entry(base) else None
 
 
-def export_plain(model: nn.Module, twin: str) -> tuple[nn.Module, float]:
+def export_plain(model: nn.Module, twin: str, *, input_size: Sequence[int] | None = None) -> tuple[nn.Module, float]:
     """A plain ``twin`` model holding ``model``'s folded weights, and the max |logit difference| between them.
 
     Fails unless the plain model's state dict is covered exactly (layer-scale gammas, which the hand-written
-    ConvNeXts leave out, are set to 1) and its logits match the popup model's on a random batch.
+    ConvNeXts leave out, are set to 1) and its logits match the popup model's on a random batch of
+    ``input_size`` (default: the model's data config; a model built with another ``img_size`` needs it given).
     """
     model.eval()
     state = dense_state_dict(model)
@@ -93,7 +142,7 @@ def export_plain(model: nn.Module, twin: str) -> tuple[nn.Module, float]:
         plain.load_state_dict(folded, strict=True)
     except RuntimeError as e:
         raise ExportError(f"{twin} does not match the popup model: {' '.join(str(e).split())[:300]}") from e
-    input_size = timm.data.resolve_data_config({}, model=model)["input_size"]
+    input_size = input_size or timm.data.resolve_data_config({}, model=model)["input_size"]
     x = torch.randn((1, *input_size), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected, got = model(x), plain(x)

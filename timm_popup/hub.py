@@ -14,6 +14,7 @@ import math
 import os
 import tempfile
 from collections.abc import Mapping
+from importlib.metadata import PackageNotFoundError, metadata
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -27,14 +28,15 @@ from timm.models._input import get_model_input_config
 from torch import nn
 
 from ._io import atomic_write
-from .export import dense_state_dict
+from .export import CONFIG_NAME, WEIGHTS_NAME, dense_state_dict
 from .init import GENERATOR_VERSION
 from .masks import MaskError, artifact_format, artifact_info, read_mask_file, save_masks
 
 __all__ = ["save_pretrained", "push_to_hub", "push_artifact", "model_card", "model_stats", "check_push_access",
-           "PushError", "format_value", "card_fields", "CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME", "ARTIFACT_FILES"]
+           "PushError", "format_value", "card_fields", "source_url", "CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME",
+           "ARTIFACT_FILES"]
 
-CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
+CARD_NAME = "README.md"
 ARTIFACT_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 CARD_TEMPLATE = "popup_model_card.md"
 TAGS = ["image-classification", "timm", "edge-popup", "supermask"]
@@ -52,6 +54,19 @@ def _version() -> str:
     from . import __version__  # the package imports this module: read the version lazily
 
     return __version__
+
+
+def source_url() -> str | None:
+    """The project's source address as its package metadata declares it (``[project.urls]`` in pyproject.toml:
+    ``Source``, ``Repository`` or ``Homepage``), else ``None``: a card names no address the package does not
+    declare, and then tells its reader to install from a copy of the source."""
+    try:
+        meta = metadata("timm-popup")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return None
+    urls = {label.strip().lower(): url.strip() for label, _, url in
+            (entry.partition(",") for entry in meta.get_all("Project-URL") or [])}
+    return next((urls[label] for label in ("source", "repository", "homepage") if urls.get(label)), None)
 
 
 def _popup_args(model: nn.Module) -> dict[str, Any]:
@@ -118,7 +133,7 @@ def model_card(config: Mapping[str, Any], info: Mapping[str, Any], *, repo_id: s
         image_size=f"{input_size[-2]} x {input_size[-1]}" + (", grayscale" if input_size[0] == 1 else ""),
         image_mode="L" if input_size[0] == 1 else "RGB",
         params_m=_stat(stats.get("params"), 1e6), gmacs=_stat(stats.get("macs"), 1e9),
-        activations_m=_stat(stats.get("activations"), 1e6),
+        activations_m=_stat(stats.get("activations"), 1e6), source_url=source_url(), version=_version(),
     )
 
 

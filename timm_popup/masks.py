@@ -282,7 +282,7 @@ def _check_format(sd: dict[str, torch.Tensor]) -> None:
     version = int(sd[_META + "format_version"].item())
     if version > FORMAT_VERSION:
         raise MaskError(f"this mask uses format version {version}, newer than this timm-popup reads "
-                        f"(up to {FORMAT_VERSION}): upgrade timm-popup (pip install -U timm-popup)")
+                        f"(up to {FORMAT_VERSION}): install the newer timm-popup that wrote it")
     if version < OLDEST_FORMAT:
         raise MaskError(f"this mask uses format version {version} (masks of generator version "
                         f"{int(sd[_META + 'generator_version'].item())}), which this timm-popup no longer reads: "

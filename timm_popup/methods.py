@@ -57,7 +57,7 @@ from torch.nn.utils import parametrize
 
 from ._io import atomic_write
 from .convert import is_norm, popup_masks
-from .export import dense_state_dict
+from .export import dense_state_dict, unshared
 from .hub import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, card_fields, format_value, push_artifact, save_pretrained
 from .init import fans, random_weight
 from .layers import PopupMask, topk_mask, unmask_tensor, use_method
@@ -327,7 +327,7 @@ def save_dense(model: nn.Module, save_directory: str | os.PathLike, *, metrics: 
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
     # fixed masks folded in: the checkpoint is then a plain dense one
-    state = {name: t.detach().cpu().contiguous() for name, t in dense_state_dict(model).items()}
+    state = unshared(dense_state_dict(model))
     fixed = [mask.fixed_mask for mask in popup_masks(model).values() if mask.mode == "fixed"]
     kept, total = sum(int(m.sum()) for m in fixed), sum(m.numel() for m in fixed)
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: safetensors.torch.save_file(
@@ -352,7 +352,11 @@ def load_dense(directory: str | os.PathLike, **kwargs: Any) -> nn.Module:
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"{directory} holds no {CONFIG_NAME}: pass a directory written by save_dense")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{config_path} is not valid JSON ({' '.join(str(e).split())}): write the checkpoint again "
+                         "(save_dense) or repair the file") from e
     if config.get("timm_popup", {}).get("method") not in _DENSE_CHECKPOINTS:
         raise ValueError(f"{directory} is not a dense checkpoint (it is a mask artifact?): load a mask with "
                          "timm.create_model(..., pretrained=True)")

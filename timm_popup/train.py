@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import shutil
 import sys
 import tempfile
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import safetensors
 import safetensors.torch
 import timm
 import timm.data
@@ -50,10 +52,13 @@ from .data import (
     DataError,
     ImageDataset,
     _fit_stats,
+    add_split_slice,
     build_transforms,
     channel_stats,
+    check_held_out,
     create_loader,
     has_class_names,
+    is_split_slice,
     open_dataset,
     peek_image,
 )
@@ -63,6 +68,7 @@ from .methods import Method, MethodOptions, artifact_file, frozen_weights
 
 __all__ = [
     "TrainError", "Recipe", "RECIPES", "default_recipe", "resolve_recipe", "scaled_lr", "check_model_name",
+    "check_seed", "choose_threads", "check_checkpoint",
     "check_k", "check_weight_init", "check_init_artifact", "prepare_output_dir", "check_fresh_output_dir",
     "find_checkpoint", "read_trainer_state", "check_resume_compatible", "load_data", "resolve_input_size",
     "input_stats", "create_model",
@@ -196,18 +202,61 @@ def scaled_lr(recipe: Recipe, global_batch: int) -> float:
 def check_model_name(name: str) -> str:
     """``name`` if it is a registered popup_* model; else a :class:`TrainError` suggesting close names."""
     base = timm.models.split_model_name_tag(name)[0]
-    popup = timm.list_models("popup_*")
-    if base in popup:
+    # is_model registers popup_<any timm model> on first lookup (timm.list_models lists only those used so far)
+    if base.startswith("popup_") and timm.is_model(base):
         return base
-    if f"popup_{base}" in popup:
+    if timm.is_model(f"popup_{base}"):
         raise TrainError(f"{name!r} is not an edge-popup model; did you mean popup_{base}? "
                          "(timm.list_models('popup_*') lists them)")
-    close = difflib.get_close_matches(base, popup, n=3, cutoff=0.6)
-    if timm.is_model(base):
-        raise TrainError(f"{name!r} is a timm model without popup layers; train a registered popup_* model "
-                         f"(timm.list_models('popup_*')){f', e.g. {close[0]}' if close else ''}")
+    close = difflib.get_close_matches(base, timm.list_models("popup_*"), n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise TrainError(f"unknown model {name!r}{hint} (timm.list_models('popup_*') lists the popup models)")
+
+
+def check_seed(seed: int) -> int:
+    """``seed`` if numpy and torch take it (an unsigned 32-bit number); else a :class:`TrainError`."""
+    if not 0 <= seed <= _MAX_SEED:
+        raise TrainError(f"--seed {seed} is outside 0 .. {_MAX_SEED}: it seeds the data order and augmentation "
+                         "through numpy and torch, which take unsigned 32-bit seeds; pass e.g. --seed 0")
+    return seed
+
+
+_MAX_SEED = 2**32 - 1
+
+
+def choose_threads(threads: int | None = None, *, env: Mapping[str, str] | None = None,
+                   cpus: int | None = None) -> tuple[int, str]:
+    """How many threads this process computes with (``torch.set_num_threads``), and why.
+
+    ``threads`` (``--threads``) wins. Else ``OMP_NUM_THREADS`` is respected, except the ``1`` that a launcher sets
+    when nobody asked (``accelerate launch`` without ``--num_cpu_threads_per_process``, ``torchrun``): a launched
+    process cannot tell that default from a chosen 1, and one thread leaves the other cores idle (the main job
+    ran at 214 img/s on 2 cores with one thread, 306 with two). Otherwise each process gets an equal share of the
+    CPUs it may run on (``os.sched_getaffinity``): all of them for a single process. Results depend on the thread
+    count (another count sums in another order), so a run repeats exactly only with the same count.
+    """
+    env = os.environ if env is None else env
+    if threads is not None:
+        if threads < 1:
+            raise TrainError(f"--threads {threads}: pass at least 1 (or leave it out: the CPUs' share)")
+        return threads, "--threads"
+    launched = any(name in env for name in _LAUNCHER_VARS)
+    given = env.get("OMP_NUM_THREADS", "").strip()
+    if given.isdigit() and int(given) >= 1 and not (launched and int(given) == 1):
+        return int(given), "OMP_NUM_THREADS"
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = env.get("LOCAL_WORLD_SIZE", "1")
+    processes = int(local) if local.isdigit() and int(local) >= 1 else 1
+    why = (f"the {cpus} CPUs this process may use" if processes == 1 else
+           f"a 1/{processes} share of the {cpus} CPUs, one of {processes} processes on this machine")
+    if launched and given == "1":
+        why += "; the launcher's default OMP_NUM_THREADS=1 is not used, --threads 1 asks for one"
+    return max(1, cpus // processes), why
+
+
+# set by `accelerate launch` (its simple launcher) and torchrun (multi-process): their OMP_NUM_THREADS=1 is a default
+_LAUNCHER_VARS = ("ACCELERATE_MIXED_PRECISION", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID")
 
 
 def check_k(k: float | None, method: Method) -> float | None:
@@ -387,9 +436,14 @@ def load_data(name: str, *, train_split: str | None = None, val_split: str | Non
                       streaming=streaming, cache_dir=cache_dir, notify=notify)
     for flag, split in (("--train-split", train_split), ("--val-split", val_split)):
         if split is not None and split not in ds.splits:
+            if is_split_slice(split):  # e.g. train[:80%], its other part detected or given as a split name
+                ds = add_split_slice(ds, split)
+                continue
             raise DataError(f"unknown split {split!r} ({flag}) for dataset {name!r}; available splits: "
                             f"{list(ds.splits)}")
     train_split, val_split = train_split or ds.train_split, val_split or ds.eval_split
+    if requested is None and train_split and val_split and train_split != val_split:
+        check_held_out(ds, train_split, val_split)
     if train_split is None:
         raise DataError(f"dataset {name!r} has no train split (splits: {list(ds.splits)}); pass --train-split")
     if val_split is None:
@@ -793,7 +847,7 @@ def use_portable_checkpoints(accelerator: Accelerator) -> None:
     def load_hook(models: list[nn.Module], input_dir: str) -> None:
         for i, model in enumerate(models):
             path = Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
-            _bare(accelerator, model).load_state_dict(safetensors.torch.load_file(str(path)))
+            _load_model_state(_bare(accelerator, model), safetensors.torch.load_file(str(path)))
         models.clear()  # loaded: Accelerate skips them
 
     accelerator.register_save_state_pre_hook(save_hook)
@@ -803,6 +857,20 @@ def use_portable_checkpoints(accelerator: Accelerator) -> None:
 def _bare(accelerator: Accelerator, model: nn.Module) -> nn.Module:
     """The model without its DDP and torch.compile wrappers (whose state dict keys carry ``_orig_mod.``)."""
     return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
+def _load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """``model.load_state_dict(state)``, strict but for the names Accelerate's safetensors save leaves out: of a
+    tensor reachable under several names (a module shared by several blocks, as in CoaT) it writes one
+    (``clean_state_dict_for_safetensors``), and loading that one fills the tensor under all its names."""
+    current = model.state_dict()
+    loaded = {current[name].untyped_storage().data_ptr() for name in state if name in current}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [name for name in missing if not (current[name].numel() and
+                                                current[name].untyped_storage().data_ptr() in loaded)]
+    if missing or unexpected:
+        raise RuntimeError(f"the checkpoint does not fit the model: missing {missing[:3]}, unexpected "
+                           f"{unexpected[:3]}")
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, *, epoch: int, state: Mapping[str, Any],
@@ -870,11 +938,35 @@ def write_error_cause(e: BaseException) -> str:
     return "the write failed"
 
 
+def _damaged(checkpoint: Path, what: str, e: BaseException) -> TrainError:
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS_DIR else checkpoint.parent
+    older = [c for c in list_checkpoints(run_dir) if c != checkpoint and c.name < checkpoint.name]
+    then = (f"delete it (rm -r {checkpoint}) to resume from the one before, {older[-1].name}, or pass --overwrite "
+            "to start over" if older else "delete it and start over with --overwrite")
+    return TrainError(f"the checkpoint {checkpoint} {what} ({' '.join(str(e).split())[:500]}), e.g. cut short by a "
+                      f"full disk or an interrupted copy: {then}")
+
+
+def check_checkpoint(checkpoint: Path) -> None:
+    """A :class:`TrainError` when a tensor file of ``checkpoint`` is truncated or corrupt: its header is read
+    (``safetensors.safe_open`` checks that the file covers every tensor it declares), before any data is loaded."""
+    for file in sorted(checkpoint.glob("*.safetensors")):
+        try:
+            with safetensors.safe_open(str(file), framework="pt"):
+                pass
+        except (OSError, safetensors.SafetensorError) as e:
+            raise _damaged(checkpoint, f"is damaged: {file.name} cannot be read", e) from e
+
+
 def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> dict[str, Any]:
     """Restore model, optimizer and RNG states from ``checkpoint`` (pickle-free for the model; the optimizer and
-    RNG files load with ``weights_only=True``); returns its trainer state."""
+    RNG files load with ``weights_only=True``); returns its trainer state. A file that cannot be read is a
+    :class:`TrainError` that names it and what to do."""
     state = read_trainer_state(checkpoint)
-    accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
+    try:
+        accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, safetensors.SafetensorError) as e:
+        raise _damaged(checkpoint, "cannot be loaded", e) from e
     return state
 
 
