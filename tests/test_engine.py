@@ -72,6 +72,19 @@ def test_keyed_masks_and_masked_weights_are_the_c_kernels_bit_for_bit_on_ties(n,
             assert torch.equal(_bits(s_k.grad), _bits(s_c.grad)), (pattern, k)
 
 
+def test_channels_last_scores_select_by_their_logical_index_without_a_copy(keyed):
+    # model.to(memory_format=torch.channels_last) converts 4-D scores and weights too (the GPU benchmark's setting)
+    gen = torch.Generator().manual_seed(5)
+    scores, weight, grad = (torch.randn(16, 8, 3, 3, generator=gen) for _ in range(3))
+    scores.view(-1)[:500] = 0.25  # ties across the channels_last reordering
+    ref = reference_topk_mask(scores, 0.3)
+    s = scores.to(memory_format=torch.channels_last).requires_grad_()
+    out = layers.fused_masked_weight(s, weight.to(memory_format=torch.channels_last), 0.3, native.Selection())
+    out.backward(grad)
+    assert torch.equal(out, weight * ref)
+    assert torch.equal(s.grad, (grad * weight) * scores.sign())
+
+
 @pytest.mark.parametrize("name,kwargs", [("popup_resnet18", {}), ("popup_vit_tiny_patch16_224", dict(img_size=32))])
 @pytest.mark.parametrize("k", KS)
 def test_keyed_training_weights_equal_the_c_kernels_on_every_tensor(name, kwargs, k, monkeypatch):

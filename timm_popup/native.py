@@ -1,4 +1,4 @@
-"""Fused CPU kernels for edge-popup's hot path and the weight generator, with an exact pure-PyTorch fallback.
+"""Edge-popup's hot path: fused CPU kernels and the weight generator, and the keyed selection GPUs run.
 
 The profile of a popup training step shows ~13 extra passes over every weight tensor (abs, bracket
 comparisons, count, band gather, final comparison, ``weight * mask``, and three in backward) plus host syncs.
@@ -8,8 +8,9 @@ system C compiler into a per-user cache, and loaded with ctypes, so the package 
 
 Everything here is exact: masks, masked weights, gradients and generated weights are bit-identical to
 ``timm_popup.layers`` / ``timm_popup.init`` (tests/test_native.py). Where the kernels cannot run (no
-compiler, ``TIMM_POPUP_NATIVE=0``, a CUDA tensor, a non-contiguous or non-float32 tensor) a pure-PyTorch
-implementation computes the same values without host syncs (no ``.item()``, ``nonzero`` or boolean indexing).
+compiler, ``TIMM_POPUP_NATIVE=0``, a CUDA tensor, a non-contiguous or non-float32 tensor) the *keyed selection*
+computes the same values with a handful of PyTorch ops and no host sync (no ``.item()``, ``nonzero`` or boolean
+indexing): one int64 key per entry and one ``torch.topk`` (see its section below).
 
 The tensor ops are ``torch.library`` custom ops (``torch.ops.timm_popup.*``) with fake implementations, so
 they trace under ``torch.compile``; ``masked_weight`` has its straight-through backward registered. Eager training
@@ -211,15 +212,17 @@ _ALL_KEPT = torch.iinfo(torch.int64).min
 
 def selection_keys(scores: torch.Tensor) -> torch.Tensor:
     """The flat int64 key of every entry of ``scores`` (above), in two device ops: the index words by ``arange``
-    (an int64 below 2**31 has a zero high word), then ``abs`` written into the high words."""
-    a = scores.detach().reshape(-1)
-    n = a.numel()
+    (an int64 below 2**31 has a zero high word), then ``abs`` written into the high words. Read in ``scores``' own
+    layout (channels_last scores are not copied); the index is the flat index of the logical, row-major order."""
+    s = scores.detach()
+    n = s.numel()
     if n >= 2**31:
         raise ValueError(f"a masked tensor of {n} entries is too large for the keyed selection (at most 2**31 - 1)")
-    keys = torch.arange(n - 1, -1, -1, device=a.device)
+    keys = torch.arange(n - 1, -1, -1, device=s.device)
     if torch.compiler.is_compiling():  # written functionally: the compiler fuses it into one kernel anyway
-        return (a.abs().view(torch.int32).to(torch.int64) << 32) | keys
-    torch.abs(a, out=keys.view(torch.int32).view(n, 2)[:, _HI].view(torch.float32))
+        return (s.abs().reshape(-1).view(torch.int32).to(torch.int64) << 32) | keys
+    high = keys.view(s.shape if s.dim() else (1,)).view(torch.int32)[..., _HI::2]
+    torch.abs(s.view(high.shape), out=high.view(torch.float32))
     return keys
 
 
