@@ -34,7 +34,6 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from timm.models import filter_pretrained_cfg
@@ -43,11 +42,9 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.utils import parametrize
 
 from .config import PopupConfig
-
-if TYPE_CHECKING:
-    from .methods import MethodOptions
 from .init import DEFAULT_WEIGHT_INIT, check_k, check_weight_init, fans, random_normal, random_weight
-from .layers import METHOD_MODES, PopupMask, mask_tensor, use_method
+from .layers import METHOD_MODES, PopupMask, mask_tensor, popup_masks, use_method
+from .modes import MethodOptions, make_mask_method
 
 __all__ = ["convert", "build_converted", "reseed", "regenerated", "popup_masks", "frozen_tensors", "is_norm",
            "is_masked_weight", "EMBED_STD", "NEAR_ZERO", "POPUP_PREFIX"]
@@ -241,8 +238,6 @@ def convert(
             model.__dict__.get("reset_classifier"), _PopupResetClassifier):
         model.reset_classifier = _PopupResetClassifier(model, type(model).reset_classifier)
     if method != "edge-popup":
-        from .methods import make_mask_method  # methods builds on this module
-
         make_mask_method(model, method, options)
     return model
 
@@ -298,15 +293,6 @@ def reseed(model: nn.Module, *, seed: int, k: float, weight_init: str,
             setattr(module, attr, tensors[qualname].to(old.device, old.dtype))
     cfg.k, cfg.weight_init, cfg.seed = k, weight_init, int(seed)
     return model
-
-
-def popup_masks(model: nn.Module) -> dict[str, PopupMask]:
-    """The masked tensors of ``model``, by their qualified name in the original model (``conv1.weight``)."""
-    out: dict[str, PopupMask] = {}
-    for module in model.modules():
-        if isinstance(module, PopupMask):
-            out.setdefault(module.popup_name, module)
-    return out
 
 
 def frozen_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:

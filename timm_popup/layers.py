@@ -52,7 +52,7 @@ from .init import WEIGHT_INITS, check_k, check_weight_init, fans, random_uniform
 
 __all__ = ["PopupMask", "MaskGroup", "MODES", "SLT_MODES", "METHOD_MODES", "use_method", "density_rescale",
            "binary_alpha", "binarized", "num_kept", "topk_mask", "fused_masked_weight",
-           "mask_tensor", "unmask_tensor"]
+           "mask_tensor", "unmask_tensor", "popup_masks"]
 
 MODES = ("topk", "sample", "fixed", "dense", "global", "binary", "signed", "slots")
 #: the modes whose forward is ``_select`` then ``_masked`` (the strong-lottery-ticket methods)
@@ -436,3 +436,12 @@ def unmask_tensor(module: nn.Module, tensor_name: str) -> nn.Parameter:
     param = nn.Parameter(value, requires_grad=True)
     module.register_parameter(tensor_name, param)
     return param
+
+
+def popup_masks(model: nn.Module) -> dict[str, PopupMask]:
+    """The masked tensors of ``model``, by their qualified name in the original model (``conv1.weight``)."""
+    out: dict[str, PopupMask] = {}
+    for module in model.modules():
+        if isinstance(module, PopupMask):
+            out.setdefault(module.popup_name, module)
+    return out

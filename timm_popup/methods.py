@@ -59,31 +59,14 @@ from ._io import atomic_write
 from .convert import is_norm, popup_masks
 from .export import dense_state_dict, unshared
 from .hub import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, card_fields, format_value, push_artifact, save_pretrained
-from .init import fans, random_weight
-from .layers import PopupMask, topk_mask, unmask_tensor, use_method
+from .init import random_weight
+from .layers import PopupMask, topk_mask, unmask_tensor
 from .masks import load_masks
+from .modes import MethodOptions, make_mask_method
 
 __all__ = ["Method", "MethodOptions", "METHODS", "get_method", "make_dense", "make_supermask", "make_finetune",
            "make_random_subnet", "random_subnet_mask", "make_mask_method", "iterand_update", "save_dense", "load_dense",
            "push_dense", "frozen_weights", "artifact_file"]
-
-
-@dataclass(frozen=True)
-class MethodOptions:
-    """The hyperparameters of the methods that have them (``train_accelerate.py``'s flags of the same names)."""
-
-    slots: int = 8  # slot-machine: candidate values per weight (the paper's K; 8 is among its best)
-    redraw_every: int = 300  # iterand: optimizer updates between re-draws (the paper's K_per)
-    redraw_rate: float = 0.1  # iterand: probability that a pruned weight is re-drawn (the paper's lambda)
-
-    def __post_init__(self) -> None:
-        if self.slots < 2:
-            raise ValueError(f"--slots {self.slots}: a slot machine chooses among at least 2 values per weight")
-        if self.redraw_every < 1:
-            raise ValueError(f"--redraw-every {self.redraw_every}: re-draw every N >= 1 optimizer updates")
-        if not 0.0 < self.redraw_rate <= 1.0:
-            raise ValueError(f"--redraw-rate {self.redraw_rate} is outside (0, 1]: the probability that a pruned "
-                             "weight is re-drawn")
 
 
 @dataclass(frozen=True)
@@ -115,36 +98,6 @@ def _edge_popup(model: nn.Module, *, init_artifact: Path | None = None, options:
 def _dense(model: nn.Module, *, init_artifact: Path | None = None, options: MethodOptions | None = None
            ) -> nn.Module:
     return make_dense(model)
-
-
-def make_mask_method(model: nn.Module, method: str, options: MethodOptions | None = None) -> nn.Module:
-    """Put a popup ``model`` in place into a mask-learning ``method`` (``global-topk``, ``biprop``, ``iterand``,
-    ``signed-supermask``, ``slot-machine``; module docstring): its masks switch mode, its config records it."""
-    options = options or MethodOptions()
-    cfg = model.popup_config
-    masks = list(popup_masks(model).values())
-    if method == "global-topk":
-        _common_score_scale(masks)
-    use_method(masks, method, k=cfg.k, slots=options.slots)
-    cfg.method = method
-    if method == "slot-machine":
-        cfg.slots = options.slots
-    if method == "iterand":
-        cfg.redraw_every, cfg.redraw_rate = options.redraw_every, options.redraw_rate
-    return model
-
-
-def _common_score_scale(masks: list[PopupMask]) -> None:
-    """Rescale every tensor's initial scores (Kaiming-uniform, bound 1/sqrt(fan_in)) to one bound, the largest
-    (the narrowest fan-in's), so that the first global threshold keeps about k of every tensor, as edge-popup's
-    per-layer one does. Measured on Conv4 (width 0.5, k = 0.05, Fashion-MNIST): with per-tensor bounds it starts
-    by cutting fc1 (401k weights) out whole and stays at chance (a layer cut out gets no gradient to come back);
-    with the smallest bound for all, the first updates move whole layers in and out and one seed of two diverged
-    (9.7%); with the largest, both seeds train (64.0%, 64.8%)."""
-    bounds = [1.0 / math.sqrt(fans(mask.fan_shape)[0]) for mask in masks]
-    with torch.no_grad():
-        for mask, bound in zip(masks, bounds, strict=True):
-            mask.scores.mul_(max(bounds) / bound)
 
 
 def _mask_method(name: str) -> Callable[..., nn.Module]:

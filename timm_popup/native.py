@@ -40,7 +40,10 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from .reference import draw_reference, splitmix64
 
 __all__ = ["available", "new_hint", "Selection", "topk_threshold", "topk_mask", "masked_weight",
            "training_masked_weight", "masked_weight_signs", "ste_backward", "generate", "sign_bits", "torch_select",
@@ -113,8 +116,6 @@ def _declare(lib: ctypes.CDLL) -> None:
 def _self_check(lib: ctypes.CDLL) -> None:
     """Refuse a library whose generator is not bit-identical to init.py (e.g. a compiler that contracts FMAs
     regardless of flags): published masks are only valid on exactly those weights."""
-    from .init import draw_reference
-
     n = 4096  # ~200 tail draws of the normal family, every branch of the generator
     for family in FAMILIES:
         ref = draw_reference((n,), family, 0.5, 0x0123456789ABCDEF)
@@ -582,8 +583,6 @@ def generate(shape: Sequence[int], key: int, family: str, std: float) -> torch.T
     shape = tuple(int(s) for s in shape)
     lib = _library()
     if lib is None:
-        from .init import draw_reference
-
         return draw_reference(shape, family, std, key)
     out = torch.empty(shape, dtype=torch.float32)
     if lib.popup_generate(key, 0, out.numel(), FAMILIES[family], float(std), out.data_ptr(), _threads()) != 0:
@@ -600,9 +599,5 @@ def sign_bits(shape: Sequence[int], key: int) -> torch.Tensor:
     if lib is not None:
         lib.popup_generate_sign_bits(key, n, out.data_ptr(), _threads())
         return out
-    import numpy as np
-
-    from .init import splitmix64
-
     negative = (splitmix64(key, 0, n) >> np.uint64(63)).astype(np.uint8)
     return torch.from_numpy(np.packbits(negative, bitorder="little"))
