@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import sys
 from collections.abc import Callable
@@ -15,8 +16,9 @@ from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 from torch import nn
 
 from ..config import POPUP_ARGS, PopupConfig
-from ..convert import build_converted
+from ..convert import build_converted, popup_masks
 from ..init import DEFAULT_WEIGHT_INIT
+from ..layers import use_method
 from ..masks import MaskError, filter_state_dict, recorded_args
 
 __all__ = ["build_popup", "build_popup_from", "popup_cfg", "CIFAR_K", "IMAGENET_K", "HUB_ORG"]
@@ -73,7 +75,9 @@ def build_popup(
 
     def popup_model_cls(**model_kwargs: Any) -> nn.Module:
         def dense_model() -> nn.Module:
-            model = model_cls(**model_kwargs)
+            # a copy per build: build_converted may build twice (meta, then CPU), and some constructors consume
+            # their arguments (timm's EfficientNet builder pops each block's 'block_type')
+            model = model_cls(**copy.deepcopy(model_kwargs))
             model.popup_config = PopupConfig(explicit=tuple(explicit))
             return model
 
@@ -144,6 +148,31 @@ def _install_take_over() -> None:
             module.build_model_with_cfg = _build_model_with_cfg
 
 
+#: the arguments that ask timm for a features_only model
+_FEATURE_ARGS = ("features_only", "out_indices", "feature_cls", "feature_cfg", "output_stride_features")
+
+
+def _popup_args_of(model: nn.Module) -> dict[str, Any]:
+    cfg = model.popup_config
+    return dict(k=cfg.k, weight_init=cfg.weight_init, seed=cfg.seed, dense=cfg.dense)
+
+
+def _features_from(whole: nn.Module, features: nn.Module) -> nn.Module:
+    """``features`` (a popup feature model built unloaded) with the loaded mask of ``whole``, its method included."""
+    cfg = whole.popup_config
+    masks = list(popup_masks(features).values())
+    if cfg.method != "edge-popup":
+        use_method(masks, cfg.method, k=cfg.k, slots=cfg.slots)
+    features.popup_config.method, features.popup_config.slots = cfg.method, cfg.slots
+    state, own = whole.state_dict(), features.state_dict()
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise MaskError(f"the features_only model has tensors the whole model does not ({missing[:3]}): load the "
+                        "mask into the whole model and use its forward_intermediates")
+    features.load_state_dict({key: state[key] for key in own})
+    return features
+
+
 def build_popup_from(
     entrypoint: Callable[..., nn.Module],
     variant: str,
@@ -160,9 +189,20 @@ def build_popup_from(
     source = {key: kwargs.pop(key) for key in _POPUP_SOURCE_ARGS if key in kwargs}
     popup_args = {key: kwargs.pop(key) for key in POPUP_ARGS if key in kwargs}
 
+    features = bool(kwargs.get("features_only"))
+
     def take_over(model_cls: Callable[..., nn.Module], **build_kwargs: Any) -> nn.Module:
         for key in _BASE_ONLY_ARGS:
             build_kwargs.pop(key, None)
+        if pretrained and features and not build_kwargs.get("features_only"):
+            # the family's features_only model is a class of its own (EfficientNetFeatures, MobileNetV3Features,
+            # HRNet): it has no head, and a mask verifies only against the whole network. Load it into the whole
+            # popup model, then take the feature model's tensors (same names, so the same seeded weights) from it.
+            whole_kwargs = {key: value for key, value in kwargs.items() if key not in _FEATURE_ARGS}
+            whole = build_popup_from(entrypoint, variant, True, default_k=default_k, **source, **popup_args,
+                                     **whole_kwargs)
+            return _features_from(whole, build_popup(model_cls, variant, False, default_k=default_k,
+                                                     **_popup_args_of(whole), **build_kwargs))
         return build_popup(model_cls, variant, pretrained, default_k=default_k, **source, **popup_args,
                            **build_kwargs)
 
