@@ -147,7 +147,7 @@ def test_saved_popup_resnet50_mask_loads_as_a_features_backbone(tmp_path: Path) 
     assert local.feature_info.module_name() == ["layer1", "layer2", "layer3"]  # as timm's resnet50 names them
     _features_equal_intermediates(local.eval(), model, (1, 2, 3), x)
     file = timm.create_model("popup_resnet50", pretrained=True, features_only=True, out_indices=(1, 2, 3),
-                             pretrained_cfg_overlay=dict(file=str(tmp_path / "model.safetensors")))
+                             layers=(1, 1, 1, 1), pretrained_cfg_overlay=dict(file=str(tmp_path / "model.safetensors")))
     _features_equal_intermediates(file.eval(), model, (1, 2, 3), x)
 
 
