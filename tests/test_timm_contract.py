@@ -176,3 +176,20 @@ def test_torchscript_and_export_leave_the_popup_model_as_it_was() -> None:
     model.train()
     model(torch.randn(2, 3, 32, 32)).mean().backward()
     assert all(m.scores.grad is not None for m in masks.values())
+
+
+def test_features_backbone_scripts_and_keeps_output_stride() -> None:
+    """A scripted features_only popup backbone computes its features; scripting it (or a submodule of a popup
+    model) folds a copy and leaves every mask in place; output_stride passes to the base as for plain timm."""
+    features = timm.create_model("popup_test_resnet", features_only=True, out_indices=(1, 2), output_stride=8).eval()
+    plain = timm.create_model("test_resnet", features_only=True, out_indices=(1, 2), output_stride=8)
+    assert features.feature_info.reduction() == plain.feature_info.reduction() == [4, 8]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = features(x)
+    masks = len(timm_popup.popup_masks(features))
+    assert all(torch.equal(a, b) for a, b in zip(torch.jit.script(features)(x), expected, strict=True))
+    model = timm.create_model("popup_test_resnet")
+    before = len(timm_popup.popup_masks(model))
+    torch.jit.script(model.layer1)
+    assert len(timm_popup.popup_masks(features)) == masks and len(timm_popup.popup_masks(model)) == before

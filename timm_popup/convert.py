@@ -221,10 +221,11 @@ def folded(module: nn.Module) -> nn.Module:
 
 
 class _PrepareScriptable:
-    """Instance-level ``__prepare_scriptable__`` (torch.jit.script calls it on every module before compiling):
-    the :func:`folded` copy. On the model (and a features_only wrapper) it folds the whole network without touching
-    it; on each parametrized module and ``ParametrizationList`` it serves torch.fx graphs, which hold those modules
-    as leaves in containers of their own (so the replacement never reaches the popup model)."""
+    """Instance-level ``__prepare_scriptable__`` (torch.jit.script calls it on the module it scripts and, recursing,
+    on every submodule, putting what it returns in the parent's place): the :func:`folded` copy. On every module of
+    a popup model (and a features_only wrapper), so that scripting the model, any submodule of it, or a torch.fx
+    graph of it (which holds its leaves in containers of its own) folds a copy and never replaces anything inside
+    the popup model. A module of the user's that *contains* a popup model gets the folded copy in its place."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
@@ -235,10 +236,9 @@ class _PrepareScriptable:
 
 def make_scriptable(module: nn.Module) -> nn.Module:
     """Make ``torch.jit.script(module)`` compile the :func:`folded` network (idempotent); returns ``module``."""
-    for m in [module, *module.modules()]:
-        if m is module or parametrize.is_parametrized(m) or isinstance(m, parametrize.ParametrizationList):
-            if not isinstance(m.__dict__.get("__prepare_scriptable__"), _PrepareScriptable):
-                m.__dict__["__prepare_scriptable__"] = _PrepareScriptable(m)
+    for m in module.modules():
+        if not isinstance(m.__dict__.get("__prepare_scriptable__"), _PrepareScriptable):
+            m.__dict__["__prepare_scriptable__"] = _PrepareScriptable(m)
     return module
 
 

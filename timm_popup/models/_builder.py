@@ -16,7 +16,7 @@ from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 from torch import nn
 
 from ..config import POPUP_ARGS, PopupConfig
-from ..convert import build_converted, popup_masks
+from ..convert import build_converted, make_scriptable, popup_masks
 from ..init import DEFAULT_WEIGHT_INIT
 from ..layers import use_method
 from ..masks import MaskError, filter_state_dict, recorded_args
@@ -85,8 +85,9 @@ def build_popup(
         return build_converted(dense_model, **popup, init_scores=not (pretrained and has_source))
 
     try:
-        return build_model_with_cfg(popup_model_cls, variant, pretrained,
-                                    pretrained_filter_fn=filter_state_dict, **kwargs)
+        # make_scriptable: a features_only wrapper scripts as the folded network too (convert set up the model)
+        return make_scriptable(build_model_with_cfg(popup_model_cls, variant, pretrained,
+                                                    pretrained_filter_fn=filter_state_dict, **kwargs))
     except SafetensorError as e:
         raise MaskError(f"the mask file for {variant} is truncated or corrupt ({e}): download or copy it again") from e
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
