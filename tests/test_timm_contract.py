@@ -71,6 +71,9 @@ MODELS: dict[str, tuple[dict[str, Any], tuple[int, int, int]]] = {
     "inception_next_atto": ({}, (3, 64, 64)),
     "starnet_s050": ({}, (3, 64, 64)),
     "dla46x_c": ({}, (3, 64, 64)),
+    # nn.LSTM: its weights are read through _flat_weights, which the scripted (folded) copy must rebuild
+    "sequencer2d_s": (dict(img_size=56, layers=(1, 1, 1, 1), embed_dims=(32, 32, 32, 32), hidden_sizes=(8, 8, 8, 8)),
+                      (3, 56, 56)),
     # the paper's family (hand-written popup_resnet18 ...), one block per stage
     "resnet18": (dict(layers=(1, 1, 1, 1)), (3, 64, 64)),
 }
@@ -78,7 +81,7 @@ MODELS: dict[str, tuple[dict[str, Any], tuple[int, int, int]]] = {
 # (ViT, DeiT, EVA-02, CoaT and BEiT read frozen class tokens with traced sizes: the fx failure this issue fixed)
 FX_MODELS = ["test_vit", "test_resnet", "test_efficientnet", "deit_tiny_patch16_224", "eva02_tiny_patch14_224",
              "coat_tiny", "beit_base_patch16_224", "swin_tiny_patch4_window7_224"]
-JIT_MODELS = FX_MODELS[:3]
+JIT_MODELS = [*FX_MODELS[:3], "sequencer2d_s"]
 
 
 def _sizes(name: str) -> dict[str, tuple[int, int, int]]:

@@ -200,7 +200,10 @@ def folded(module: nn.Module) -> nn.Module:
     if isinstance(module, parametrize.ParametrizationList):
         with torch.no_grad():
             return _FoldedRead(module().detach().clone())
-    out = copy.deepcopy(module)
+    # an RNN's _flat_weights holds the masked weights it last read (non-leaf tensors, which deepcopy refuses):
+    # the copy starts without them and rebuilds them from its folded tensors below
+    memo = {id(m._flat_weights): [] for m in module.modules() if isinstance(getattr(m, "_flat_weights", None), list)}
+    out = copy.deepcopy(module, memo)
     training = [(m, m.training) for m in out.modules()]
     out.eval()  # the deterministic mask (a supermask samples in training mode)
     with torch.no_grad():
@@ -209,10 +212,12 @@ def folded(module: nn.Module) -> nn.Module:
     for m, tensors in values.items():
         # not parametrize.remove_parametrizations: the copy shares its parametrized class (and the class's
         # properties) with ``module``, and removing a property there would break ``module`` itself
-        del m._modules["parametrizations"]
         m.__class__ = parametrize.type_before_parametrizations(m)
+        del m._modules["parametrizations"]
         for name, value in tensors.items():
             m.register_buffer(name, value)
+        if hasattr(m, "_init_flat_weights"):  # nn.RNN / LSTM / GRU read their weights through this list
+            m._init_flat_weights()
     for m, mode in training:
         m.training = mode
     for m in out.modules():
