@@ -23,7 +23,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from timm_popup import convert, masks, save_pretrained  # noqa: E402
+from timm_popup import convert, maskfile, save_pretrained  # noqa: E402
 from timm_popup.cli import main  # noqa: E402
 from timm_popup.export import plain_twin  # noqa: E402
 
@@ -144,7 +144,7 @@ def test_info_errors_are_one_line(artifacts, tmp_path, capsys):
     shutil.copytree(artifacts["conv2"], other)
     sd = safetensors.torch.load_file(str(other / "model.safetensors"))
     sd["features.0.weight.fingerprint"] = 255 - sd["features.0.weight.fingerprint"]
-    sd["__popup__.checksum"] = masks._checksum(sd)
+    sd["__popup__.checksum"] = maskfile.checksum(sd)
     safetensors.torch.save_file(sd, str(other / "model.safetensors"))
     code, out, err = _run(["info", other], capsys)
     assert code == 1 and "features.0.weight: the weights regenerated from seed 5 do not match" in _error_line(err)

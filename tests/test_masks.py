@@ -162,12 +162,12 @@ def test_bad_inputs_each_give_a_clear_error(saved, tmp_path):
 
 def test_fingerprint_catches_other_random_weights(saved, tmp_path):
     # A mask whose checksum is consistent but that was found on other weights (e.g. another generator).
-    from timm_popup import masks
+    from timm_popup import maskfile
 
     _, conv4, _ = saved["popup_conv4"]
     sd = safetensors.torch.load_file(str(conv4))
     sd["features.0.weight.fingerprint"] = 255 - sd["features.0.weight.fingerprint"]
-    sd["__popup__.checksum"] = masks._checksum(sd)
+    sd["__popup__.checksum"] = maskfile.checksum(sd)
     safetensors.torch.save_file(sd, str(tmp_path / "other.safetensors"))
     with pytest.raises(MaskError, match="features.0.weight: the weights regenerated from seed 7 do not match"):
         _load("popup_conv4", tmp_path / "other.safetensors")

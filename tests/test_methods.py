@@ -163,11 +163,11 @@ def test_supermask_run_writes_a_compact_artifact_that_reproduces_its_accuracy(ru
     for name, layer in timm_popup.popup_masks(model).items():
         assert torch.equal(layer.get_mask(), masks[name])
     # a free-density file is verified: a changed kept count is caught (the checksum, recomputed, passes)
-    from timm_popup.masks import _checksum
+    from timm_popup.maskfile import checksum
 
     bad = dict(sd)
     bad["features.0.weight.kept"] = bad["features.0.weight.kept"] + 1
-    bad["__popup__.checksum"] = _checksum(bad)
+    bad["__popup__.checksum"] = checksum(bad)
     fresh = timm.create_model("popup_conv2", width=0.125, num_classes=4)
     with pytest.raises(timm_popup.MaskError, match="count the file records"):
         timm_popup.masks.filter_state_dict(bad, fresh)

@@ -23,7 +23,8 @@ from test_methods import TINY, _evaluate, _rows, data, run  # noqa: F401  (modul
 import timm_popup
 from timm_popup.export import export_plain
 from timm_popup.layers import MaskGroup, num_kept
-from timm_popup.masks import MaskError, _checksum, artifact_info, filter_state_dict
+from timm_popup.maskfile import checksum
+from timm_popup.masks import MaskError, artifact_info, filter_state_dict
 from timm_popup.methods import MethodOptions, get_method, make_mask_method
 
 K = 0.3
@@ -142,7 +143,7 @@ def test_method_trains_writes_an_artifact_that_reloads_bit_exactly(run, data, tm
     }[method]
     bad = dict(sd)
     bad[forged[0]] = forged[1](bad[forged[0]])
-    bad["__popup__.checksum"] = _checksum(bad)
+    bad["__popup__.checksum"] = checksum(bad)
     with pytest.raises(MaskError, match=forged[2]):
         filter_state_dict(bad, fresh_model)
     assert {mask.mode for mask in timm_popup.popup_masks(fresh_model).values()} == {"topk"}  # left as it was

@@ -16,7 +16,7 @@ from torch import nn
 from .convert import frozen_tensors, popup_masks
 from .export import dense_state_dict
 from .hub import CONFIG_NAME, WEIGHTS_NAME
-from .masks import read_mask_file
+from .maskfile import read_mask_file
 
 __all__ = ["Artifact", "ArtifactError", "HUB_PREFIX", "LOCAL_PREFIX", "resolve_artifact", "require_architecture",
            "build_model", "dense_size", "explain_damaged_local_configs"]

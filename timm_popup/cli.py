@@ -45,7 +45,7 @@ from .artifacts import (
 from .convert import popup_masks
 from .export import PLAIN_TWINS, ExportError, export_plain, plain_twin, save_plain
 from .hub import CONFIG_NAME, WEIGHTS_NAME
-from .masks import MaskError, artifact_info, read_mask_file
+from .maskfile import MaskError, artifact_info, read_mask_file
 
 __all__ = ["main"]
 

@@ -1,7 +1,7 @@
 """Artifacts on disk and on the Hugging Face Hub: ``save_pretrained``, ``push_to_hub``, model cards.
 
 An artifact directory is what timm's ``local-dir:`` / ``hf-hub:`` loaders read: ``config.json`` (timm's
-format, written by timm's own helper), ``model.safetensors`` (the mask file of :mod:`timm_popup.masks`) and a
+format, written by timm's own helper), ``model.safetensors`` (the mask file of :mod:`timm_popup.maskfile`) and a
 ``README.md`` model card rendered from ``hub_cards/popup_model_card.md``. timm's ``push_to_hf_hub`` would
 upload the full state dict, so publishing writes these compact files and uploads them with
 one ``HfApi.create_commit`` (what ``upload_folder`` does, with the card rendered for the target repo).
@@ -29,8 +29,9 @@ from torch import nn
 
 from ._io import atomic_write
 from .export import CONFIG_NAME, WEIGHTS_NAME, dense_state_dict
-from .init import GENERATOR_VERSION
-from .masks import MaskError, artifact_format, artifact_info, read_mask_file, save_masks
+from .maskfile import MaskError, artifact_format, artifact_info, read_mask_file, write_mask_file
+from .masks import mask_state_dict
+from .reference import GENERATOR_VERSION
 
 __all__ = ["save_pretrained", "push_to_hub", "push_artifact", "model_card", "model_stats", "check_push_access",
            "PushError", "format_value", "card_fields", "source_url", "CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME",
@@ -89,7 +90,7 @@ def model_card(config: Mapping[str, Any], info: Mapping[str, Any], *, repo_id: s
     """The model card of an artifact, a pure function of its files (so a push can re-render it for its repo).
 
     ``config`` is the artifact's ``config.json`` (its ``timm_popup`` entry holds metrics, dataset, recipe);
-    ``info`` is :func:`timm_popup.masks.artifact_info` of its mask file. Front matter: library, tags,
+    ``info`` is :func:`timm_popup.maskfile.artifact_info` of its mask file. Front matter: library, tags,
     license, datasets and a model-index with top-1/top-5 (``EvalResult``) when they were measured.
     """
     popup = config.get("timm_popup", {})
@@ -238,6 +239,21 @@ def card_fields(*, metrics: Mapping[str, float] | None, dataset: str | None,
     return fields
 
 
+def _write_config(model: nn.Module, directory: Path, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Write ``config.json`` (timm's own helper; the ``timm_popup`` entry carries everything the card shows, so a
+    card can be re-rendered from the files alone, e.g. for the repo a push lands in) and return what it holds."""
+    args, stats, cfg = _popup_args(model), model_stats(model), model.popup_config
+    # the fp32 checkpoint of the same network: weights are (non-persistent) buffers here, scores are not in it
+    dense_bytes = sum(t.numel() * t.element_size() for t in dense_state_dict(model).values())
+    popup = dict(format_version=artifact_format(cfg.method), generator_version=GENERATOR_VERSION,
+                 **({"method": cfg.method} if cfg.method != "edge-popup" else {}), **args,
+                 dense_bytes=dense_bytes, stats=stats, timm_popup_version=_version(), **fields)
+    path = atomic_write(directory / CONFIG_NAME, lambda tmp: save_config_for_hf(
+        model, tmp, model_config={"timm_popup": popup, "pretrained_cfg": {"hf_hub_filename": WEIGHTS_NAME}},
+        model_args=args))
+    return json.loads(path.read_text())
+
+
 def save_pretrained(
     model: nn.Module,
     save_directory: str | os.PathLike,
@@ -261,20 +277,12 @@ def save_pretrained(
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OSError(f"cannot create the output directory {directory} ({e.strerror}): choose a writable path") from e
-    save_masks(model, directory / WEIGHTS_NAME)
-    # Everything the card shows travels in config.json (timm ignores extra top-level keys), so the card can be
-    # re-rendered from the files alone, e.g. by push_artifact for the repo it lands in.
-    # the fp32 checkpoint of the same network: weights are (non-persistent) buffers here, scores are not in it
-    dense_bytes = sum(t.numel() * t.element_size() for t in dense_state_dict(model).values())
-    cfg = model.popup_config
-    popup = dict(format_version=artifact_format(cfg.method), generator_version=GENERATOR_VERSION,
-                 **({"method": cfg.method} if cfg.method != "edge-popup" else {}), **_popup_args(model),
-                 dense_bytes=dense_bytes, stats=model_stats(model), timm_popup_version=_version())
-    popup.update(card_fields(metrics=metrics, dataset=dataset, recipe=recipe))
-    atomic_write(directory / CONFIG_NAME, lambda tmp: save_config_for_hf(
-        model, tmp, model_config={"timm_popup": popup, "pretrained_cfg": {"hf_hub_filename": WEIGHTS_NAME}},
-        model_args=_popup_args(model)))
-    atomic_write(directory / CARD_NAME, _render_card(directory, repo_id).save)
+    tensors = mask_state_dict(model)
+    weights = write_mask_file(tensors, directory / WEIGHTS_NAME)
+    config = _write_config(model, directory, card_fields(metrics=metrics, dataset=dataset, recipe=recipe))
+    card = model_card(config, artifact_info(tensors), repo_id=repo_id, artifact_bytes=weights.stat().st_size,
+                      directory_name=directory.resolve().name)
+    atomic_write(directory / CARD_NAME, card.save)
     return directory
 
 

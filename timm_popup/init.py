@@ -40,13 +40,12 @@ from collections.abc import Sequence
 import torch
 
 from . import native
-from .reference import draw_reference, splitmix64
+from .reference import GENERATOR_VERSION, draw_reference, splitmix64
 
 __all__ = ["WEIGHT_INITS", "DEFAULT_WEIGHT_INIT", "GENERATOR_VERSION", "fans", "init_std", "stream_key",
            "random_uniform", "random_weight", "random_normal", "check_k", "check_weight_init", "draw_reference",
            "splitmix64"]
 
-GENERATOR_VERSION = 2
 
 #: name -> (family, scaled by sqrt(1/k)).  std is Kaiming's sqrt(2 / fan_in) (ReLU gain, fan_in mode)
 #: unless the name says xavier (Glorot: sqrt(2 / (fan_in + fan_out))).

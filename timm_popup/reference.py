@@ -1,6 +1,6 @@
 """The weight generator's definition in numpy: SplitMix64 streams and the recipe that turns their bits into
-float32 weights (``timm_popup.init``'s docstring is the specification; generator version
-``init.GENERATOR_VERSION``).
+float32 weights (``timm_popup.init``'s docstring is the specification), and the version of that definition,
+``GENERATOR_VERSION``, which every mask file records.
 
 It is the lowest module of the package, so that both ``init`` (which names the streams and picks the
 distributions) and ``native`` (whose C generator must reproduce these bits, and checks itself against them when
@@ -16,7 +16,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["splitmix64", "draw_reference"]
+__all__ = ["GENERATOR_VERSION", "splitmix64", "draw_reference"]
+
+#: the version of the bits defined here (and of the stream names in ``timm_popup.init``): a mask is valid only on
+#: the weights of the version it records
+GENERATOR_VERSION = 2
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MUL1 = np.uint64(0xBF58476D1CE4E5B9)

@@ -63,7 +63,7 @@ from .data import (
     peek_image,
 )
 from .init import WEIGHT_INITS
-from .masks import pack_mask
+from .maskfile import pack_mask
 from .methods import Method, MethodOptions, artifact_file, frozen_weights
 
 __all__ = [
