@@ -101,3 +101,14 @@ def test_the_readmes_python_and_command_line_examples_run(tmp_path):
     assert result["seeds"] == [4, 2, 1]
     assert result["ran"] == ["info", "export", "push"]
     assert result["plain"] == ["config.json", "model.safetensors"]
+
+
+def test_every_figure_the_readme_states_is_the_one_its_docs_state():
+    """The README quotes its figures from docs/ (where each has its command and load): a figure measured again and
+    changed in one place only would leave two values."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    docs = " ".join(" ".join(path.read_text().split()) for path in sorted((ROOT / "docs").glob("*.md")))
+    figures = re.findall(r"[+]\d+\.\d+\b|\d+\.\d+%|\d+(?:\.\d+)?x\b|\d+(?:\.\d+)? [MG]B\b|\d+ img/s|\d+ s wall|"
+                         r"\d+/\d+ families", readme)
+    assert len(figures) >= 12  # the Measured table, the main job and the coverage figures
+    assert [f for f in figures if f not in docs] == []
