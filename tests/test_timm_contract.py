@@ -196,3 +196,44 @@ def test_features_backbone_scripts_and_keeps_output_stride() -> None:
     before = len(timm_popup.popup_masks(model))
     torch.jit.script(model.layer1)
     assert len(timm_popup.popup_masks(features)) == masks and len(timm_popup.popup_masks(model)) == before
+
+
+class _Tokens(torch.nn.Module):
+    """A class token read with the batch's traced size (what FrozenValue is for), a masked layer and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, 8))
+        self.proj = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), self.proj(x)], dim=1)
+        return self.head(x[:, 0] + x[:, 1:].mean(1))
+
+
+def test_weight_learning_methods_train_a_frozen_token_and_save_it_dense() -> None:
+    """random-subnet / dense make a FrozenValue-read token a plain trainable parameter again (its parametrization
+    removed, its drawn value kept), and the checkpoint save_dense writes (dense_state_dict, unshared) reloads into a
+    fresh make_dense model with the same logits: the beit / vit export check of tests/test_coverage.py, small."""
+    import safetensors.torch
+
+    from timm_popup.export import dense_state_dict, unshared
+    from timm_popup.methods import make_dense, make_random_subnet
+
+    model = timm_popup.convert(_Tokens(), seed=3)
+    assert model.popup_config.frozen["cls_token"].startswith("draw:")
+    drawn = model.cls_token.clone()
+    trained = make_random_subnet(model)
+    assert not torch.nn.utils.parametrize.is_parametrized(trained, "cls_token")
+    assert isinstance(trained._parameters["cls_token"], torch.nn.Parameter) and "cls_token" not in trained._buffers
+    assert torch.equal(trained.cls_token, drawn) and trained.cls_token.requires_grad
+    x = torch.randn(2, 4, 8)
+    trained(x).sum().backward()
+    assert trained.cls_token.grad is not None
+    torch.fx.symbolic_trace(trained)  # a plain parameter to fx now
+    state = safetensors.torch.load(safetensors.torch.save(unshared(dense_state_dict(trained))))
+    reloaded = make_dense(timm_popup.convert(_Tokens(), seed=3))
+    reloaded.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), trained(x))

@@ -47,8 +47,9 @@ from .init import DEFAULT_WEIGHT_INIT, check_k, check_weight_init, fans, random_
 from .layers import METHOD_MODES, PopupMask, mask_tensor, popup_masks, use_method
 from .modes import MethodOptions, make_mask_method
 
-__all__ = ["convert", "build_converted", "FrozenValue", "folded", "make_scriptable", "reseed", "regenerated",
-           "popup_masks", "frozen_tensors", "is_norm", "is_masked_weight", "EMBED_STD", "NEAR_ZERO", "POPUP_PREFIX"]
+__all__ = ["convert", "build_converted", "FrozenValue", "unfreeze", "folded", "make_scriptable", "reseed",
+           "regenerated", "popup_masks", "frozen_tensors", "is_norm", "is_masked_weight", "EMBED_STD", "NEAR_ZERO",
+           "POPUP_PREFIX"]
 
 #: what timm_popup.models registers every popup version of a timm model as: popup_<name>
 POPUP_PREFIX = "popup_"
@@ -169,6 +170,24 @@ def _freeze(module: nn.Module, name: str, value: torch.Tensor, *, read_as_node: 
         module._non_persistent_buffers_set.add(name)
     else:
         module.register_buffer(name, value, persistent=False)
+
+
+def unfreeze(module: nn.Module, name: str) -> nn.Parameter:
+    """Undo :func:`_freeze`: the frozen tensor ``name`` of ``module`` becomes a trainable parameter holding a copy of
+    its value (the weight-learning methods train every frozen tensor again); returns the parameter.
+
+    A tensor read through :class:`FrozenValue` loses its parametrization first: the property parametrize put on the
+    module's class would otherwise shadow the new parameter, and it reads the buffer this removes (registering the
+    parameter asks ``hasattr(module, name)``, which runs that property: ``KeyError`` in ``FrozenValue.forward``)."""
+    value = module._buffers[name]
+    if parametrize.is_parametrized(module, name):
+        # leave_parametrized=False: only the empty placeholder comes back as the buffer ``name``, deleted below
+        parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+    del module._buffers[name]
+    module._non_persistent_buffers_set.discard(name)
+    param = nn.Parameter(value.detach().clone())
+    module.register_parameter(name, param)
+    return param
 
 
 def _fan_shape(module: nn.Module, name: str) -> Sequence[int] | None:
