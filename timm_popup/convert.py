@@ -31,6 +31,7 @@ The model keeps its classes and forwards; ``reset_classifier`` converts the new 
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import re
 from collections.abc import Callable, Sequence
@@ -46,8 +47,9 @@ from .init import DEFAULT_WEIGHT_INIT, check_k, check_weight_init, fans, random_
 from .layers import METHOD_MODES, PopupMask, mask_tensor, popup_masks, use_method
 from .modes import MethodOptions, make_mask_method
 
-__all__ = ["convert", "build_converted", "reseed", "regenerated", "popup_masks", "frozen_tensors", "is_norm",
-           "is_masked_weight", "EMBED_STD", "NEAR_ZERO", "POPUP_PREFIX"]
+__all__ = ["convert", "build_converted", "FrozenValue", "unfreeze", "folded", "make_scriptable", "reseed",
+           "regenerated", "popup_masks", "frozen_tensors", "is_norm", "is_masked_weight", "EMBED_STD", "NEAR_ZERO",
+           "POPUP_PREFIX"]
 
 #: what timm_popup.models registers every popup version of a timm model as: popup_<name>
 POPUP_PREFIX = "popup_"
@@ -134,15 +136,131 @@ def build_converted(factory: Callable[[], nn.Module], *, k: float = 0.5, weight_
     return convert(model, k=k, weight_init=weight_init, seed=seed, dense=dense, init_scores=init_scores)
 
 
-def _freeze(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Replace parameter ``name`` of ``module`` by a non-trainable buffer holding ``value``."""
+class FrozenValue(nn.Module):
+    """How a frozen random tensor that timm held as a parameter (class / register tokens, position embeddings,
+    relative tables) is read: ``module.<name>`` goes through parametrize's ``ParametrizationList``, a torch.nn leaf
+    module, which torch.fx records as a graph node, and returns the buffer ``module.<name>`` itself (it stays a
+    non-persistent buffer: ``get_buffer``, ``named_buffers``, assignment and ``.to()`` see it as before). Read as a
+    plain buffer, fx would hold a constant tensor, and ``self.cls_token.expand(x.shape[0], -1, -1)`` cannot take a
+    traced size ("expand() takes 1 positional argument but 3 were given")."""
+
+    def __init__(self, owner: nn.Module, name: str) -> None:
+        super().__init__()
+        self.name = name
+        object.__setattr__(self, "owner", owner)  # a plain reference: not a submodule (no cycle in the module tree)
+
+    def forward(self, placeholder: torch.Tensor) -> torch.Tensor:
+        return self.owner._buffers[self.name]
+
+
+def _freeze(module: nn.Module, name: str, value: torch.Tensor, *, read_as_node: bool = False) -> None:
+    """Replace parameter ``name`` of ``module`` by a non-trainable buffer holding ``value``; ``read_as_node``: read
+    through a :class:`FrozenValue` parametrization (a tensor timm held as a parameter and reads with traced sizes)."""
     delattr(module, name)
-    module.register_buffer(name, value, persistent=False)
+    if read_as_node:
+        # parametrize's placeholder for the value: empty, like a masked weight's (state dicts hold scores only)
+        module.register_buffer(name, torch.empty(0, dtype=value.dtype, device=value.device), persistent=False)
+        parametrize.register_parametrization(module, name, FrozenValue(module, name), unsafe=True)
+        module.parametrizations[name]._non_persistent_buffers_set.add("original")
+        # the subclass parametrize made is still timm's class to everyone who asks where it comes from
+        type(module).__module__ = parametrize.type_before_parametrizations(module).__module__
+        # beside the property (register_buffer refuses a name the class already has): what get_buffer, named_buffers,
+        # assignment (reseed) and .to() reach, and what FrozenValue reads
+        module._buffers[name] = value
+        module._non_persistent_buffers_set.add(name)
+    else:
+        module.register_buffer(name, value, persistent=False)
+
+
+def unfreeze(module: nn.Module, name: str) -> nn.Parameter:
+    """Undo :func:`_freeze`: the frozen tensor ``name`` of ``module`` becomes a trainable parameter holding a copy of
+    its value (the weight-learning methods train every frozen tensor again); returns the parameter.
+
+    A tensor read through :class:`FrozenValue` loses its parametrization first: the property parametrize put on the
+    module's class would otherwise shadow the new parameter, and it reads the buffer this removes (registering the
+    parameter asks ``hasattr(module, name)``, which runs that property: ``KeyError`` in ``FrozenValue.forward``)."""
+    value = module._buffers[name]
+    if parametrize.is_parametrized(module, name):
+        # leave_parametrized=False: only the empty placeholder comes back as the buffer ``name``, deleted below
+        parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+    del module._buffers[name]
+    module._non_persistent_buffers_set.discard(name)
+    param = nn.Parameter(value.detach().clone())
+    module.register_parameter(name, param)
+    return param
 
 
 def _fan_shape(module: nn.Module, name: str) -> Sequence[int] | None:
     # CondConv stores each expert's weight flattened to one row: its fans are those of the expert's shape
     return getattr(module, "weight_shape", None) if name == "weight" else None
+
+
+class _FoldedRead(nn.Module):
+    """A folded ``ParametrizationList``: returns the tensor it computed (what a scripted fx graph calls)."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("value", value)
+
+    def forward(self) -> torch.Tensor:
+        return self.value
+
+
+def folded(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose masked and frozen tensors are plain tensors holding what the popup model computes
+    with (the eval-mode masks): the network as deployed, for TorchScript.
+
+    TorchScript cannot compile a parametrized module: parametrize's ``weight`` property raises under scripting
+    ("Parametrization is not working with scripting", torch/nn/utils/parametrize.py) and the mask's forward calls
+    custom autograd functions and C kernels. ``module`` itself is left as it was (it keeps training its scores)."""
+    if isinstance(module, parametrize.ParametrizationList):
+        with torch.no_grad():
+            return _FoldedRead(module().detach().clone())
+    # an RNN's _flat_weights holds the masked weights it last read (non-leaf tensors, which deepcopy refuses):
+    # the copy starts without them and rebuilds them from its folded tensors below
+    memo = {id(m._flat_weights): [] for m in module.modules() if isinstance(getattr(m, "_flat_weights", None), list)}
+    out = copy.deepcopy(module, memo)
+    training = [(m, m.training) for m in out.modules()]
+    out.eval()  # the deterministic mask (a supermask samples in training mode)
+    with torch.no_grad():
+        values = {m: {name: getattr(m, name).detach().clone() for name in m.parametrizations}
+                  for m in out.modules() if parametrize.is_parametrized(m)}
+    for m, tensors in values.items():
+        # not parametrize.remove_parametrizations: the copy shares its parametrized class (and the class's
+        # properties) with ``module``, and removing a property there would break ``module`` itself
+        m.__class__ = parametrize.type_before_parametrizations(m)
+        del m._modules["parametrizations"]
+        for name, value in tensors.items():
+            m.register_buffer(name, value)
+        if hasattr(m, "_init_flat_weights"):  # nn.RNN / LSTM / GRU read their weights through this list
+            m._init_flat_weights()
+    for m, mode in training:
+        m.training = mode
+    for m in out.modules():
+        m.__dict__.pop("__prepare_scriptable__", None)
+    return out
+
+
+class _PrepareScriptable:
+    """Instance-level ``__prepare_scriptable__`` (torch.jit.script calls it on the module it scripts and, recursing,
+    on every submodule, putting what it returns in the parent's place): the :func:`folded` copy. On every module of
+    a popup model (and a features_only wrapper), so that scripting the model, any submodule of it, or a torch.fx
+    graph of it (which holds its leaves in containers of its own) folds a copy and never replaces anything inside
+    the popup model. A module of the user's that *contains* a popup model gets the folded copy in its place."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self) -> nn.Module:
+        return folded(self.module)
+
+
+def make_scriptable(module: nn.Module) -> nn.Module:
+    """Make ``torch.jit.script(module)`` compile the :func:`folded` network (idempotent); returns ``module``."""
+    for m in module.modules():
+        if not isinstance(m.__dict__.get("__prepare_scriptable__"), _PrepareScriptable):
+            m.__dict__["__prepare_scriptable__"] = _PrepareScriptable(m)
+    return module
 
 
 class _PopupResetClassifier:
@@ -226,7 +344,8 @@ def convert(
             else:
                 with torch.no_grad():
                     policy, value = _frozen_value(module, p_name, p, seed=seed, qualname=qualname)
-                _freeze(module, p_name, value.to(value.device if p.is_meta else p.device, p.dtype))
+                _freeze(module, p_name, value.to(value.device if p.is_meta else p.device, p.dtype),
+                        read_as_node=policy.startswith("draw:"))
                 cfg.frozen[qualname] = policy
     if too_few:
         raise ValueError(f"k={k} keeps 0 of the weights of {too_few[0]}"
@@ -234,6 +353,7 @@ def convert(
                          "tensor would be cut out of the network; use a larger k or keep it dense (dense=...)")
     model.popup_config = cfg
     _name_popup_architecture(model)
+    make_scriptable(model)
     if hasattr(type(model), "reset_classifier") and not isinstance(
             model.__dict__.get("reset_classifier"), _PopupResetClassifier):
         model.reset_classifier = _PopupResetClassifier(model, type(model).reset_classifier)

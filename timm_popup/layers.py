@@ -375,18 +375,21 @@ class PopupMask(nn.Module):
         # Eval mode: mask once, reuse until the scores change (in-place updates bump _version). Whatever
         # changes ``mode`` resets ``_cache``, which keeps the mode out of edge-popup's per-forward key.
         s = self.scores
-        key = (s._version, s.data_ptr(), self.k, self.weight.data_ptr())
-        if self.mode == "global":  # another member's scores move the shared threshold
+        exporting = torch.compiler.is_exporting()  # torch.export traces fake tensors: no data pointer, nothing kept
+        key = None if exporting else (s._version, s.data_ptr(), self.k, self.weight.data_ptr())
+        if self.mode == "global" and not exporting:  # another member's scores move the shared threshold
             key += tuple(m.scores._version for m in self.group.members)
-        if self._cache is None or self._cache[0] != key:
+        if exporting or self._cache is None or self._cache[0] != key:
             if self.mode in SLT_MODES:
                 mask = self._select()
                 with torch.no_grad():
-                    self._cache = (key, mask, self._masked(mask))
-                return self._cache
-            # sample mode's eval mask: sigmoid(s) > 0.5 without rounding sigmoid near 0.5
-            mask = topk_mask(s, self.k, self._selection) if self.mode == "topk" else s.detach() > 0
-            self._cache = (key, mask, self.weight * mask)
+                    cache = (key, mask, self._masked(mask))
+            else:  # sample mode's eval mask: sigmoid(s) > 0.5 without rounding sigmoid near 0.5
+                mask = topk_mask(s, self.k, self._selection) if self.mode == "topk" else s.detach() > 0
+                cache = (key, mask, self.weight * mask)
+            if exporting:
+                return cache
+            self._cache = cache
         return self._cache
 
     def extra_repr(self) -> str:

@@ -56,7 +56,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ._io import atomic_write
-from .convert import is_norm, popup_masks
+from .convert import is_norm, popup_masks, unfreeze
 from .export import dense_state_dict, unshared
 from .hub import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, card_fields, format_value, push_artifact, save_pretrained
 from .init import random_weight
@@ -122,13 +122,6 @@ def artifact_file(path: str | os.PathLike) -> Path:
     return path / WEIGHTS_NAME if path.is_dir() else path
 
 
-def _to_parameter(module: nn.Module, name: str) -> None:
-    """Turn the (frozen) buffer ``name`` of ``module`` into a trainable parameter holding the same values."""
-    value = module._buffers.pop(name)
-    module._non_persistent_buffers_set.discard(name)
-    module.register_parameter(name, nn.Parameter(value.detach().clone()))
-
-
 def _learn_weights(model: nn.Module, method: str, masks: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
     """Make the weights of ``model`` trainable, in place: unmasked (``masks`` None) or under fixed ``masks``.
 
@@ -162,7 +155,7 @@ def _learn_weights(model: nn.Module, method: str, masks: Mapping[str, torch.Tens
         owner, _, name = qualname.rpartition(".")
         module = model.get_submodule(owner)
         if name in module._buffers:
-            _to_parameter(module, name)
+            unfreeze(module, name)
     cfg.method = method
     return model
 

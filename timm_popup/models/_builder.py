@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+import sys
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from safetensors import SafetensorError
+from timm.models import _builder as timm_builder
 from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 from torch import nn
 
 from ..config import POPUP_ARGS, PopupConfig
-from ..convert import build_converted
+from ..convert import build_converted, make_scriptable, popup_masks
 from ..init import DEFAULT_WEIGHT_INIT
+from ..layers import use_method
 from ..masks import MaskError, filter_state_dict, recorded_args
 
-__all__ = ["build_popup", "popup_cfg", "CIFAR_K", "IMAGENET_K", "HUB_ORG"]
+__all__ = ["build_popup", "build_popup_from", "popup_cfg", "CIFAR_K", "IMAGENET_K", "HUB_ORG"]
 
 #: where the project publishes its masks (registry tags' hf_hub_id)
 HUB_ORG = "timm-popup"
@@ -69,7 +75,9 @@ def build_popup(
 
     def popup_model_cls(**model_kwargs: Any) -> nn.Module:
         def dense_model() -> nn.Module:
-            model = model_cls(**model_kwargs)
+            # a copy per build: build_converted may build twice (meta, then CPU), and some constructors consume
+            # their arguments (timm's EfficientNet builder pops each block's 'block_type')
+            model = model_cls(**copy.deepcopy(model_kwargs))
             model.popup_config = PopupConfig(explicit=tuple(explicit))
             return model
 
@@ -77,8 +85,9 @@ def build_popup(
         return build_converted(dense_model, **popup, init_scores=not (pretrained and has_source))
 
     try:
-        return build_model_with_cfg(popup_model_cls, variant, pretrained,
-                                    pretrained_filter_fn=filter_state_dict, **kwargs)
+        # make_scriptable: a features_only wrapper scripts as the folded network too (convert set up the model)
+        return make_scriptable(build_model_with_cfg(popup_model_cls, variant, pretrained,
+                                                    pretrained_filter_fn=filter_state_dict, **kwargs))
     except SafetensorError as e:
         raise MaskError(f"the mask file for {variant} is truncated or corrupt ({e}): download or copy it again") from e
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
@@ -101,3 +110,111 @@ def _has_source(variant: str, kwargs: dict[str, Any]) -> bool:
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"),
                                  pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay")).to_dict()
     return any(cfg.get(key) for key in ("file", "url", "hf_hub_id", "state_dict"))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# popup_<name> built exactly as timm builds <name>
+#
+# A timm entrypoint decides, from its kwargs, the model class, the model args, a model_cfg and the feature_cfg
+# (out_indices default, flatten_sequential, feature_cls 'hook' / 'getter' ...) and hands them to timm's
+# build_model_with_cfg; nothing of it is readable from outside (vit pops out_indices from the kwargs, swin derives it
+# from depths). So the popup entrypoint runs the base entrypoint itself and takes over its one call to timm's
+# builder: same class, args, model_cfg and feature_cfg; the popup variant's pretrained cfg, the mask loader, the
+# conversion. Every timm.models module calls build_model_with_cfg through its own global name (92 of them import
+# it by name), so the name is rebound once, in each module, to a function that is timm's own unless a popup build
+# is in progress in this context (a ContextVar: other threads and every plain timm build are untouched).
+
+_TAKE_OVER: ContextVar[Callable[..., nn.Module] | None] = ContextVar("timm_popup_take_over", default=None)
+#: what build_popup_from takes from the caller and never lets the base entrypoint see (it belongs to the popup variant)
+_POPUP_SOURCE_ARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+#: what the base entrypoint passes to timm's builder about its own dense weights: replaced by the popup variant's
+_BASE_ONLY_ARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "pretrained_filter_fn", "pretrained_strict",
+                   "pretrained_model_args", "cache_dir")
+
+
+@functools.wraps(build_model_with_cfg)
+def _build_model_with_cfg(model_cls: Callable[..., nn.Module], variant: str, pretrained: bool, **kwargs: Any):
+    take_over = _TAKE_OVER.get()
+    if take_over is None:
+        return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
+    _TAKE_OVER.set(None)  # a model that builds sub-models with timm's builder builds them as timm does
+    return take_over(model_cls, **kwargs)
+
+
+def _install_take_over() -> None:
+    """Rebind ``build_model_with_cfg`` in every loaded timm.models module (idempotent; see the comment above)."""
+    for name, module in list(sys.modules.items()):
+        if (name.startswith("timm.models.") and module is not timm_builder
+                and getattr(module, "build_model_with_cfg", None) is build_model_with_cfg):
+            module.build_model_with_cfg = _build_model_with_cfg
+
+
+#: the arguments that ask timm for a features_only model
+_FEATURE_ARGS = ("features_only", "out_indices", "feature_cls", "feature_cfg", "output_stride_features")
+
+
+def _popup_args_of(model: nn.Module) -> dict[str, Any]:
+    cfg = model.popup_config
+    return dict(k=cfg.k, weight_init=cfg.weight_init, seed=cfg.seed, dense=cfg.dense)
+
+
+def _features_from(whole: nn.Module, features: nn.Module) -> nn.Module:
+    """``features`` (a popup feature model built unloaded) with the loaded mask of ``whole``, its method included."""
+    cfg = whole.popup_config
+    masks = list(popup_masks(features).values())
+    if cfg.method != "edge-popup":
+        use_method(masks, cfg.method, k=cfg.k, slots=cfg.slots)
+    features.popup_config.method, features.popup_config.slots = cfg.method, cfg.slots
+    state, own = whole.state_dict(), features.state_dict()
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise MaskError(f"the features_only model has tensors the whole model does not ({missing[:3]}): load the "
+                        "mask into the whole model and use its forward_intermediates")
+    features.load_state_dict({key: state[key] for key in own})
+    return features
+
+
+def build_popup_from(
+    entrypoint: Callable[..., nn.Module],
+    variant: str,
+    pretrained: bool = False,
+    *,
+    default_k: float,
+    **kwargs: Any,
+) -> nn.Module:
+    """``popup_<base>``: what timm's ``entrypoint`` of ``<base>`` builds (class, model args, model_cfg, and for
+    ``features_only`` the base's own feature_cfg: out_indices, feature classes, flatten_sequential), made popup by
+    :func:`build_popup` under ``variant``'s pretrained cfg. Tensor names, and so the seeded weights, are those of
+    the base model."""
+    _install_take_over()  # timm families imported after timm_popup (none in timm 1.0.31) are covered too
+    source = {key: kwargs.pop(key) for key in _POPUP_SOURCE_ARGS if key in kwargs}
+    popup_args = {key: kwargs.pop(key) for key in POPUP_ARGS if key in kwargs}
+
+    features = bool(kwargs.get("features_only"))
+
+    def take_over(model_cls: Callable[..., nn.Module], **build_kwargs: Any) -> nn.Module:
+        for key in _BASE_ONLY_ARGS:
+            build_kwargs.pop(key, None)
+        if pretrained and features and not build_kwargs.get("features_only"):
+            # the family's features_only model is a class of its own (EfficientNetFeatures, MobileNetV3Features,
+            # HRNet): it has no head, and a mask verifies only against the whole network. Load it into the whole
+            # popup model, then take the feature model's tensors (same names, so the same seeded weights) from it.
+            whole_kwargs = {key: value for key, value in kwargs.items() if key not in _FEATURE_ARGS}
+            whole = build_popup_from(entrypoint, variant, True, default_k=default_k, **source, **popup_args,
+                                     **whole_kwargs)
+            return _features_from(whole, build_popup(model_cls, variant, False, default_k=default_k,
+                                                     **_popup_args_of(whole), **build_kwargs))
+        return build_popup(model_cls, variant, pretrained, default_k=default_k, **source, **popup_args,
+                           **build_kwargs)
+
+    token = _TAKE_OVER.set(take_over)
+    try:
+        model = entrypoint(pretrained=False, **kwargs)
+        taken = _TAKE_OVER.get() is None
+    finally:
+        _TAKE_OVER.reset(token)
+    if not taken:
+        raise TypeError(f"{variant}: timm's entrypoint for it does not build through timm's build_model_with_cfg, "
+                        "so it cannot be made popup here; convert the model instead: "
+                        "timm_popup.convert(timm.create_model(...))")
+    return model

@@ -8,9 +8,10 @@ pretrained cfgs - then sees an ordinary registered model. ``timm.list_models("po
 hand-written entries (the paper's networks) and those already used, not a thousand generated names, and
 import costs nothing per architecture.
 
-The entry builds ``<name>`` with its own timm entrypoint (``pretrained=False``: its dense weights are never
-downloaded) inside timm's ``build_model_with_cfg``, converts it (k=0.5 unless given), and loads masks and
-builds ``features_only`` wrappers (``feature_cls="getter"``, i.e. ``forward_intermediates``) like any popup model.
+The entry runs ``<name>``'s own timm entrypoint (``pretrained=False``: its dense weights are never downloaded) and
+takes over its call to timm's ``build_model_with_cfg`` (``_builder.build_popup_from``): the same model class, model
+args and ``features_only`` feature cfg as ``<name>``, converted (k=0.5 unless given), masks loaded like any popup
+model.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from timm.models import _registry, generate_default_cfgs, get_pretrained_cfg, mo
 from torch import nn
 
 from ..convert import POPUP_PREFIX as PREFIX
-from ._builder import build_popup, popup_cfg
+from ._builder import build_popup_from, popup_cfg
 
 __all__ = ["PREFIX", "GENERIC_K", "PUBLISHED", "register_popup", "install"]
 
@@ -54,11 +55,7 @@ def register_popup(base: str) -> str:
     default_cfgs.update(generate_default_cfgs(cfgs))
 
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-        def dense_model(**model_kwargs: Any) -> nn.Module:
-            return base_entry(pretrained=False, **model_kwargs)
-
-        return build_popup(dense_model, name, pretrained, default_k=GENERIC_K,
-                           feature_cfg=dict(feature_cls="getter"), **kwargs)
+        return build_popup_from(base_entry, name, pretrained, default_k=GENERIC_K, **kwargs)
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__module__ = __name__

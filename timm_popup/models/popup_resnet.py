@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from timm.models import generate_default_cfgs, register_model
-from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+from timm.models import generate_default_cfgs, model_entrypoint, register_model
+from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 
-from ._builder import CIFAR_K, HUB_ORG, IMAGENET_K, build_popup, popup_cfg
+from ._builder import CIFAR_K, HUB_ORG, IMAGENET_K, build_popup, build_popup_from, popup_cfg
 
 
 def _resnet_cifar(width: float = 1.0, **kwargs) -> ResNet:
@@ -39,8 +39,9 @@ default_cfgs = generate_default_cfgs({
 
 
 def _resnet(variant: str, pretrained: bool, **kwargs) -> ResNet:
-    return build_popup(ResNet, variant, pretrained, default_k=IMAGENET_K, feature_cfg=dict(flatten_sequential=True),
-                       **kwargs)
+    # built by timm's own entrypoint of the same architecture: its model args and its features_only cfg
+    return build_popup_from(model_entrypoint(variant.removeprefix("popup_")), variant, pretrained,
+                            default_k=IMAGENET_K, **kwargs)
 
 
 @register_model
@@ -54,40 +55,34 @@ def popup_resnet18_cifar(pretrained: bool = False, **kwargs) -> ResNet:
 @register_model
 def popup_resnet18(pretrained: bool = False, **kwargs) -> ResNet:
     """ResNet-18 with random weights and learned top-k scores."""
-    model_args = dict(block=BasicBlock, layers=(2, 2, 2, 2))
-    return _resnet("popup_resnet18", pretrained, **dict(model_args, **kwargs))
+    return _resnet("popup_resnet18", pretrained, **kwargs)
 
 
 @register_model
 def popup_resnet34(pretrained: bool = False, **kwargs) -> ResNet:
     """ResNet-34 with random weights and learned top-k scores."""
-    model_args = dict(block=BasicBlock, layers=(3, 4, 6, 3))
-    return _resnet("popup_resnet34", pretrained, **dict(model_args, **kwargs))
+    return _resnet("popup_resnet34", pretrained, **kwargs)
 
 
 @register_model
 def popup_resnet50(pretrained: bool = False, **kwargs) -> ResNet:
     """ResNet-50 with random weights; k=0.3 keeps 7.65M of its 25.5M weights (paper Table 2)."""
-    model_args = dict(block=Bottleneck, layers=(3, 4, 6, 3))
-    return _resnet("popup_resnet50", pretrained, **dict(model_args, **kwargs))
+    return _resnet("popup_resnet50", pretrained, **kwargs)
 
 
 @register_model
 def popup_resnet101(pretrained: bool = False, **kwargs) -> ResNet:
     """ResNet-101 with random weights and learned top-k scores (paper Table 2)."""
-    model_args = dict(block=Bottleneck, layers=(3, 4, 23, 3))
-    return _resnet("popup_resnet101", pretrained, **dict(model_args, **kwargs))
+    return _resnet("popup_resnet101", pretrained, **kwargs)
 
 
 @register_model
 def popup_wide_resnet50_2(pretrained: bool = False, **kwargs) -> ResNet:
     """Wide ResNet-50-2 with random weights: at k=0.3 its subnetwork matches a trained ResNet-34."""
-    model_args = dict(block=Bottleneck, layers=(3, 4, 6, 3), base_width=128)
-    return _resnet("popup_wide_resnet50_2", pretrained, **dict(model_args, **kwargs))
+    return _resnet("popup_wide_resnet50_2", pretrained, **kwargs)
 
 
 @register_model
 def popup_wide_resnet101_2(pretrained: bool = False, **kwargs) -> ResNet:
     """Wide ResNet-101-2 with random weights and learned top-k scores."""
-    model_args = dict(block=Bottleneck, layers=(3, 4, 23, 3), base_width=128)
-    return _resnet("popup_wide_resnet101_2", pretrained, **dict(model_args, **kwargs))
+    return _resnet("popup_wide_resnet101_2", pretrained, **kwargs)
