@@ -56,13 +56,14 @@ import timm, timm_popup
 
 readme = open(sys.argv[1]).read()
 use, routes = re.findall(r"```python\n(.*?)```", readme, re.S)
-exec(use, {})  # the Use section (writes out/popup_conv4)
-# what the loading block and the command line name: the registry tag's mask and org/name on this Hub, two artifacts
+# what the blocks name: two artifacts, the registry tag's mask and org/name on this Hub
+timm_popup.save_pretrained(timm.create_model("popup_resnet18", num_classes=10), "out/popup_resnet18")
+timm_popup.save_pretrained(timm.create_model("popup_resnet50", num_classes=10), "out/popup_resnet50")
 registry = timm.models.get_pretrained_cfg("popup_wide_resnet50_2").hf_hub_id
 timm_popup.push_to_hub(timm.create_model("popup_wide_resnet50_2", seed=4), registry)
 timm_popup.push_to_hub(timm.create_model("popup_conv4", seed=2), "org/name")
-timm_popup.save_pretrained(timm.create_model("popup_resnet18", num_classes=10), "out/popup_resnet18")
-timm_popup.save_pretrained(timm.create_model("popup_resnet50", num_classes=10), "out/popup_resnet50")
+use_ns = {}
+exec(use, use_ns)  # the Use section (writes out/popup_conv4)
 loaded = {}
 exec(routes.replace("timm.create_model(", "loaded[len(loaded)] = timm.create_model("), {"loaded": loaded})
 commands = re.findall(r"```bash\n(timm-popup .*?)```", readme, re.S)[0]
@@ -74,7 +75,8 @@ for line in commands.splitlines():
     proc = subprocess.run(argv, capture_output=True, text=True)
     assert proc.returncode == 0, (line, proc.stdout[-2000:], proc.stderr[-2000:])
     ran.append(argv[1])
-print(json.dumps(dict(seeds=[m.popup_config.seed for m in loaded.values()], ran=ran,
+features = [tuple(f.shape) for f in use_ns["backbone"](use_ns["images"])]
+print(json.dumps(dict(seeds=[m.popup_config.seed for m in loaded.values()], ran=ran, features=features,
                       plain=sorted(os.listdir("out/resnet50-plain")))))
 """
 
@@ -101,6 +103,7 @@ def test_the_readmes_python_and_command_line_examples_run(tmp_path):
     assert result["seeds"] == [4, 2, 1]
     assert result["ran"] == ["info", "export", "push"]
     assert result["plain"] == ["config.json", "model.safetensors"]
+    assert result["features"] == [[2, 256, 56, 56], [2, 512, 28, 28], [2, 1024, 14, 14]]  # the backbone's stages
 
 
 def test_every_figure_the_readme_states_is_the_one_its_docs_state():
