@@ -49,7 +49,7 @@ from types import TracebackType
 from typing import Any, NoReturn
 from urllib.parse import parse_qs, unquote, urlsplit
 
-__all__ = ["HubServer", "DEFAULT_NAMESPACE", "git_blob_sha1", "main"]
+__all__ = ["HubServer", "DEFAULT_NAMESPACE", "client_env", "git_blob_sha1", "main"]
 
 HOST = "127.0.0.1"
 # Namespace used when a repo is created without one; the real Hub would use the token owner's name.
@@ -68,6 +68,19 @@ _GITATTRIBUTES = "".join(
     f"*.{ext} filter=lfs diff=lfs merge=lfs -text\n"
     for ext in ("7z", "bin", "ckpt", "gz", "h5", "npy", "npz", "onnx", "pt", "pth", "safetensors", "tar", "zip")
 )
+
+
+
+def client_env(endpoint: str, hf_home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a Hub client process talking to ``endpoint`` (huggingface_hub reads it at import): the
+    outer HF_* dropped (a developer's HF_HUB_OFFLINE or token must not leak in), a dummy token, no telemetry, no
+    proxy for the loopback address; ``extra`` on top."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(hf_home), HF_TOKEN="dummy-token", HF_HUB_DISABLE_TELEMETRY="1",
+               HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY="127.0.0.1,localhost",
+               no_proxy="127.0.0.1,localhost")
+    env.update(extra)
+    return env
 
 
 def git_blob_sha1(content: bytes) -> str:

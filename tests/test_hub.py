@@ -24,9 +24,9 @@ import timm_popup
 from timm_popup.masks import MaskError
 
 try:
-    from hub_server import HubServer
+    from hub_server import HubServer, client_env
 except ImportError:  # tests/ turned into a package
-    from tests.hub_server import HubServer
+    from tests.hub_server import HubServer, client_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 240
@@ -68,14 +68,6 @@ def artifacts(tmp_path_factory):
                                         str(root / f"{name}.io.safetensors"))
         out[name] = directory
     return root, out
-
-
-def _client_env(endpoint: str, hf_home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
-    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(hf_home), HF_TOKEN="dummy-token", HF_HUB_DISABLE_TELEMETRY="1",
-               HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY="127.0.0.1,localhost",
-               no_proxy="127.0.0.1,localhost", **extra)
-    return env
 
 
 def _run(code: str, env: dict[str, str], spec: dict) -> dict:
@@ -160,13 +152,13 @@ def test_push_then_load_through_all_routes_online_and_offline(artifacts, tmp_pat
     repos = _repos()
     spec = _spec(artifacts, repos)
     with HubServer() as endpoint:
-        env = _client_env(endpoint, tmp_path / "hf_home")
+        env = client_env(endpoint, tmp_path / "hf_home")
         pushed = _run(_PUSH, env, spec)
         spec["routes"] = ["registry", "file", "local-dir", "hf-hub", "hf-hub-4-classes"]
         online = _run(_ROUTES, env, spec)
     # the server is gone: the same cache must serve the Hub routes with HF_HUB_OFFLINE=1
     spec["routes"] = ["registry", "hf-hub"]
-    offline = _run(_ROUTES, _client_env("http://127.0.0.1:9", tmp_path / "hf_home", HF_HUB_OFFLINE="1"), spec)
+    offline = _run(_ROUTES, client_env("http://127.0.0.1:9", tmp_path / "hf_home", HF_HUB_OFFLINE="1"), spec)
 
     for name, (_, kwargs, _, _) in MODELS.items():
         assert pushed["urls"][name].startswith(endpoint) and repos[name] in pushed["urls"][name]
@@ -183,7 +175,7 @@ def test_uploaded_card_parses_and_carries_metadata_and_metrics(artifacts, tmp_pa
     spec = _spec(artifacts, repos)
     spec["models"] = {"vit": spec["models"]["vit"]}
     with HubServer() as endpoint:
-        card = _run(_PUSH, _client_env(endpoint, tmp_path / "hf_home"), spec)["cards"]["vit"]
+        card = _run(_PUSH, client_env(endpoint, tmp_path / "hf_home"), spec)["cards"]["vit"]
     data = card["data"]
     assert data["library_name"] == "timm" and data["license"] == "apache-2.0"
     assert data["tags"] == ["image-classification", "timm", "edge-popup", "supermask"]
@@ -244,13 +236,13 @@ except Exception as e:
 
 def test_wrong_repo_unpublished_tag_and_unreachable_endpoint_are_clear_errors(artifacts, tmp_path):
     _, dirs = artifacts
-    dead = _client_env(f"http://127.0.0.1:{_closed_port()}", tmp_path / "hf_home2")
+    dead = client_env(f"http://127.0.0.1:{_closed_port()}", tmp_path / "hf_home2")
     # huggingface_hub retries a refused connection with backoff (~23 s, not configurable): run it alongside
     slow = subprocess.Popen([sys.executable, "-c", _ERROR, json.dumps({"what": "load", "name": _repos_registry()})],
                             env=dead, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         with HubServer() as endpoint:
-            env = _client_env(endpoint, tmp_path / "hf_home")
+            env = client_env(endpoint, tmp_path / "hf_home")
             missing_repo = _run(_ERROR, env, {"what": "load", "name": f"hf-hub:{ORG}/no-such-mask"})
             unpublished = _run(_ERROR, env, {"what": "load", "name": "popup_resnet50.ep_k30_in1k"})
         pushed = _run(_ERROR, dead, {"what": "push", "dir": str(dirs["cifar"]), "repo": f"{ORG}/x"})
@@ -334,7 +326,7 @@ def test_a_repo_holding_only_a_pickle_is_never_unpickled(artifacts, tmp_path):
                 repos=[registry_repo, f"{ORG}/pickle-only"],
                 names=[MODELS["cifar"][3], f"hf-hub:{ORG}/pickle-only"])
     with HubServer() as endpoint:
-        result = _run(_PICKLE_TRAP, _client_env(endpoint, tmp_path / "hf_home"), spec)
+        result = _run(_PICKLE_TRAP, client_env(endpoint, tmp_path / "hf_home"), spec)
     assert result["errors"] == ["RuntimeError", "RuntimeError"], result  # "could not download the mask ..."
     assert not result["unpickled"] and not (tmp_path / "unpickled").exists()
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import select
 import signal
 import subprocess
@@ -21,9 +20,9 @@ from pathlib import Path
 import pytest
 
 try:
-    from hub_server import HubServer, git_blob_sha1
+    from hub_server import HubServer, client_env, git_blob_sha1
 except ImportError:  # tests/ turned into a package
-    from tests.hub_server import HubServer, git_blob_sha1
+    from tests.hub_server import HubServer, client_env, git_blob_sha1
 
 HUB_SERVER_SCRIPT = Path(__file__).with_name("hub_server.py")
 SUBPROCESS_TIMEOUT = 60
@@ -100,23 +99,6 @@ print(json.dumps({"ok": True}))
 """
 
 
-def _client_env(endpoint: str, hf_home: Path, **extra: str) -> dict[str, str]:
-    # Drop any HF_* from the outer environment (a developer's HF_HUB_OFFLINE or token must not leak in).
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
-    env.update(
-        HF_ENDPOINT=endpoint,
-        HF_HOME=str(hf_home),
-        HF_TOKEN="dummy-token",
-        HF_HUB_DISABLE_TELEMETRY="1",
-        HF_HUB_DISABLE_XET="1",
-        HF_HUB_DISABLE_PROGRESS_BARS="1",
-        NO_PROXY="127.0.0.1,localhost",
-        no_proxy="127.0.0.1,localhost",
-    )
-    env.update(extra)
-    return env
-
-
 def _run_client(tmp_path: Path, script: str, env: dict[str, str], *args: str) -> dict:
     path = tmp_path / f"client_{hashlib.sha1(script.encode()).hexdigest()[:8]}.py"
     path.write_text(script)
@@ -175,7 +157,7 @@ def test_huggingface_hub_round_trip_then_offline(tmp_path: Path) -> None:
     url = server.start()
     try:
         assert url.startswith("http://127.0.0.1:")
-        result = _run_client(tmp_path, ONLINE_CLIENT, _client_env(url, hf_home), url, REPO_ID, str(folder))
+        result = _run_client(tmp_path, ONLINE_CLIENT, client_env(url, hf_home), url, REPO_ID, str(folder))
 
         assert result["files"] == ["README.md", "nested/config.json", "weights.bin"]
         assert result["errors"] == {
@@ -196,7 +178,7 @@ def test_huggingface_hub_round_trip_then_offline(tmp_path: Path) -> None:
 
         before = len(server.requests)
         sha256 = hashlib.sha256((folder / "weights.bin").read_bytes()).hexdigest()
-        offline_env = _client_env(url, hf_home, HF_HUB_OFFLINE="1")
+        offline_env = client_env(url, hf_home, HF_HUB_OFFLINE="1")
         assert _run_client(tmp_path, OFFLINE_CLIENT, offline_env, REPO_ID, "weights.bin", sha256) == {"ok": True}
         assert len(server.requests) == before, "offline mode must not contact the server"
     finally:
@@ -210,7 +192,7 @@ def test_upload_with_xet_enabled_stays_on_regular_path(tmp_path: Path) -> None:
     server = HubServer()
     url = server.start()
     try:
-        env = _client_env(url, tmp_path / "hf_home")
+        env = client_env(url, tmp_path / "hf_home")
         del env["HF_HUB_DISABLE_XET"]
         result = _run_client(tmp_path, ONLINE_CLIENT, env, url, REPO_ID, str(folder))
         assert len(result["commit"]) == 40

@@ -83,19 +83,17 @@ print(json.dumps(dict(seeds=[m.popup_config.seed for m in loaded.values()], ran=
 
 def test_the_readmes_python_and_command_line_examples_run(tmp_path):
     try:
-        from hub_server import HubServer
+        from hub_server import HubServer, client_env
     except ImportError:  # tests/ turned into a package
-        from tests.hub_server import HubServer
+        from tests.hub_server import HubServer, client_env
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
-    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_TOKEN="dummy-token", HF_HUB_DISABLE_TELEMETRY="1",
-               HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY="127.0.0.1,localhost",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     work = tmp_path / "work"
     work.mkdir()
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # timm-popup of this Python
     with HubServer() as endpoint:
         proc = subprocess.run([sys.executable, "-c", _EXAMPLES, str(ROOT / "README.md")], cwd=work,
-                              env=dict(env, HF_ENDPOINT=endpoint), capture_output=True, text=True, timeout=600)
+                              env=client_env(endpoint, tmp_path / "hf_home", PATH=path), capture_output=True,
+                              text=True, timeout=600)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "tensor(0.5000)" in proc.stdout  # the Use block's printed density
