@@ -5,7 +5,7 @@ a model (regenerated weights, frozen tensors) before applying it.
 
 File format (version 2), all tensors, because ``safetensors.torch.load_file`` drops header metadata:
 
-* ``__popup__.format_version`` int64[1], ``__popup__.generator_version`` int64[1] (``timm_popup.init``),
+* ``__popup__.format_version`` int64[1], ``__popup__.generator_version`` int64[1] (``timm_popup.reference``),
   ``__popup__.seed`` int64[1], ``__popup__.k`` float64[1], ``__popup__.weight_init`` uint8[] (UTF-8).
 * per masked tensor ``NAME`` (its qualified name in the model, e.g. ``layer1.0.conv1.weight``): ``NAME.mask``
   uint8[ceil(n/8)], the tensor's boolean mask flattened in C order
@@ -158,12 +158,11 @@ class Header:
 class MaskedTensor:
     """What the file records of one masked tensor: its seeded ``weight`` (fingerprinted) and its payload, the
     ``mask`` or, for a slot machine, each weight's ``slot``; ``alpha``, the ``flips`` and ``redraws`` of the kept
-    weights and the kept count (``record_kept``) where its method has them."""
+    weights where its method has them."""
 
     weight: torch.Tensor
     mask: torch.Tensor | None = None
     slot: torch.Tensor | None = None
-    record_kept: bool = False
     alpha: torch.Tensor | None = None
     flips: torch.Tensor | None = None
     redraws: torch.Tensor | None = None
@@ -192,19 +191,24 @@ def encode(header: Header, frozen: list[torch.Tensor], tensors: Iterable[tuple[s
     if header.free:
         out[META + "free_density"] = torch.tensor([1])
     for name, tensor in tensors:
-        out.update(_tensor_entries(name, tensor, header.slots))
+        out.update(_tensor_entries(name, tensor, header))
     out.update({name: t.detach().cpu().contiguous().clone() for name, t in state.items()})
     out[META + "checksum"] = checksum(out)
     return out
 
 
-def _tensor_entries(name: str, t: MaskedTensor, slots: int) -> dict[str, torch.Tensor]:
+def _records_kept(method: str, free: bool) -> bool:
+    """Whether each tensor's kept count is in the file (a density not round(k*n): free or global top-k)."""
+    return free or method == "global-topk"
+
+
+def _tensor_entries(name: str, t: MaskedTensor, header: Header) -> dict[str, torch.Tensor]:
     out = {f"{name}.mask_shape": torch.tensor(list(t.weight.shape)), f"{name}.fingerprint": sha256([t.weight.float()])}
     if t.slot is not None:
-        out[f"{name}.slot"] = pack_uint(t.slot, bits_for(slots - 1))
+        out[f"{name}.slot"] = pack_uint(t.slot, bits_for(header.slots - 1))
         return out
     out[f"{name}.mask"] = pack_mask(t.mask)
-    if t.record_kept:
+    if _records_kept(header.method, header.free):
         out[f"{name}.kept"] = torch.tensor([int(t.mask.sum())])
     if t.alpha is not None:
         out[f"{name}.alpha"] = t.alpha.reshape(1).cpu()
@@ -318,7 +322,7 @@ def decode_tensor(sd: dict[str, torch.Tensor], name: str, n: int, method: str, k
         return dict(bits=np.ones(n, dtype=np.uint8), slot=choice)
     bits = unpack_bits(_packed(sd, f"{name}.mask", n), n)
     kept = int(np.count_nonzero(bits))
-    if free_density(sd) or method == "global-topk":
+    if _records_kept(method, free_density(sd)):
         if f"{name}.kept" not in sd or kept != int(sd[f"{name}.kept"].item()):
             raise MaskError(f"tensor {name} keeps {kept} of {n} weights, not the count the file records: the mask "
                             "file is corrupt; download it again")

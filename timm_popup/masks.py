@@ -68,13 +68,13 @@ def _fingerprinted_frozen(model: nn.Module, replaced: dict[str, torch.Tensor] | 
     return [replaced.get(n, t) for n, t in frozen_tensors(model) if n.rpartition(".")[0] not in classifiers]
 
 
-def _masked_tensor(layer: PopupMask, method: str, free: bool) -> MaskedTensor:
+def _masked_tensor(layer: PopupMask, method: str) -> MaskedTensor:
     """What the file records of one masked tensor, read from its layer."""
     if layer.mode == "slots":
         return MaskedTensor(layer.weight_seeded(), slot=layer.slot_choice())
     mask = layer.get_mask()
     return MaskedTensor(
-        layer.weight_seeded(), mask=mask, record_kept=free or layer.mode == "global",
+        layer.weight_seeded(), mask=mask,
         alpha=binary_alpha(layer.weight, mask) if layer.mode == "binary" else None,
         flips=layer.flips()[mask] if layer.mode == "signed" else None,
         redraws=layer.redraws[mask] if method == "iterand" else None)
@@ -90,7 +90,7 @@ def mask_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
                         "timm_popup.convert(model) before saving a mask")
     frozen = _fingerprinted_frozen(model)
     free = any(layer.mode == "sample" for layer in layers.values())
-    tensors = ((name, _masked_tensor(layer, cfg.method, free)) for name, layer in layers.items())
+    tensors = ((name, _masked_tensor(layer, cfg.method)) for name, layer in layers.items())
     state = {n: t for n, t in model.state_dict().items() if n.rpartition(".")[2] not in ("scores", "redraws")}
     header = Header(method=cfg.method, seed=cfg.seed, k=cfg.k, weight_init=cfg.weight_init, free=free,
                     slots=cfg.slots, redraw_every=cfg.redraw_every, redraw_rate=cfg.redraw_rate)
