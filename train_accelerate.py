@@ -62,6 +62,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="iterand: optimizer updates between re-draws of pruned weights (default 300)")
     g.add_argument("--redraw-rate", type=float, default=None,
                    help="iterand: probability that a pruned weight is re-drawn (default 0.1)")
+    g.add_argument("--structure", default=None, metavar="N:M",
+                   help="N:M structured masks, e.g. 2:4 (N of every M consecutive input weights; k = N/M): "
+                        "edge-popup, biprop, signed-supermask, iterand")
     g.add_argument("--recipe", default="auto", help="auto (cifar for 32x32 models, else imagenet), cifar, imagenet")
     g.add_argument("--k", type=float, default=None, help="fraction of weights KEPT per layer (model default)")
     g.add_argument("--weight-init", default=None, help="weight distribution (default: signed_constant; dense: "
@@ -190,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         init_artifact = train.check_init_artifact(args.init_artifact, method)
         options = train.check_method_options(method, slots=args.slots, redraw_every=args.redraw_every,
                                              redraw_rate=args.redraw_rate)
+        if args.structure is not None:
+            args.model_kwargs = {**args.model_kwargs, "structure": train.check_structure(args.structure, method)}
         for flag, least in (("workers", 0), ("train_samples", 1), ("val_samples", 1), ("keep_checkpoints", 1),
                             ("log_every", 1)):
             if getattr(args, flag) is not None and getattr(args, flag) < least:

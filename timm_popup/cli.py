@@ -108,6 +108,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             ("method", info["method"]),
             ("k", f"{info['k']} (fraction of weights kept "
                   f"{'in the whole network' if info['method'] == 'global-topk' else 'per layer'})"),
+            *([("structure", f"{info['structure']} (N of every M consecutive input weights)")]
+              if "structure" in info else []),
             ("weight init", info["weight_init"]),
             ("layers", f"{info['layers']} masked"),
             ("weights kept", f"{kept:,} of {total:,} ({100 * kept / max(total, 1):.1f}%)"),

@@ -10,7 +10,7 @@ from .init import DEFAULT_WEIGHT_INIT
 __all__ = ["PopupConfig", "POPUP_ARGS"]
 
 #: the model arguments that choose the random network (``timm.create_model`` keyword arguments)
-POPUP_ARGS = ("k", "weight_init", "seed", "dense")
+POPUP_ARGS = ("k", "weight_init", "seed", "dense", "structure")
 
 
 @dataclass
@@ -34,10 +34,15 @@ class PopupConfig:
     slots: int = 0  # slot-machine: candidate values per weight
     redraw_every: int = 0  # iterand: optimizer updates between re-draws
     redraw_rate: float = 0.0  # iterand: probability that a pruned weight is re-drawn
+    structure: str | None = None  # N:M structured masks ("2:4"), None: one top-k per tensor
 
     def popup_args(self) -> dict[str, Any]:
-        """k, weight_init, seed and dense as ``timm.create_model`` takes them."""
-        return dict(k=self.k, weight_init=self.weight_init, seed=self.seed, dense=list(self.dense))
+        """k, weight_init, seed, dense (and an N:M structure, where there is one) as ``timm.create_model`` takes
+        them."""
+        args = dict(k=self.k, weight_init=self.weight_init, seed=self.seed, dense=list(self.dense))
+        if self.structure is not None:
+            args["structure"] = self.structure
+        return args
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

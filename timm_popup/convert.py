@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import math
 import re
 from collections.abc import Callable, Sequence
 
@@ -44,8 +45,9 @@ from torch.nn.utils import parametrize
 
 from .config import PopupConfig
 from .init import DEFAULT_WEIGHT_INIT, check_k, check_weight_init, fans, random_normal, random_weight
-from .layers import METHOD_MODES, PopupMask, mask_tensor, popup_masks, use_method
+from .layers import METHOD_MODES, PopupMask, mask_tensor, popup_masks, use_method, use_structure
 from .modes import MethodOptions, make_mask_method
+from .native import parse_structure
 
 __all__ = ["convert", "build_converted", "FrozenValue", "unfreeze", "folded", "make_scriptable", "reseed",
            "regenerated", "popup_masks", "frozen_tensors", "is_norm", "is_masked_weight", "EMBED_STD", "NEAR_ZERO",
@@ -109,7 +111,8 @@ _BN_STATS = {"running_mean": torch.zeros_like, "running_var": torch.ones_like, "
 
 
 def build_converted(factory: Callable[[], nn.Module], *, k: float = 0.5, weight_init: str = DEFAULT_WEIGHT_INIT,
-                    seed: int = 0, dense: Sequence[str] = (), init_scores: bool = True) -> nn.Module:
+                    seed: int = 0, dense: Sequence[str] = (), init_scores: bool = True,
+                    structure: str | Sequence[int] | None = None) -> nn.Module:
     """``convert(factory(), ...)``, skipping timm's dense initialisation where the parameter policy allows.
 
     The model is first built on the meta device (no memory, no init). If every parameter's frozen value follows
@@ -133,7 +136,8 @@ def build_converted(factory: Callable[[], nn.Module], *, k: float = 0.5, weight_
                 module.register_buffer(name, _BN_STATS[name](buf, device="cpu"))
     else:
         model = factory()
-    return convert(model, k=k, weight_init=weight_init, seed=seed, dense=dense, init_scores=init_scores)
+    return convert(model, k=k, weight_init=weight_init, seed=seed, dense=dense, init_scores=init_scores,
+                   structure=structure)
 
 
 class FrozenValue(nn.Module):
@@ -273,7 +277,8 @@ class _PopupResetClassifier:
         self.original(self.model, *args, **kwargs)
         cfg = self.model.popup_config
         before = {id(mask) for mask in popup_masks(self.model).values()}
-        convert(self.model, k=cfg.k, weight_init=cfg.weight_init, seed=cfg.seed, dense=cfg.dense)
+        convert(self.model, k=cfg.k, weight_init=cfg.weight_init, seed=cfg.seed, dense=cfg.dense,
+                structure=cfg.structure)
         if cfg.method in METHOD_MODES and cfg.method != "edge-popup":  # the new head learns the model's method
             masks = list(popup_masks(self.model).values())
             new = [mask for mask in masks if id(mask) not in before]
@@ -290,6 +295,7 @@ def convert(
     init_scores: bool = True,
     method: str = "edge-popup",
     options: MethodOptions | None = None,
+    structure: str | Sequence[int] | None = None,
 ) -> nn.Module:
     """Make ``model`` an edge-popup network in place and return it.
 
@@ -308,11 +314,20 @@ def convert(
     ``method`` (with its ``options``) makes it another mask-learning method of ``timm_popup.methods`` instead
     (``global-topk``, ``biprop``, ``iterand``, ``signed-supermask``, ``slot-machine``): the same network, its
     masks in that method's mode.
+
+    ``structure`` (``"2:4"``, any N:M with N < M) keeps N of every M consecutive weights along each tensor's dim 1
+    (input features, input channels) instead of one top-k per tensor; ``k`` must then be N/M, which tensors whose
+    dim 1 does not divide by M keep as one top-k (``layers.use_structure``).
     """
     k, weight_init, seed = check_k(k), check_weight_init(weight_init), int(seed)
+    if structure is not None:
+        n, m = parse_structure(structure)
+        if not math.isclose(k, n / m, rel_tol=0, abs_tol=1e-3):
+            raise ValueError(f"structure {n}:{m} keeps k = {n / m:.4g} of the weights, not k={k}: pass k={n / m:.4g}")
+        k, structure = n / m, f"{n}:{m}"
     dense = tuple(dense)
     cfg = getattr(model, "popup_config", None) or PopupConfig()
-    cfg.k, cfg.weight_init, cfg.seed, cfg.dense = k, weight_init, seed, dense
+    cfg.k, cfg.weight_init, cfg.seed, cfg.dense, cfg.structure = k, weight_init, seed, dense, structure
 
     def is_dense(name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in dense)
@@ -352,6 +367,7 @@ def convert(
                          f"{f' (and {len(too_few) - 1} more tensors)' if len(too_few) > 1 else ''}: that "
                          "tensor would be cut out of the network; use a larger k or keep it dense (dense=...)")
     model.popup_config = cfg
+    use_structure(list(popup_masks(model).values()), structure)
     _name_popup_architecture(model)
     make_scriptable(model)
     if hasattr(type(model), "reset_classifier") and not isinstance(

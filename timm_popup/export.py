@@ -17,8 +17,10 @@ from torch.nn.utils import parametrize
 
 from ._io import atomic_write
 from .config import POPUP_ARGS
+from .convert import folded, popup_masks
 
-__all__ = ["PLAIN_TWINS", "ExportError", "dense_state_dict", "plain_twin", "export_plain", "unshared", "save_plain"]
+__all__ = ["PLAIN_TWINS", "ExportError", "dense_state_dict", "plain_twin", "export_plain", "unshared", "save_plain",
+           "semi_structured_unsupported", "export_semi_structured"]
 
 #: timm's Hub layout (hub.py's artifacts add a README.md card)
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
@@ -151,3 +153,66 @@ def export_plain(model: nn.Module, twin: str, *, input_size: Sequence[int] | Non
         raise ExportError(f"the exported {twin} computes other logits than the popup model (max |diff| {diff:.3g}): "
                           "not exported")
     return plain, diff
+
+
+#: the dtypes whose semi-structured kernels take a 2:4 pattern (float32's take 1:2, int8 needs quantised weights)
+_SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def semi_structured_unsupported(device: torch.device | str | None = None) -> str | None:
+    """Why ``device`` (default: the current CUDA device) cannot run PyTorch's semi-structured (2:4) sparse weights,
+    or None where it can: they run on NVIDIA GPUs of compute capability 8.0 or newer (Ampere, Hopper ...) only."""
+    device = torch.device(device if device is not None else "cuda")
+    if device.type != "cuda" or not torch.cuda.is_available():
+        where = "no CUDA GPU is available" if not torch.cuda.is_available() else f"the device asked for is {device}"
+        return (f"semi-structured sparse weights (torch.sparse.to_sparse_semi_structured) run on NVIDIA GPUs of "
+                f"compute capability 8.0+ only, and {where}: deploy the folded dense model "
+                "(timm-popup export) here")
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return (f"semi-structured sparse weights need compute capability 8.0+ (Ampere or newer); "
+                f"{torch.cuda.get_device_name(device)} is {major}.{minor}: deploy the folded dense model instead")
+    return None
+
+
+def export_semi_structured(model: nn.Module, *, dtype: torch.dtype = torch.float16,
+                           device: torch.device | str | None = None) -> tuple[nn.Module, dict[str, str]]:
+    """The folded network of a 2:4 popup ``model`` (``structure="2:4"``) for sparse inference: a copy in eval mode
+    on ``device`` (default the current CUDA device) in ``dtype`` (float16 or bfloat16), whose ``nn.Linear`` weights
+    that kept the 2:4 structure are ``torch.sparse.to_sparse_semi_structured`` tensors; everything else is the
+    dense folded tensor. ``model`` is left as it was.
+
+    Returns the copy and, per masked tensor that stayed dense, why (not a linear layer's weight, a dim 1 not in
+    groups of 4, or a shape the sparse kernels refuse: float16 needs rows in multiples of 32, columns of 64).
+    Raises :class:`ExportError` on a model without the 2:4 structure or a device without the kernels
+    (:func:`semi_structured_unsupported`)."""
+    structure = getattr(getattr(model, "popup_config", None), "structure", None)
+    if structure != "2:4":
+        raise ExportError(f"semi-structured sparse export needs a 2:4 model (structure='2:4'), this one has "
+                          f"structure={structure!r}: train it with --structure 2:4")
+    if dtype not in _SEMI_STRUCTURED_DTYPES:
+        raise ExportError(f"semi-structured 2:4 weights are float16 or bfloat16, not {dtype} (float32's sparse "
+                          "kernels take 1:2 pairs)")
+    reason = semi_structured_unsupported(device)
+    if reason is not None:
+        raise ExportError(reason)
+    from torch.sparse import to_sparse_semi_structured
+
+    plain = folded(model).eval().to(device=device or "cuda", dtype=dtype)
+    dense: dict[str, str] = {}
+    for name, mask in popup_masks(model).items():
+        owner, _, tensor_name = name.rpartition(".")
+        module = plain.get_submodule(owner)
+        if not isinstance(module, nn.Linear) or tensor_name != "weight":
+            dense[name] = "not a linear layer's weight"
+            continue
+        if mask.structure is None:
+            dense[name] = f"its {tuple(mask.weight.shape)[1]} input features do not split into groups of 4"
+            continue
+        weight = module._buffers.pop("weight")  # folded() holds the masked weight as a buffer
+        try:
+            module.weight = nn.Parameter(to_sparse_semi_structured(weight), requires_grad=False)
+        except (RuntimeError, ValueError) as e:  # the kernels' shape constraints
+            module.register_buffer("weight", weight)
+            dense[name] = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return plain, dense

@@ -245,7 +245,7 @@ def _write_config(model: nn.Module, directory: Path, fields: Mapping[str, Any]) 
     args, stats, cfg = _popup_args(model), model_stats(model), model.popup_config
     # the fp32 checkpoint of the same network: weights are (non-persistent) buffers here, scores are not in it
     dense_bytes = sum(t.numel() * t.element_size() for t in dense_state_dict(model).values())
-    popup = dict(format_version=artifact_format(cfg.method), generator_version=GENERATOR_VERSION,
+    popup = dict(format_version=artifact_format(cfg.method, cfg.structure), generator_version=GENERATOR_VERSION,
                  **({"method": cfg.method} if cfg.method != "edge-popup" else {}), **args,
                  dense_bytes=dense_bytes, stats=stats, timm_popup_version=_version(), **fields)
     path = atomic_write(directory / CONFIG_NAME, lambda tmp: save_config_for_hf(

@@ -53,7 +53,8 @@ from torch.nn.utils import parametrize
 from . import native
 from .init import WEIGHT_INITS, check_k, check_weight_init, fans, random_uniform, random_weight, stream_key
 
-__all__ = ["PopupMask", "MaskGroup", "MaskMode", "MASK_MODES", "MODES", "METHOD_MODES", "use_method", "density_rescale",
+__all__ = ["PopupMask", "MaskGroup", "MaskMode", "MASK_MODES", "MODES", "NMStructure", "use_structure",
+           "METHOD_MODES", "use_method", "density_rescale",
            "binary_alpha", "binarized", "num_kept", "topk_mask", "fused_masked_weight",
            "mask_tensor", "unmask_tensor", "popup_masks"]
 
@@ -195,6 +196,8 @@ class MaskMode:
     cached: bool = True
     #: ``weight`` is a trainable parameter rather than the frozen seeded draw
     learns_weight: bool = False
+    #: why the mode cannot keep an N:M structure (:class:`NMStructure`); empty where it can
+    unstructured_because: str = ""
 
     def select(self, m: PopupMask) -> torch.Tensor:
         raise NotImplementedError
@@ -218,14 +221,15 @@ class TopK(MaskMode):
     name = "topk"
 
     def select(self, m: PopupMask) -> torch.Tensor:
-        return topk_mask(m.scores, m.k, m._selection)
+        return m.keep_topk()
 
     def apply(self, m: PopupMask, mask: torch.Tensor) -> torch.Tensor:
         return _StraightThrough.apply(m.scores, m.weight, mask)
 
     def train_forward(self, m: PopupMask) -> torch.Tensor:
-        # edge-popup's hot path: selection and masked weight in one fused call
-        return fused_masked_weight(m.scores, m.weight, m.k, m._selection)
+        if m.structure is None:  # edge-popup's hot path: selection and masked weight in one fused call
+            return fused_masked_weight(m.scores, m.weight, m.k, m._selection)
+        return self.apply(m, m.structure.select(m.scores))
 
 
 class Sample(MaskMode):
@@ -233,6 +237,7 @@ class Sample(MaskMode):
     ``sigmoid(scores) > 0.5``, written ``scores > 0`` so that sigmoid's rounding near 0.5 cannot flip it."""
 
     name = "sample"
+    unstructured_because = "supermask samples each weight on its own (Bernoulli); it keeps no top-k to group"
 
     def select(self, m: PopupMask) -> torch.Tensor:
         return m.scores.detach() > 0
@@ -284,6 +289,7 @@ class GlobalTopK(_StrongTicket):
     sqrt(1/density) of each tensor (:func:`density_rescale`)."""
 
     name = "global"
+    unstructured_because = "global-topk's density per tensor is free, N:M fixes it at N/M in every group"
 
     def select(self, m: PopupMask) -> torch.Tensor:
         return m.group.mask_of(m)
@@ -304,7 +310,7 @@ class Binary(_StrongTicket):
     name = "binary"
 
     def select(self, m: PopupMask) -> torch.Tensor:
-        return topk_mask(m.scores, m.k, m._selection)
+        return m.keep_topk()
 
     def apply(self, m: PopupMask, mask: torch.Tensor) -> torch.Tensor:
         return _StraightThrough.apply(m.scores, binarized(m.weight, mask), mask)
@@ -316,7 +322,7 @@ class Signed(_StrongTicket):
     name = "signed"
 
     def select(self, m: PopupMask) -> torch.Tensor:
-        return topk_mask(m.scores, m.k, m._selection)
+        return m.keep_topk()
 
     def apply(self, m: PopupMask, mask: torch.Tensor) -> torch.Tensor:
         kept = mask.to(m.weight.dtype)
@@ -327,12 +333,29 @@ class Slots(_StrongTicket):
     """Slot machines: every weight is used; its K scores choose its value, not whether it is kept."""
 
     name = "slots"
+    unstructured_because = "slot-machine prunes nothing: every weight takes one of its K values"
 
     def select(self, m: PopupMask) -> torch.Tensor:
         return torch.ones_like(m.weight, dtype=torch.bool)
 
     def apply(self, m: PopupMask, mask: torch.Tensor) -> torch.Tensor:
         return _SlotSelect.apply(m.scores, m.candidates, m.scores.detach().argmax(0))
+
+
+class NMStructure:
+    """N:M structured masks: every group of ``m`` consecutive weights along dim 1 (input features / input channels,
+    ``native.nm_groups``) keeps its ``n`` largest |scores|, ties to the lower index; the straight-through gradient
+    is edge-popup's. Set on the tensors whose dim 1 divides into groups (:func:`use_structure`)."""
+
+    def __init__(self, n: int, m: int) -> None:
+        self.n, self.m = native.parse_structure((n, m))
+
+    @property
+    def name(self) -> str:
+        return f"{self.n}:{self.m}"
+
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        return native.nm_mask(scores, self.n, self.m)
 
 
 #: every mode of :class:`PopupMask`, by its name (``PopupMask.mode``)
@@ -356,6 +379,8 @@ class PopupMask(nn.Module):
     masking: MaskMode = MASK_MODES["topk"]
     #: the tensors this one shares a global top-k with (mode ``"global"``)
     group: MaskGroup | None = None
+    #: the N:M structure its top-k keeps (None: one top-k over the whole tensor)
+    structure: NMStructure | None = None
 
     def __init__(self, shape: Sequence[int], *, name: str, k: float, weight_init: str, seed: int,
                  fan_shape: Sequence[int] | None = None, device: torch.device | str | None = None,
@@ -398,7 +423,23 @@ class PopupMask(nn.Module):
         """Switch to another of ``MODES`` (what ``timm_popup.methods`` and loading a supermask do)."""
         if mode not in MASK_MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MASK_MODES)}")
+        if self.structure is not None and MASK_MODES[mode].unstructured_because:
+            raise ValueError(f"{self.popup_name} keeps an N:M structure ({self.structure.name}), which mode {mode} "
+                             f"cannot: {MASK_MODES[mode].unstructured_because}")
         self.mode, self.masking, self._cache = mode, MASK_MODES[mode], None
+
+    def set_structure(self, structure: NMStructure | None) -> None:
+        """Keep ``structure`` (None: unstructured) in every top-k of this tensor from now on."""
+        if structure is not None and self.masking.unstructured_because:
+            raise ValueError(f"an N:M structure ({structure.name}) cannot apply to mode {self.mode}: "
+                             f"{self.masking.unstructured_because}")
+        self.structure, self._cache = structure, None
+
+    def keep_topk(self) -> torch.Tensor:
+        """The top-k mask of the current scores: round(k * n) of the tensor, or N of every M under a structure."""
+        if self.structure is None:
+            return topk_mask(self.scores, self.k, self._selection)
+        return self.structure.select(self.scores)
 
     def set_weight(self, weight: torch.Tensor) -> None:
         """Replace the frozen weight (a re-seed) and forget what was computed from the old one."""
@@ -452,7 +493,7 @@ class PopupMask(nn.Module):
         with torch.no_grad():
             device = self.weight.device
             pick = random_uniform(self.weight.shape, seed=self.seed, name=f"{self.popup_name}#iterand-pick{event}")
-            chosen = (pick.abs() < rate).to(device) & ~topk_mask(self.scores, self.k)
+            chosen = (pick.abs() < rate).to(device) & ~self.keep_topk()
             new = self.draw(f"#iterand{event}").to(device)
             self.redraws.masked_fill_(chosen, event)
             self.set_weight(torch.where(chosen, new, self.weight))
@@ -500,6 +541,7 @@ class PopupMask(nn.Module):
 
     def extra_repr(self) -> str:
         mode = "" if self.mode == "topk" else f", mode={self.mode}"
+        mode += "" if self.structure is None else f", structure={self.structure.name}"
         return f"{self.popup_name}: {tuple(self.weight.shape)}, k={self.k}, weight_init={self.weight_init}, " \
                f"seed={self.seed}{mode}"
 
@@ -511,6 +553,10 @@ def use_method(masks: Sequence[PopupMask], method: str, *, k: float, slots: int 
     if method not in METHOD_MODES:
         raise ValueError(f"unknown mask method {method!r}; choose one of: {', '.join(METHOD_MODES)}")
     mode = METHOD_MODES[method]
+    structured = next((mask for mask in masks if mask.structure is not None), None)
+    if structured is not None and MASK_MODES[mode].unstructured_because:
+        raise ValueError(f"--method {method} cannot keep the N:M structure {structured.structure.name}: "
+                         f"{MASK_MODES[mode].unstructured_because}; train it without a structure")
     group = MaskGroup(masks, k) if mode == "global" else None
     for mask in masks:
         if mode == "slots":
@@ -520,6 +566,15 @@ def use_method(masks: Sequence[PopupMask], method: str, *, k: float, slots: int 
         mask.group = group
         if method == "iterand":
             mask.track_redraws()
+
+
+def use_structure(masks: Sequence[PopupMask], structure: str | Sequence[int] | None) -> None:
+    """Give ``masks`` (all of a model's) the N:M ``structure`` (``"2:4"``; None: unstructured) where their dim 1
+    splits into groups of M; the others keep one top-k over the tensor at k = N/M."""
+    nm = None if structure is None else native.parse_structure(structure)
+    for mask in masks:
+        fits = nm is not None and native.nm_applies(mask.weight.shape, nm[1])
+        mask.set_structure(NMStructure(*nm) if fits else None)
 
 
 def mask_tensor(module: nn.Module, tensor_name: str, mask: PopupMask) -> None:

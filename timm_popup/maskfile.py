@@ -36,6 +36,13 @@ format 2, byte for byte): everything above, plus ``__popup__.method`` uint8[] (U
 * ``slot-machine``: no ``NAME.mask`` (every weight is used); ``NAME.slot``, each weight's candidate index at
   ceil(log2(slots)) bits, and ``__popup__.slots``.
 
+Format 4 (N:M structured masks, ``structure`` of ``timm_popup.convert``; files without one keep their format):
+``__popup__.structure`` uint8[] (UTF-8, ``"2:4"``), and per tensor whose dim 1 divides into groups of M either
+``NAME.mask`` or, where it is smaller, ``NAME.nm``: each group's kept pattern as its colex rank among the
+C(M, N) patterns, G groups (``native.nm_groups`` order) packed as base-C numbers of ``nm_layout``'s chunk of groups
+each, ``pack_uint`` at the bits the largest chunk needs (2:4: 24 groups in 63 bits, 0.656 bit per weight). Every
+group of such a tensor must keep exactly N, however it is stored; the other tensors keep round(k * n).
+
 Packed unsigned values (``pack_uint``): value i's bit b is bit ``i * bits + b`` of the little-endian bit stream.
 
 Version history: 1 keyed masks by module name (``conv1.mask``) on generator version 1; 2 keys them by tensor
@@ -58,22 +65,26 @@ import safetensors.torch
 import torch
 
 from ._io import atomic_write
+from .native import nm_applies, nm_groups, nm_ungroup, parse_structure
 from .reference import GENERATOR_VERSION
 
 __all__ = ["FORMAT_VERSION", "OLDEST_FORMAT", "META", "TENSOR_KEYS", "MaskError", "artifact_format", "pack_mask",
            "unpack_bits", "unpack_mask", "pack_uint", "unpack_uint", "bits_for", "sha256", "Header", "MaskedTensor",
            "encode", "write_mask_file", "read_mask_file", "check_format", "recorded_method", "recorded_popup_args",
-           "read_header", "scalar", "free_density", "stored_tensors", "decode_tensor", "artifact_info", "checksum"]
+           "read_header", "scalar", "free_density", "stored_tensors", "decode_tensor", "artifact_info", "checksum",
+           "recorded_structure", "nm_layout", "pack_nm", "unpack_nm", "STRUCTURED_FORMAT"]
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
+#: the format of a file with an N:M structure (the others stay in theirs)
+STRUCTURED_FORMAT = 4
 #: the oldest format this release still reads
 OLDEST_FORMAT = 2
 #: methods whose artifacts need no format-3 key (written as format 2: older releases read them)
 _FORMAT2_METHODS = ("edge-popup", "supermask")
 #: per-tensor keys of an artifact, other than the tensor's state
-TENSOR_KEYS = ("mask", "mask_shape", "fingerprint", "kept", "alpha", "flips", "redraws", "redraw_bits", "slot")
+TENSOR_KEYS = ("mask", "mask_shape", "fingerprint", "kept", "alpha", "flips", "redraws", "redraw_bits", "slot", "nm")
 #: the keys that carry the artifact's information per weight (what ``bits_per_weight`` counts)
-_PAYLOAD_KEYS = ("mask", "flips", "redraws", "slot")
+_PAYLOAD_KEYS = ("mask", "nm", "flips", "redraws", "slot")
 META = "__popup__."
 
 
@@ -81,10 +92,12 @@ class MaskError(ValueError):
     """A mask file that cannot be trusted for this model; the message says why and what to do."""
 
 
-def artifact_format(method: str) -> int:
+def artifact_format(method: str, structure: str | None = None) -> int:
     """The format an artifact of ``method`` is written in: the oldest that can hold it (edge-popup and supermask
-    files stay format 2, readable by older releases)."""
-    return OLDEST_FORMAT if method in _FORMAT2_METHODS else FORMAT_VERSION
+    files stay format 2, readable by older releases; the other methods 3; an N:M structure 4)."""
+    if structure is not None:
+        return STRUCTURED_FORMAT
+    return OLDEST_FORMAT if method in _FORMAT2_METHODS else 3
 
 
 # -- bits and digests ---------------------------------------------------------------------------------------------
@@ -123,6 +136,54 @@ def bits_for(largest: int) -> int:
     return max(1, int(largest).bit_length())
 
 
+def nm_layout(n: int, m: int, groups: int) -> tuple[int, int, int]:
+    """``(C, g, bits)`` of an N:M code: C = C(m, n) patterns per group, g groups per chunk (the most whose base-C
+    number fits an int64, at most ``groups``), ``bits`` per chunk."""
+    patterns = math.comb(m, n)
+    per = max(1, min(groups, int(63 / math.log2(patterns)) if patterns > 1 else groups))
+    while patterns ** per >= 2**63:  # float log2 rounding: stay exact
+        per -= 1
+    return patterns, per, bits_for(patterns ** per - 1)
+
+
+def _binomials(m: int) -> np.ndarray:
+    return np.array([[math.comb(p, j) for j in range(m + 1)] for p in range(m)], dtype=np.int64)
+
+
+def pack_nm(mask: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The N:M code of ``mask`` (module docstring); every group keeps exactly ``n``, which the caller ensures."""
+    bits = nm_groups(mask.detach().cpu(), m).numpy().astype(np.int64)
+    count = np.cumsum(bits, axis=1)  # at a kept position p, its rank i among the group's kept ones (1-based)
+    ranks = (bits * _binomials(m)[np.arange(m), np.minimum(count, m)]).sum(axis=1)
+    patterns, per, width = nm_layout(n, m, len(ranks))
+    chunks = np.zeros(-(-len(ranks) // per) * per, dtype=np.int64)
+    chunks[: len(ranks)] = ranks
+    values = (chunks.reshape(-1, per) * patterns ** np.arange(per, dtype=np.int64)).sum(axis=1)
+    return pack_uint(torch.from_numpy(values), width)
+
+
+def unpack_nm(sd: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], n: int, m: int) -> np.ndarray:
+    """The mask bits (the tensor's flat C order, uint8 0/1) of tensor ``name``'s N:M code, checked: its size, every
+    value in range."""
+    groups = math.prod(shape) // m
+    patterns, per, width = nm_layout(n, m, groups)
+    chunks = -(-groups // per)
+    values = unpack_uint(_packed(sd, f"{name}.nm", chunks * width), chunks, width)
+    if values.size and (values.min() < 0 or values.max() >= patterns ** per):
+        raise MaskError(f"tensor {name}: an N:M code is out of range: the mask file is corrupt; download it again")
+    digits = (values[:, None] // patterns ** np.arange(per, dtype=np.int64)) % patterns
+    ranks, padding = digits.reshape(-1)[:groups], digits.reshape(-1)[groups:]
+    if padding.any():
+        raise MaskError(f"tensor {name}: its N:M code pads with non-zero values: the mask file is corrupt")
+    table, left, bits = _binomials(m), np.full(groups, n), np.zeros((groups, m), dtype=np.uint8)
+    for p in range(m - 1, -1, -1):  # colex unranking: the largest position p with C(p, left) <= rank is kept
+        value = table[p, left]
+        take = (left > 0) & (value <= ranks)
+        bits[take, p] = 1
+        ranks, left = ranks - value * take, left - take
+    return nm_ungroup(torch.from_numpy(bits), shape).reshape(-1).numpy()
+
+
 def sha256(tensors: list[torch.Tensor]) -> torch.Tensor:
     """sha256 over the tensors' bytes in order, as the file stores a digest (uint8[32])."""
     h = hashlib.sha256()
@@ -149,6 +210,7 @@ class Header:
     k: float
     weight_init: str
     free: bool = False  # a learned density per tensor (supermask)
+    structure: str | None = None  # N:M ("2:4")
     slots: int = 0
     redraw_every: int = 0
     redraw_rate: float = 0.0
@@ -174,7 +236,7 @@ def encode(header: Header, frozen: list[torch.Tensor], tensors: Iterable[tuple[s
     (``tensors`` may be a generator: each is packed before the next is read, so a model's masks are never all held
     at once), the model's other ``state`` (BatchNorm statistics, layers kept dense) and the checksum over it all."""
     out: dict[str, torch.Tensor] = {
-        META + "format_version": torch.tensor([artifact_format(header.method)]),
+        META + "format_version": torch.tensor([artifact_format(header.method, header.structure)]),
         META + "generator_version": torch.tensor([GENERATOR_VERSION]),
         META + "seed": torch.tensor([header.seed]),
         META + "k": torch.tensor([header.k], dtype=torch.float64),
@@ -190,6 +252,8 @@ def encode(header: Header, frozen: list[torch.Tensor], tensors: Iterable[tuple[s
         out[META + "redraw_rate"] = torch.tensor([header.redraw_rate], dtype=torch.float64)
     if header.free:
         out[META + "free_density"] = torch.tensor([1])
+    if header.structure is not None:
+        out[META + "structure"] = torch.tensor(list(header.structure.encode()), dtype=torch.uint8)
     for name, tensor in tensors:
         out.update(_tensor_entries(name, tensor, header))
     out.update({name: t.detach().cpu().contiguous().clone() for name, t in state.items()})
@@ -208,6 +272,13 @@ def _tensor_entries(name: str, t: MaskedTensor, header: Header) -> dict[str, tor
         out[f"{name}.slot"] = pack_uint(t.slot, bits_for(header.slots - 1))
         return out
     out[f"{name}.mask"] = pack_mask(t.mask)
+    if header.structure is not None:
+        n, m = parse_structure(header.structure)
+        if nm_applies(t.mask.shape, m):
+            code = pack_nm(t.mask, n, m)
+            if code.numel() < out[f"{name}.mask"].numel():
+                out[f"{name}.nm"] = code
+                del out[f"{name}.mask"]
     if _records_kept(header.method, header.free):
         out[f"{name}.kept"] = torch.tensor([int(t.mask.sum())])
     if t.alpha is not None:
@@ -294,6 +365,14 @@ def recorded_popup_args(sd: dict[str, torch.Tensor]) -> dict:
                 weight_init=bytes(sd[META + "weight_init"].tolist()).decode())
 
 
+def recorded_structure(sd: dict[str, torch.Tensor]) -> str | None:
+    """The N:M structure the file records (``"2:4"``), None for unstructured masks."""
+    if META + "structure" not in sd:
+        return None
+    n, m = parse_structure(bytes(sd[META + "structure"].tolist()).decode(errors="replace"))
+    return f"{n}:{m}"
+
+
 def stored_tensors(sd: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     """Each masked tensor's name and shape."""
     return {n[: -len(".mask_shape")]: tuple(sd[n].tolist()) for n in sd if n.endswith(".mask_shape")}
@@ -308,10 +387,11 @@ def _packed(sd: dict[str, torch.Tensor], key: str, count: int) -> torch.Tensor:
     return sd[key]
 
 
-def decode_tensor(sd: dict[str, torch.Tensor], name: str, n: int, method: str, k: float, topk_kept: int
-                  ) -> dict[str, np.ndarray]:
+def decode_tensor(sd: dict[str, torch.Tensor], name: str, n: int, method: str, k: float, topk_kept: int,
+                  shape: tuple[int, ...] | None = None) -> dict[str, np.ndarray]:
     """One tensor's verified payload: its mask bits and what its method adds (flips, re-draw events, slots).
-    A top-k mask must keep ``topk_kept`` (round(k*n), ``timm_popup.layers.num_kept``) of its ``n`` weights."""
+    A top-k mask must keep ``topk_kept`` (round(k*n), ``timm_popup.layers.num_kept``) of its ``n`` weights; under
+    the file's N:M structure (where it applies to ``shape``) exactly N of every group of M."""
     if method == "slot-machine":
         slots = int(scalar(sd, "slots"))
         bits = bits_for(slots - 1)
@@ -320,7 +400,20 @@ def decode_tensor(sd: dict[str, torch.Tensor], name: str, n: int, method: str, k
             raise MaskError(f"tensor {name} chooses candidate {int(choice.max())} of {slots}: the mask file is "
                             "corrupt; download it again")
         return dict(bits=np.ones(n, dtype=np.uint8), slot=choice)
-    bits = unpack_bits(_packed(sd, f"{name}.mask", n), n)
+    structure = recorded_structure(sd)
+    nm = parse_structure(structure) if structure is not None else None
+    if nm is not None and not (shape is not None and nm_applies(shape, nm[1])):
+        nm = None
+    if f"{name}.nm" in sd:
+        if nm is None:
+            raise MaskError(f"tensor {name} holds an N:M code but no N:M structure applies to it: the mask file is "
+                            "corrupt; download it again")
+        bits = unpack_nm(sd, name, shape, *nm)
+    else:
+        bits = unpack_bits(_packed(sd, f"{name}.mask", n), n)
+    if nm is not None and not (nm_groups(torch.from_numpy(bits).view(shape), nm[1]).sum(dim=1) == nm[0]).all():
+        raise MaskError(f"tensor {name} does not keep exactly {nm[0]} of every group of {nm[1]} weights, which its "
+                        f"structure {structure} requires: the mask file is corrupt; download it again")
     kept = int(np.count_nonzero(bits))
     if _records_kept(method, free_density(sd)):
         if f"{name}.kept" not in sd or kept != int(sd[f"{name}.kept"].item()):
@@ -345,8 +438,10 @@ def artifact_info(sd: dict[str, torch.Tensor]) -> dict:
     method = recorded_method(sd)
     layers = stored_tensors(sd)
     total = sum(math.prod(s) for s in layers.values())
+    structure = recorded_structure(sd)
+    nm = parse_structure(structure) if structure is not None else (1, 1)
     kept = sum(int(np.count_nonzero(unpack_bits(sd[f"{n}.mask"], math.prod(s)))) if f"{n}.mask" in sd
-               else math.prod(s) for n, s in layers.items())
+               else math.prod(s) * nm[0] // nm[1] if f"{n}.nm" in sd else math.prod(s) for n, s in layers.items())
     payload = sum(sd[f"{n}.{key}"].numel() * 8 for n in layers for key in _PAYLOAD_KEYS if f"{n}.{key}" in sd)
     density = {"supermask": "free", "global-topk": "global top-k", "slot-machine": "all (one of K values each)"}
     info = dict(format_version=int(scalar(sd, "format_version")), method=method, **recorded_popup_args(sd),
@@ -355,6 +450,8 @@ def artifact_info(sd: dict[str, torch.Tensor]) -> dict:
                 bits_per_weight=round(payload / max(total, 1), 3))
     if method == "slot-machine":
         info["slots"] = int(scalar(sd, "slots"))
+    if structure is not None:
+        info["structure"] = structure
     return info
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from .convert import frozen_tensors, popup_masks, regenerated, reseed
 from .init import check_k, check_weight_init
-from .layers import PopupMask, binary_alpha, num_kept, use_method
+from .layers import PopupMask, binary_alpha, num_kept, use_method, use_structure
 from .maskfile import (  # the file's names stay importable from here, where the first releases had them
     FORMAT_VERSION,
     META,
@@ -42,6 +42,7 @@ from .maskfile import (  # the file's names stay importable from here, where the
     read_mask_file,
     recorded_method,
     recorded_popup_args,
+    recorded_structure,
     scalar,
     sha256,
     stored_tensors,
@@ -93,7 +94,8 @@ def mask_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     tensors = ((name, _masked_tensor(layer, cfg.method)) for name, layer in layers.items())
     state = {n: t for n, t in model.state_dict().items() if n.rpartition(".")[2] not in ("scores", "redraws")}
     header = Header(method=cfg.method, seed=cfg.seed, k=cfg.k, weight_init=cfg.weight_init, free=free,
-                    slots=cfg.slots, redraw_every=cfg.redraw_every, redraw_rate=cfg.redraw_rate)
+                    slots=cfg.slots, redraw_every=cfg.redraw_every, redraw_rate=cfg.redraw_rate,
+                    structure=cfg.structure)
     return encode(header, frozen, tensors, state)
 
 
@@ -131,6 +133,11 @@ def filter_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> 
     found = recorded_popup_args(sd)
     method = recorded_method(sd)
     current = dict(seed=cfg.seed, k=cfg.k, weight_init=cfg.weight_init)
+    structure = recorded_structure(sd)
+    if structure != cfg.structure and "structure" in cfg.explicit:
+        raise MaskError(f"this mask was found with structure={structure!r} but the model was built with "
+                        f"structure={cfg.structure!r}: drop the structure argument (the mask's is used) or pass "
+                        f"{structure!r}")
     for key, value in found.items():
         if current[key] != value and key in cfg.explicit:
             raise MaskError(f"this mask was found with {key}={value!r} but the model was built with "
@@ -160,7 +167,7 @@ def filter_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> 
             raise MaskError(f"tensor {name}: the weights regenerated from seed {found['seed']} do not match the "
                             "mask's fingerprint, so the mask was found on other random weights; never apply it")
         n = math.prod(shape)
-        payload = decode_tensor(sd, name, n, method, found["k"], num_kept(n, found["k"]))
+        payload = decode_tensor(sd, name, n, method, found["k"], num_kept(n, found["k"]), shape)
         if method == "biprop":
             alpha = float(binary_alpha(weight, torch.from_numpy(payload["bits"]).view(shape)))
             if not math.isclose(alpha, float(sd[f"{name}.alpha"].item()), rel_tol=1e-6):
@@ -182,8 +189,10 @@ def filter_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> 
     if new is not None:
         reseed(model, **found, tensors=new)
     slots = int(scalar(sd, "slots")) if method == "slot-machine" else 0
+    use_structure(list(masks.values()), None)  # the file's method first (it may refuse a structure), then its own
     use_method(list(masks.values()), method, k=found["k"], slots=slots)
-    cfg.method, cfg.slots = method, slots
+    use_structure(list(masks.values()), structure)
+    cfg.method, cfg.slots, cfg.structure = method, slots, structure
     if method == "iterand":
         cfg.redraw_every, cfg.redraw_rate = int(scalar(sd, "redraw_every")), float(scalar(sd, "redraw_rate"))
     keys: dict[int, list[str]] = {}  # a module shared by several blocks (CoaT) has a key under each path

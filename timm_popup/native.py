@@ -47,7 +47,8 @@ from .reference import draw_reference, splitmix64
 
 __all__ = ["available", "new_hint", "Selection", "topk_threshold", "topk_mask", "masked_weight",
            "training_masked_weight", "masked_weight_signs", "ste_backward", "generate", "sign_bits", "torch_select",
-           "torch_mask", "selection_keys", "kth_key", "keyed_mask", "FAMILIES"]
+           "torch_mask", "selection_keys", "kth_key", "keyed_mask", "FAMILIES", "parse_structure", "nm_applies",
+           "nm_groups", "nm_ungroup", "nm_mask"]
 
 #: generator families of ``timm_popup.init.draw_reference`` and their codes in the C kernel
 FAMILIES = {"normal": 0, "signed": 1, "uniform": 2}
@@ -262,6 +263,48 @@ def keyed_mask(scores: torch.Tensor, k: float) -> torch.Tensor:
     """Boolean mask of the ``round(k * n)`` largest ``|scores|`` (ties to the lowest flat index), in five ops."""
     keys = selection_keys(scores)
     return (keys >= kth_key(keys, num_kept(scores.numel(), k))).view(scores.shape)
+
+
+# ---- N:M structured selection ------------------------------------------------------------------------------------
+# A group is M consecutive weights along dim 1 of the tensor (a linear layer's input features, a conv's input
+# channels at one kernel tap: the reduction axis that NVIDIA's sparse tensor cores, cuSPARSELt and TensorRT group
+# in a channels-last layout). The groups' order is that of ``nm_groups``: the tensor with dim 1 moved last.
+
+
+def parse_structure(structure: str | Sequence[int]) -> tuple[int, int]:
+    """``(n, m)`` of an N:M structure given as ``"2:4"`` or ``(2, 4)``: keep n of every m, 1 <= n < m <= 32."""
+    try:
+        n, m = (int(v) for v in (structure.split(":") if isinstance(structure, str) else structure))
+    except (TypeError, ValueError):
+        raise ValueError(f"structure {structure!r} is not N:M: write it as '2:4' (keep 2 of every 4 weights)") from None
+    if not 1 <= n < m <= 32:
+        raise ValueError(f"structure {n}:{m}: an N:M structure keeps 1 <= N < M of every M weights, M at most 32")
+    return n, m
+
+
+def nm_applies(shape: Sequence[int], m: int) -> bool:
+    """Whether a tensor of ``shape`` splits into groups of ``m`` along dim 1 (else it keeps an unstructured top-k)."""
+    return len(shape) >= 2 and shape[1] % m == 0
+
+
+def nm_groups(t: torch.Tensor, m: int) -> torch.Tensor:
+    """``t`` as its groups of ``m``: shape ``(G, m)``, dim 1 of ``t`` moved last (a copy where that moves data)."""
+    return t.movedim(1, -1).reshape(-1, m)
+
+
+def nm_ungroup(groups: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """The tensor of ``shape`` whose :func:`nm_groups` are ``groups``."""
+    moved = (shape[0], *shape[2:], shape[1])
+    return groups.reshape(moved).movedim(-1, 1)
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Boolean mask keeping the ``n`` largest ``|scores|`` of every group of ``m`` (ties to the lower index), with
+    the keyed selection on any device and no host sync: the groups' keys, one ``topk(n)`` per row."""
+    s = scores.detach()
+    keys = selection_keys(s.movedim(1, -1).contiguous()).view(-1, m)
+    kth = keys.topk(n, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+    return nm_ungroup(keys >= kth, s.shape)
 
 
 def _unpack_signs(bits: torch.Tensor, std: float, like: torch.Tensor) -> torch.Tensor:

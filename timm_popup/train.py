@@ -63,8 +63,10 @@ from .data import (
     peek_image,
 )
 from .init import WEIGHT_INITS
+from .layers import MASK_MODES, METHOD_MODES
 from .maskfile import pack_mask
 from .methods import Method, MethodOptions, artifact_file, frozen_weights
+from .native import parse_structure
 
 __all__ = [
     "TrainError", "Recipe", "RECIPES", "default_recipe", "resolve_recipe", "scaled_lr", "check_model_name",
@@ -268,6 +270,16 @@ def check_k(k: float | None, method: Method) -> float | None:
     if not (math.isfinite(k) and 0 < k <= 1):
         raise TrainError(f"--k {k} is outside (0, 1]: k is the fraction of weights KEPT (0.5 keeps half)")
     return float(k)
+
+
+def check_structure(structure: str, method: Method) -> str:
+    """``--structure N:M`` as the model argument (``"2:4"``), if ``method`` keeps a top-k per tensor to group."""
+    n, m = parse_structure(structure)
+    mode = MASK_MODES.get(METHOD_MODES.get(method.name, ""))
+    if mode is None or mode.unstructured_because:
+        why = mode.unstructured_because if mode is not None else f"{method.name} trains weights, it finds no mask"
+        raise TrainError(f"--structure {structure}: --method {method.name} cannot keep an N:M structure ({why})")
+    return f"{n}:{m}"
 
 
 def check_weight_init(weight_init: str | None, method: Method) -> str | None:

@@ -20,6 +20,7 @@ from ..convert import build_converted, make_scriptable, popup_masks
 from ..init import DEFAULT_WEIGHT_INIT
 from ..layers import use_method
 from ..masks import MaskError, filter_state_dict, recorded_args
+from ..native import parse_structure
 
 __all__ = ["build_popup", "build_popup_from", "popup_cfg", "CIFAR_K", "IMAGENET_K", "HUB_ORG"]
 
@@ -59,13 +60,16 @@ def build_popup(
     loaded with ``pretrained`` supplies the ones the caller did not give. The conversion happens inside the
     class timm instantiates, so timm's pretrained loading and features_only wrapping see the popup model.
     """
-    popup = dict(k=default_k, weight_init=DEFAULT_WEIGHT_INIT, seed=0, dense=())
+    popup = dict(k=default_k, weight_init=DEFAULT_WEIGHT_INIT, seed=0, dense=(), structure=None)
     explicit = [key for key in POPUP_ARGS if key in kwargs]
     popup.update({key: kwargs.pop(key) for key in explicit})
     source = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
     if pretrained and source:  # build with the mask's seed / k / distribution: no second weight generation
         recorded = recorded_args(source) or {}
         popup.update({key: value for key, value in recorded.items() if key not in explicit})
+    if "structure" in explicit and popup["structure"] is not None and "k" not in explicit:  # N:M keeps N/M
+        n, m = parse_structure(popup["structure"])
+        popup["k"] = n / m
 
     has_source = _has_source(variant, kwargs)
     if pretrained and not has_source:
@@ -155,7 +159,7 @@ _FEATURE_ARGS = ("features_only", "out_indices", "feature_cls", "feature_cfg", "
 
 def _popup_args_of(model: nn.Module) -> dict[str, Any]:
     cfg = model.popup_config
-    return dict(k=cfg.k, weight_init=cfg.weight_init, seed=cfg.seed, dense=cfg.dense)
+    return dict(k=cfg.k, weight_init=cfg.weight_init, seed=cfg.seed, dense=cfg.dense, structure=cfg.structure)
 
 
 def _features_from(whole: nn.Module, features: nn.Module) -> nn.Module:
