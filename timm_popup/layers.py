@@ -50,7 +50,8 @@ from torch.nn.utils import parametrize
 from . import native
 from .init import WEIGHT_INITS, check_k, check_weight_init, fans, random_uniform, random_weight, stream_key
 
-__all__ = ["PopupMask", "MaskGroup", "MODES", "SLT_MODES", "METHOD_MODES", "use_method", "density_rescale",
+__all__ = ["PopupMask", "SCORE_INITS", "DEFAULT_SCORE_INIT", "check_score_init",
+           "MaskGroup", "MODES", "SLT_MODES", "METHOD_MODES", "use_method", "density_rescale",
            "binary_alpha", "binarized", "num_kept", "topk_mask", "fused_masked_weight",
            "mask_tensor", "unmask_tensor", "popup_masks"]
 
@@ -60,6 +61,27 @@ SLT_MODES = ("global", "binary", "signed", "slots")
 #: the mask mode of every training method that learns a mask (``timm_popup.methods``; an artifact records the method)
 METHOD_MODES = {"edge-popup": "topk", "supermask": "sample", "global-topk": "global", "biprop": "binary",
                 "signed-supermask": "signed", "slot-machine": "slots", "iterand": "topk"}
+
+#: how scores start: torch's conv init U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (the paper code's), U(0, 1) (Gem-Miner's
+#: "unif"), or ``constant=C`` (the paper code's ``--score-init-constant C``, for the sampled supermask)
+SCORE_INITS = ("kaiming_uniform", "uniform", "constant=C")
+DEFAULT_SCORE_INIT = "kaiming_uniform"
+
+
+def check_score_init(score_init: str) -> str:
+    """``score_init`` in its canonical form (``constant=0.5``), or a one-line error."""
+    name, eq, value = str(score_init).partition("=")
+    if name in ("kaiming_uniform", "uniform") and not eq:
+        return name
+    if name == "constant" and eq:
+        try:
+            constant = float(value)
+        except ValueError:
+            constant = math.nan
+        if math.isfinite(constant):
+            return f"constant={constant!r}"
+    raise ValueError(f"unknown score_init {score_init!r}; choose one of: {', '.join(SCORE_INITS)}")
+
 
 def num_kept(n: int, k: float) -> int:
     """Number of weights a tensor of ``n`` keeps at fraction ``k`` (Python's ``round``)."""
@@ -196,8 +218,9 @@ class PopupMask(nn.Module):
 
     def __init__(self, shape: Sequence[int], *, name: str, k: float, weight_init: str, seed: int,
                  fan_shape: Sequence[int] | None = None, device: torch.device | str | None = None,
-                 init_scores: bool = True) -> None:
+                 init_scores: bool = True, score_init: str = DEFAULT_SCORE_INIT) -> None:
         super().__init__()
+        self.score_init = check_score_init(score_init)
         shape = tuple(int(s) for s in shape)
         self.popup_name = name
         self.fan_shape = tuple(fan_shape) if fan_shape is not None else shape
@@ -211,12 +234,18 @@ class PopupMask(nn.Module):
             self.reset_scores()
 
     def reset_scores(self) -> None:
-        """Kaiming uniform as torch initialises a conv/linear weight (a=sqrt(5): bound 1/sqrt(fan_in)). Scores
-        are trained, not published, so torch's RNG (seeded per tensor) is fine here."""
-        bound = 1.0 / math.sqrt(fans(self.fan_shape)[0])
-        gen = torch.Generator().manual_seed(stream_key(self.seed, self.popup_name + "#scores") >> 1)
+        """Scores as ``score_init`` says (``SCORE_INITS``); by default Kaiming uniform as torch initialises a
+        conv/linear weight (a=sqrt(5): bound 1/sqrt(fan_in)). Scores are trained, not published, so torch's RNG
+        (seeded per tensor) is fine here."""
+        name, _, value = self.score_init.partition("=")
         with torch.no_grad():
-            self.scores.copy_(torch.empty(self.scores.shape).uniform_(-bound, bound, generator=gen))
+            if name == "constant":
+                self.scores.fill_(float(value))
+                return
+            bound = 1.0 / math.sqrt(fans(self.fan_shape)[0])
+            low, high = (0.0, 1.0) if name == "uniform" else (-bound, bound)
+            gen = torch.Generator().manual_seed(stream_key(self.seed, self.popup_name + "#scores") >> 1)
+            self.scores.copy_(torch.empty(self.scores.shape).uniform_(low, high, generator=gen))
 
     def regenerate(self, *, seed: int, k: float, weight_init: str, device: torch.device | None = None) -> None:
         """Make ``weight`` the seeded draw for (seed, tensor name, k, weight_init); the scores stay as they are."""

@@ -36,6 +36,12 @@ format 2, byte for byte): everything above, plus ``__popup__.method`` uint8[] (U
 * ``slot-machine``: no ``NAME.mask`` (every weight is used); ``NAME.slot``, each weight's candidate index at
   ceil(log2(slots)) bits, and ``__popup__.slots``.
 
+Format 4 (the paper code's options, issue 26; files without them keep their format byte for byte): everything
+above, plus ``__popup__.learn_norm`` / ``__popup__.learn_bias`` int64[1] = 1 where the norm layers' scale and shift
+/ the biases were trained with the scores (their values are then in the model state the file holds, outside the
+frozen fingerprint), and a ``weight_init`` with options (``kaiming_normal,mode=fan_out,nonlinearity=tanh,scale_fan``,
+``timm_popup.init.weight_distribution``).
+
 Packed unsigned values (``pack_uint``): value i's bit b is bit ``i * bits + b`` of the little-endian bit stream.
 
 Version history: 1 keyed masks by module name (``conv1.mask``) on generator version 1; 2 keys them by tensor
@@ -63,9 +69,10 @@ from .reference import GENERATOR_VERSION
 __all__ = ["FORMAT_VERSION", "OLDEST_FORMAT", "META", "TENSOR_KEYS", "MaskError", "artifact_format", "pack_mask",
            "unpack_bits", "unpack_mask", "pack_uint", "unpack_uint", "bits_for", "sha256", "Header", "MaskedTensor",
            "encode", "write_mask_file", "read_mask_file", "check_format", "recorded_method", "recorded_popup_args",
-           "read_header", "scalar", "free_density", "stored_tensors", "decode_tensor", "artifact_info", "checksum"]
+           "recorded_learned", "read_header", "scalar", "free_density", "stored_tensors", "decode_tensor",
+           "artifact_info", "checksum"]
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 #: the oldest format this release still reads
 OLDEST_FORMAT = 2
 #: methods whose artifacts need no format-3 key (written as format 2: older releases read them)
@@ -81,10 +88,12 @@ class MaskError(ValueError):
     """A mask file that cannot be trusted for this model; the message says why and what to do."""
 
 
-def artifact_format(method: str) -> int:
+def artifact_format(method: str, options: bool = False) -> int:
     """The format an artifact of ``method`` is written in: the oldest that can hold it (edge-popup and supermask
-    files stay format 2, readable by older releases)."""
-    return OLDEST_FORMAT if method in _FORMAT2_METHODS else FORMAT_VERSION
+    files stay format 2, readable by older releases; ``options``: it records an option of format 4)."""
+    if options:
+        return 4
+    return OLDEST_FORMAT if method in _FORMAT2_METHODS else 3
 
 
 # -- bits and digests ---------------------------------------------------------------------------------------------
@@ -152,6 +161,12 @@ class Header:
     slots: int = 0
     redraw_every: int = 0
     redraw_rate: float = 0.0
+    learn_norm: bool = False
+    learn_bias: bool = False
+
+    @property
+    def format(self) -> int:
+        return artifact_format(self.method, self.learn_norm or self.learn_bias or "," in self.weight_init)
 
 
 @dataclass
@@ -174,7 +189,7 @@ def encode(header: Header, frozen: list[torch.Tensor], tensors: Iterable[tuple[s
     (``tensors`` may be a generator: each is packed before the next is read, so a model's masks are never all held
     at once), the model's other ``state`` (BatchNorm statistics, layers kept dense) and the checksum over it all."""
     out: dict[str, torch.Tensor] = {
-        META + "format_version": torch.tensor([artifact_format(header.method)]),
+        META + "format_version": torch.tensor([header.format]),
         META + "generator_version": torch.tensor([GENERATOR_VERSION]),
         META + "seed": torch.tensor([header.seed]),
         META + "k": torch.tensor([header.k], dtype=torch.float64),
@@ -190,6 +205,9 @@ def encode(header: Header, frozen: list[torch.Tensor], tensors: Iterable[tuple[s
         out[META + "redraw_rate"] = torch.tensor([header.redraw_rate], dtype=torch.float64)
     if header.free:
         out[META + "free_density"] = torch.tensor([1])
+    for key in _LEARNED:
+        if getattr(header, key):
+            out[META + key] = torch.tensor([1])
     for name, tensor in tensors:
         out.update(_tensor_entries(name, tensor, header))
     out.update({name: t.detach().cpu().contiguous().clone() for name, t in state.items()})
@@ -288,6 +306,15 @@ def recorded_method(sd: dict[str, torch.Tensor]) -> str:
     return "supermask" if free_density(sd) else "edge-popup"
 
 
+#: what an artifact records as trained besides its masks (format 4; ``timm_popup.convert``'s learn_norm / learn_bias)
+_LEARNED = ("learn_norm", "learn_bias")
+
+
+def recorded_learned(sd: dict[str, torch.Tensor]) -> dict[str, bool]:
+    """Whether the file's norm layers / biases were trained with the scores (their values are in the file)."""
+    return {key: META + key in sd and bool(sd[META + key].item()) for key in _LEARNED}
+
+
 def recorded_popup_args(sd: dict[str, torch.Tensor]) -> dict:
     """The seed, k and weight distribution the file records."""
     return dict(seed=int(scalar(sd, "seed")), k=float(scalar(sd, "k")),
@@ -355,6 +382,7 @@ def artifact_info(sd: dict[str, torch.Tensor]) -> dict:
                 bits_per_weight=round(payload / max(total, 1), 3))
     if method == "slot-machine":
         info["slots"] = int(scalar(sd, "slots"))
+    info.update({key: True for key, value in recorded_learned(sd).items() if value})
     return info
 
 

@@ -60,7 +60,7 @@ from .convert import is_norm, popup_masks, unfreeze
 from .export import dense_state_dict, unshared
 from .hub import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, card_fields, format_value, push_artifact, save_pretrained
 from .init import random_weight
-from .layers import PopupMask, topk_mask, unmask_tensor
+from .layers import DEFAULT_SCORE_INIT, PopupMask, topk_mask, unmask_tensor
 from .masks import load_masks
 from .modes import MethodOptions, make_mask_method
 
@@ -169,12 +169,14 @@ def make_supermask(model: nn.Module, *, init_artifact: Path | None = None, optio
                    ) -> nn.Module:
     """Zhou et al.'s supermask on a popup ``model``, in place: Bernoulli(sigmoid(score)) masks over frozen weights.
 
-    Scores start at ``logit(k)`` plus the layer's seeded Kaiming-uniform scores (|noise| <= 1/sqrt(fan_in)), so
-    every weight is first kept with probability ~k (clipped to [0.01, 0.99]: k = 1 would need infinite scores)
-    and the eval mask at k = 0.5 is a seeded random half rather than a tie at the threshold.
+    Scores start (under the default ``score_init``) at ``logit(k)`` plus the layer's seeded Kaiming-uniform scores
+    (|noise| <= 1/sqrt(fan_in)), so every weight is first kept with probability ~k (clipped to [0.01, 0.99]: k = 1
+    would need infinite scores) and the eval mask at k = 0.5 is a seeded random half rather than a tie at the
+    threshold.
     """
     k = min(max(model.popup_config.k, 0.01), 0.99)
-    offset = math.log(k / (1 - k))
+    # another score_init (the paper code's --score-init-constant) is where the scores start, as there
+    offset = math.log(k / (1 - k)) if model.popup_config.score_init == DEFAULT_SCORE_INIT else 0.0
     with torch.no_grad():
         for mask in popup_masks(model).values():
             mask.scores.add_(offset)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .init import fans
-from .layers import PopupMask, popup_masks, use_method
+from .layers import DEFAULT_SCORE_INIT, PopupMask, popup_masks, use_method
 
 __all__ = ["MethodOptions", "make_mask_method"]
 
@@ -42,7 +42,7 @@ def make_mask_method(model: nn.Module, method: str, options: MethodOptions | Non
     options = options or MethodOptions()
     cfg = model.popup_config
     masks = list(popup_masks(model).values())
-    if method == "global-topk":
+    if method == "global-topk" and cfg.score_init == DEFAULT_SCORE_INIT:
         _common_score_scale(masks)
     use_method(masks, method, k=cfg.k, slots=options.slots)
     cfg.method = method
