@@ -12,7 +12,10 @@ tensor (the largest |score|s; ties go to the lowest flat index) and the gradient
 (``timm_popup.init``); ``scores`` is the only parameter. The parametrization list's ``original`` is an empty
 placeholder: the mask holds everything, so that modes that train the weight can swap it for a parameter.
 
-The same masks serve the paper's baselines through a per-tensor ``mode`` (set by ``timm_popup.methods``):
+The same masks serve the paper's baselines through a per-tensor ``mode`` (set by ``timm_popup.methods``). Each
+mode is one small :class:`MaskMode` piece in ``MASK_MODES`` (how it selects, how it applies the mask, what its
+eval cache holds); ``PopupMask``'s forward, ``get_mask`` and eval cache are generic over them, so a new mode is a
+new piece and a table entry, not a branch in each method:
 
 * ``"topk"`` (edge-popup, the default): the mask above.
 * ``"sample"`` (Zhou et al.'s supermask): each training forward draws ``mask ~ Bernoulli(sigmoid(scores))``, the
@@ -50,14 +53,11 @@ from torch.nn.utils import parametrize
 from . import native
 from .init import WEIGHT_INITS, check_k, check_weight_init, fans, random_uniform, random_weight, stream_key
 
-__all__ = ["PopupMask", "SCORE_INITS", "DEFAULT_SCORE_INIT", "check_score_init",
-           "MaskGroup", "MODES", "SLT_MODES", "METHOD_MODES", "use_method", "density_rescale",
+__all__ = ["PopupMask", "SCORE_INITS", "DEFAULT_SCORE_INIT", "check_score_init", "MaskGroup", "MaskMode",
+           "MASK_MODES", "MODES", "METHOD_MODES", "use_method", "density_rescale",
            "binary_alpha", "binarized", "num_kept", "topk_mask", "fused_masked_weight",
            "mask_tensor", "unmask_tensor", "popup_masks"]
 
-MODES = ("topk", "sample", "fixed", "dense", "global", "binary", "signed", "slots")
-#: the modes whose forward is ``_select`` then ``_masked`` (the strong-lottery-ticket methods)
-SLT_MODES = ("global", "binary", "signed", "slots")
 #: the mask mode of every training method that learns a mask (``timm_popup.methods``; an artifact records the method)
 METHOD_MODES = {"edge-popup": "topk", "supermask": "sample", "global-topk": "global", "biprop": "binary",
                 "signed-supermask": "signed", "slot-machine": "slots", "iterand": "topk"}
@@ -202,6 +202,167 @@ class MaskGroup:
         return self._masks[id(member)]
 
 
+class MaskMode:
+    """How one mode of :class:`PopupMask` selects and applies its mask: one small piece per mode, registered in
+    ``MASK_MODES``; ``PopupMask``'s forward, ``get_mask`` and eval cache are generic over it.
+
+    ``select`` is the deterministic boolean mask from the current scores (what an artifact stores); ``apply`` the
+    weight computed under a mask, differentiable to the scores by the mode's straight-through rule;
+    ``train_forward`` a training forward (``apply(select)`` unless the mode samples or fuses the two);
+    ``eval_weight`` the weight an eval forward caches; ``cache_key`` what else than the tensor's own scores and
+    weight invalidates that cache. A stateless object: what a tensor carries lives on its ``PopupMask``."""
+
+    name: str = ""
+    #: eval forwards reuse the masked weight until the scores change (False: the weight trains; computed each call)
+    cached: bool = True
+    #: ``weight`` is a trainable parameter rather than the frozen seeded draw
+    learns_weight: bool = False
+
+    def select(self, m: PopupMask) -> torch.Tensor:
+        raise NotImplementedError
+
+    def apply(self, m: PopupMask, mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def train_forward(self, m: PopupMask) -> torch.Tensor:
+        return self.apply(m, self.select(m))
+
+    def eval_weight(self, m: PopupMask, mask: torch.Tensor) -> torch.Tensor:
+        return m.weight * mask
+
+    def cache_key(self, m: PopupMask) -> tuple:
+        return ()
+
+
+class TopK(MaskMode):
+    """Edge-popup: the round(k * n) largest |scores|, gradient ``grad * weight * sign(scores)``."""
+
+    name = "topk"
+
+    def select(self, m: PopupMask) -> torch.Tensor:
+        return topk_mask(m.scores, m.k, m._selection)
+
+    def apply(self, m: PopupMask, mask: torch.Tensor) -> torch.Tensor:
+        return _StraightThrough.apply(m.scores, m.weight, mask)
+
+    def train_forward(self, m: PopupMask) -> torch.Tensor:
+        # edge-popup's hot path: selection and masked weight in one fused call
+        return fused_masked_weight(m.scores, m.weight, m.k, m._selection)
+
+
+class Sample(MaskMode):
+    """Zhou et al.'s supermask: training samples ``mask ~ Bernoulli(sigmoid(scores))``; the deterministic mask is
+    ``sigmoid(scores) > 0.5``, written ``scores > 0`` so that sigmoid's rounding near 0.5 cannot flip it."""
+
+    name = "sample"
+
+    def select(self, m: PopupMask) -> torch.Tensor:
+        return m.scores.detach() > 0
+
+    def apply(self, m: PopupMask, mask: torch.Tensor) -> torch.Tensor:
+        return _SampledMask.apply(m.scores, m.weight, mask)
+
+    def train_forward(self, m: PopupMask) -> torch.Tensor:
+        # a fresh subnetwork every forward (torch's RNG, seeded per epoch by the trainer)
+        s = m.scores.detach()
+        return self.apply(m, torch.rand_like(s) < torch.sigmoid(s))
+
+
+class Fixed(MaskMode):
+    """A given subnetwork's weights trained: the product keeps masked weights' gradient exactly zero."""
+
+    name, cached, learns_weight = "fixed", False, True
+
+    def select(self, m: PopupMask) -> torch.Tensor:
+        return m.fixed_mask
+
+    def apply(self, m: PopupMask, mask: torch.Tensor) -> torch.Tensor:
+        return m.weight * mask
+
+
+class Dense(MaskMode):
+    """The learned-dense baseline: the weight trained, unmasked."""
+
+    name, cached, learns_weight = "dense", False, True
+
+    def select(self, m: PopupMask) -> torch.Tensor:
+        return torch.ones_like(m.weight, dtype=torch.bool)
+
+    def apply(self, m: PopupMask, mask: torch.Tensor) -> torch.Tensor:
+        return m.weight
+
+
+class _StrongTicket(MaskMode):
+    """The strong-lottery-ticket modes: the eval cache holds ``apply`` of the mask (their weight is not
+    ``weight * mask``)."""
+
+    def eval_weight(self, m: PopupMask, mask: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.apply(m, mask)
+
+
+class GlobalTopK(_StrongTicket):
+    """One threshold over the |scores| of a :class:`MaskGroup`; a scaled distribution is rescaled to
+    sqrt(1/density) of each tensor (:func:`density_rescale`)."""
+
+    name = "global"
+
+    def select(self, m: PopupMask) -> torch.Tensor:
+        return m.group.mask_of(m)
+
+    def apply(self, m: PopupMask, mask: torch.Tensor) -> torch.Tensor:
+        weight = m.weight
+        if WEIGHT_INITS[m.weight_init][1]:
+            weight = weight * density_rescale(mask, m.k)
+        return _StraightThrough.apply(m.scores, weight, mask)
+
+    def cache_key(self, m: PopupMask) -> tuple:
+        return tuple(member.scores._version for member in m.group.members)  # they move the shared threshold
+
+
+class Binary(_StrongTicket):
+    """biprop: the kept weights binarised to +-alpha (:func:`binarized`)."""
+
+    name = "binary"
+
+    def select(self, m: PopupMask) -> torch.Tensor:
+        return topk_mask(m.scores, m.k, m._selection)
+
+    def apply(self, m: PopupMask, mask: torch.Tensor) -> torch.Tensor:
+        return _StraightThrough.apply(m.scores, binarized(m.weight, mask), mask)
+
+
+class Signed(_StrongTicket):
+    """Signed supermask: the top-k |scores| kept, each kept weight times the sign of its score."""
+
+    name = "signed"
+
+    def select(self, m: PopupMask) -> torch.Tensor:
+        return topk_mask(m.scores, m.k, m._selection)
+
+    def apply(self, m: PopupMask, mask: torch.Tensor) -> torch.Tensor:
+        kept = mask.to(m.weight.dtype)
+        return _PlainStraightThrough.apply(m.scores, m.weight, torch.where(m.scores.detach() < 0, -kept, kept))
+
+
+class Slots(_StrongTicket):
+    """Slot machines: every weight is used; its K scores choose its value, not whether it is kept."""
+
+    name = "slots"
+
+    def select(self, m: PopupMask) -> torch.Tensor:
+        return torch.ones_like(m.weight, dtype=torch.bool)
+
+    def apply(self, m: PopupMask, mask: torch.Tensor) -> torch.Tensor:
+        return _SlotSelect.apply(m.scores, m.candidates, m.scores.detach().argmax(0))
+
+
+#: every mode of :class:`PopupMask`, by its name (``PopupMask.mode``)
+MASK_MODES: dict[str, MaskMode] = {mode.name: mode for mode in (
+    TopK(), Sample(), Fixed(), Dense(), GlobalTopK(), Binary(), Signed(), Slots())}
+MODES = tuple(MASK_MODES)
+
+
 class PopupMask(nn.Module):
     """The parametrization ``weight -> frozen * h(scores)`` of one weight tensor (module docstring)."""
 
@@ -213,6 +374,8 @@ class PopupMask(nn.Module):
     popup_name: str
     #: One of ``MODES`` (module docstring); only ``timm_popup.methods`` (and loading a supermask) changes it.
     mode: str = "topk"
+    #: the piece of ``MASK_MODES`` that ``mode`` names: how this tensor selects and applies its mask
+    masking: MaskMode = MASK_MODES["topk"]
     #: the tensors this one shares a global top-k with (mode ``"global"``)
     group: MaskGroup | None = None
 
@@ -262,9 +425,9 @@ class PopupMask(nn.Module):
 
     def set_mode(self, mode: str) -> None:
         """Switch to another of ``MODES`` (what ``timm_popup.methods`` and loading a supermask do)."""
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
-        self.mode, self._cache = mode, None
+        if mode not in MASK_MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MASK_MODES)}")
+        self.mode, self.masking, self._cache = mode, MASK_MODES[mode], None
 
     def set_weight(self, weight: torch.Tensor) -> None:
         """Replace the frozen weight (a re-seed) and forget what was computed from the old one."""
@@ -273,74 +436,23 @@ class PopupMask(nn.Module):
     @property
     def learns_weight(self) -> bool:
         """Whether ``weight`` is a trainable parameter (dense or fixed-mask modes) rather than frozen."""
-        return self.mode in ("dense", "fixed")
+        return self.masking.learns_weight
 
     def get_mask(self) -> torch.Tensor:
         """The current boolean mask (shape of ``weight``): True where the weight is kept. For a supermask this
         is the deterministic (eval) mask, also in training mode: the one an artifact stores."""
-        mode = self.mode
-        if mode == "topk":
-            if self.training:
-                return topk_mask(self.scores, self.k, self._selection)
-            return self._cached()[1]
-        if mode == "sample":
-            return self._cached()[1]
-        if mode == "fixed":
-            return self.fixed_mask
-        if mode in SLT_MODES:
-            return self._select() if self.training else self._cached()[1]
-        return torch.ones_like(self.weight, dtype=torch.bool)
+        if self.training or not self.masking.cached:
+            return self.masking.select(self)
+        return self._cached()[1]
 
     def forward(self, placeholder: torch.Tensor) -> torch.Tensor:
-        """``weight * mask``; differentiable (straight-through) with respect to the scores."""
-        mode = self.mode
-        if mode == "topk":  # edge-popup's hot path: keep it first and unchanged
-            if self.training:
-                return fused_masked_weight(self.scores, self.weight, self.k, self._selection)
-            if torch.is_grad_enabled() and self.scores.requires_grad:
-                return _StraightThrough.apply(self.scores, self.weight, self._cached()[1])
-            return self._cached()[2]
-        if mode == "sample":
-            if self.training:  # a fresh subnetwork every forward (torch's RNG, seeded per epoch by the trainer)
-                s = self.scores.detach()
-                mask = torch.rand_like(s) < torch.sigmoid(s)
-                return _SampledMask.apply(self.scores, self.weight, mask)
-            if torch.is_grad_enabled() and self.scores.requires_grad:
-                return _SampledMask.apply(self.scores, self.weight, self._cached()[1])
-            return self._cached()[2]
-        if mode == "fixed":  # the product keeps masked weights' gradient exactly zero, so they stay zero
-            return self.weight * self.fixed_mask
-        if mode in SLT_MODES:
-            if self.training:
-                return self._masked(self._select())
-            if torch.is_grad_enabled() and self.scores.requires_grad:
-                return self._masked(self._cached()[1])
-            return self._cached()[2]
-        return self.weight
-
-    def _select(self) -> torch.Tensor:
-        """The kept weights of a strong-lottery-ticket mode, from the current scores (module docstring)."""
-        mode = self.mode
-        if mode == "global":
-            return self.group.mask_of(self)
-        if mode == "slots":  # every weight is used: the scores choose its value, not whether it is kept
-            return torch.ones_like(self.weight, dtype=torch.bool)
-        return topk_mask(self.scores, self.k, self._selection)
-
-    def _masked(self, mask: torch.Tensor) -> torch.Tensor:
-        """The weight a strong-lottery-ticket mode computes with, under ``mask``, with its straight-through rule."""
-        mode, scores = self.mode, self.scores
-        if mode == "binary":
-            return _StraightThrough.apply(scores, binarized(self.weight, mask), mask)
-        if mode == "signed":
-            kept = mask.to(self.weight.dtype)
-            return _PlainStraightThrough.apply(scores, self.weight, torch.where(scores.detach() < 0, -kept, kept))
-        if mode == "slots":
-            return _SlotSelect.apply(scores, self.candidates, scores.detach().argmax(0))
-        weight = self.weight
-        if WEIGHT_INITS[self.weight_init][1]:  # global, scaled distribution: sqrt(1/density) of this tensor
-            weight = weight * density_rescale(mask, self.k)
-        return _StraightThrough.apply(scores, weight, mask)
+        """``weight * mask`` (as the mode computes it); differentiable (straight-through) with respect to the scores."""
+        masking = self.masking
+        if self.training or not masking.cached:  # edge-popup's hot path: TopK.train_forward is one fused call
+            return masking.train_forward(self)
+        if torch.is_grad_enabled() and self.scores.requires_grad:
+            return masking.apply(self, self._cached()[1])
+        return self._cached()[2]
 
     def flips(self) -> torch.Tensor:
         """Signed supermask: where the score is negative, i.e. the kept weight's sign is flipped."""
@@ -403,19 +515,13 @@ class PopupMask(nn.Module):
     def _cached(self) -> tuple:
         # Eval mode: mask once, reuse until the scores change (in-place updates bump _version). Whatever
         # changes ``mode`` resets ``_cache``, which keeps the mode out of edge-popup's per-forward key.
-        s = self.scores
+        s, masking = self.scores, self.masking
         exporting = torch.compiler.is_exporting()  # torch.export traces fake tensors: no data pointer, nothing kept
-        key = None if exporting else (s._version, s.data_ptr(), self.k, self.weight.data_ptr())
-        if self.mode == "global" and not exporting:  # another member's scores move the shared threshold
-            key += tuple(m.scores._version for m in self.group.members)
+        key = None if exporting else (s._version, s.data_ptr(), self.k, self.weight.data_ptr(),
+                                      *masking.cache_key(self))
         if exporting or self._cache is None or self._cache[0] != key:
-            if self.mode in SLT_MODES:
-                mask = self._select()
-                with torch.no_grad():
-                    cache = (key, mask, self._masked(mask))
-            else:  # sample mode's eval mask: sigmoid(s) > 0.5 without rounding sigmoid near 0.5
-                mask = topk_mask(s, self.k, self._selection) if self.mode == "topk" else s.detach() > 0
-                cache = (key, mask, self.weight * mask)
+            mask = masking.select(self)
+            cache = (key, mask, masking.eval_weight(self, mask))
             if exporting:
                 return cache
             self._cache = cache
