@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from timm.utils import ParseKwargs
 
 from timm_popup.init import FAN_MODES, NONLINEARITIES
-from timm_popup.methods import METHODS
+from timm_popup.methods import METHODS, Schedule
 
 _EPILOG = ("Recipe values (epochs, batch size, lr, ...) default to --recipe and may each be overridden.\n"
            "k is always the fraction of weights KEPT.")
@@ -63,6 +63,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="iterand: optimizer updates between re-draws of pruned weights (default 300)")
     g.add_argument("--redraw-rate", type=float, default=None,
                    help="iterand: probability that a pruned weight is re-drawn (default 0.1)")
+    g.add_argument("--freeze-every", type=int, default=None,
+                   help="gem-miner: epochs between freezing out the lowest-scored weights (its iter_period; default 5)")
+    g.add_argument("--score-l2", type=float, default=None,
+                   help="gem-miner: weight of its regulariser score_l2 * ||scores||^2 (its lmbda; default 1e-4)")
+    g.add_argument("--density-epochs", type=int, default=None,
+                   help="global-topk: reach k over this many epochs, from 0.5, as biprop's --prune_rate_epoch "
+                        "(default 0: k from the start)")
     g.add_argument("--recipe", default="auto", help="auto (cifar for 32x32 models, else imagenet), cifar, imagenet")
     g.add_argument("--k", type=float, default=None, help="fraction of weights KEPT per layer (model default)")
     g.add_argument("--weight-init", default=None, help="weight distribution (default: signed_constant; dense: "
@@ -207,7 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             score_init_constant=args.score_init_constant, init_mode=args.init_mode, nonlinearity=args.nonlinearity,
             scale_fan=args.scale_fan)
         options = train.check_method_options(method, slots=args.slots, redraw_every=args.redraw_every,
-                                             redraw_rate=args.redraw_rate)
+                                             redraw_rate=args.redraw_rate, freeze_every=args.freeze_every,
+                                             score_l2=args.score_l2, density_epochs=args.density_epochs,
+                                             epochs=recipe.epochs)
         for flag, least in (("workers", 0), ("train_samples", 1), ("val_samples", 1), ("keep_checkpoints", 1),
                             ("log_every", 1)):
             if getattr(args, flag) is not None and getattr(args, flag) < least:
@@ -301,7 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the model itself, without its DDP and torch.compile wrappers: what the method's per-update hook (IteRand's
     # re-draws) acts on, what is evaluated (eager: the same masks) and saved
     bare = accelerator.unwrap_model(model, keep_torch_compile=False)
-    after_update = (functools.partial(method.after_update, bare)
+    after_update = (functools.partial(method.after_update, bare,
+                                      schedule=Schedule(recipe.epochs, updates_per_epoch))
                     if method.after_update else None)
 
     # 5. Resume: model, optimizer and update count from the checkpoint; data order and augmentation are a

@@ -21,7 +21,7 @@ from timm_popup.export import export_plain
 from timm_popup.init import check_weight_init, fans, init_std, random_weight
 from timm_popup.maskfile import META, checksum, read_mask_file, write_mask_file
 from timm_popup.masks import MaskError, load_masks
-from timm_popup.methods import make_supermask
+from timm_popup.methods import make_mask_method, make_supermask
 
 try:
     from hub_server import HubServer, client_env
@@ -37,6 +37,7 @@ OPTIONS = {
     "distribution": dict(weight_init="kaiming_normal", init_mode="fan_out", nonlinearity="leaky_relu",
                          scale_fan=True),
     "score_init": dict(score_init="constant=0.25"),
+    "gem_miner": dict(method="gem-miner"),  # the method (tests/test_gem_miner.py), through the same round trip
 }
 
 
@@ -119,7 +120,11 @@ def test_score_init_choices_and_the_sampled_supermask_constant():
 
 
 def _trained(options: dict) -> nn.Module:
+    options = dict(options)
+    method = options.pop("method", None)
     model = timm.create_model(ARCH, seed=4, **BUILD, **options)
+    if method:
+        make_mask_method(model, method)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)  # scores and whatever else trains, as after training
@@ -189,6 +194,7 @@ def test_the_artifact_records_each_option_and_the_card_says_it(saved):
     assert bytes(header["distribution"][META + "weight_init"].tolist()).decode() == \
         "kaiming_normal,mode=fan_out,nonlinearity=leaky_relu,scale_fan"
     assert all(int(sd[META + "format_version"].item()) == 4 for n, sd in header.items() if n != "score_init")
+    assert bytes(header["gem_miner"][META + "method"].tolist()).decode() == "gem-miner"
     assert int(header["score_init"][META + "format_version"].item()) == 2  # scores are not published
     cards = {name: (d / "README.md").read_text() for name, (d, _) in dirs.items()}
     assert "norm layers' scale and shift" in cards["learn_norm"] and "the biases (from 0)" in cards["learn_bias"]

@@ -22,7 +22,8 @@ class PopupConfig:
     """How a model's popup version was made; ``model.popup_config``.
 
     ``method`` is the training method (``timm_popup.methods``) whose mask the model holds; ``slots``,
-    ``redraw_every`` and ``redraw_rate`` are the options of the methods that have them. ``frozen`` maps the
+    ``redraw_every``, ``redraw_rate``, ``freeze_every``, ``score_l2`` and ``density_epochs`` are the options of the
+    methods that have them. ``frozen`` maps the
     qualified name of every other parameter of the original model to the policy that froze it
     (``timm_popup.convert.PARAMETER_POLICY``); ``explicit`` names the arguments the caller chose
     (a loaded mask supplies the others). ``weight_init`` is the distribution's full name
@@ -44,6 +45,9 @@ class PopupConfig:
     slots: int = 0  # slot-machine: candidate values per weight
     redraw_every: int = 0  # iterand: optimizer updates between re-draws
     redraw_rate: float = 0.0  # iterand: probability that a pruned weight is re-drawn
+    freeze_every: int = 0  # gem-miner: epochs between freezing events
+    score_l2: float = 0.0  # gem-miner: weight of the regulariser l2 * ||scores||^2
+    density_epochs: int = 0  # global-topk: epochs over which the density reaches k (0: at once)
     learn_norm: bool = False
     learn_bias: bool = False
     learned: dict[str, str] = field(default_factory=dict)

@@ -294,7 +294,8 @@ class _PopupResetClassifier:
             masks = list(popup_masks(self.model).values())
             new = [mask for mask in masks if id(mask) not in before]
             # a global top-k regroups every tensor; the others change only the new head's masks
-            use_method(masks if METHOD_MODES[cfg.method] == "global" else new, cfg.method, k=cfg.k, slots=cfg.slots)
+            use_method(masks if METHOD_MODES[cfg.method] == "global" else new, cfg.method, k=cfg.k, slots=cfg.slots,
+                       score_l2=cfg.score_l2)
 
 
 def convert(

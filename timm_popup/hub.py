@@ -159,6 +159,8 @@ _METHOD_TEXT = {
                         "kept with its sign or flipped",
     "slot-machine": "slot machine: every weight is one of {slots} seeded random values, chosen by learned scores; "
                     "nothing is pruned",
+    "gem-miner": "Gem-Miner: the random weights whose learned scores in [0, 1] round to 1 after iterative freezing "
+                 "to at most {k:g}% of the network; the density of each layer is learned",
 }
 _METHOD_PAPER = {
     "biprop": "Multi-Prize Lottery Ticket Hypothesis (Diffenderfer & Kailkhura, ICLR 2021): "
@@ -169,6 +171,8 @@ _METHOD_PAPER = {
                         "https://arxiv.org/abs/2201.13361",
     "slot-machine": "Slot Machines: Discovering Winning Combinations of Random Weights in Neural Networks (Aladago "
                     "& Torresani, ICML 2021): https://arxiv.org/abs/2101.06475",
+    "gem-miner": "Rare Gems: Finding Lottery Tickets at Initialization (Sreenivasan et al., NeurIPS 2022): "
+                 "https://arxiv.org/abs/2202.12002",
 }
 
 

@@ -43,7 +43,7 @@ from . import native
 from .reference import GENERATOR_VERSION, draw_reference, splitmix64
 
 __all__ = ["WEIGHT_INITS", "DEFAULT_WEIGHT_INIT", "GENERATOR_VERSION", "FAN_MODES", "NONLINEARITIES", "fans",
-           "init_std", "stream_key", "weight_distribution", "distribution_options",
+           "init_std", "stream_key", "weight_distribution", "distribution_options", "is_scaled",
            "random_uniform", "random_weight", "random_normal", "check_k", "check_weight_init", "draw_reference",
            "splitmix64"]
 
@@ -110,6 +110,12 @@ def _parse(weight_init: str) -> tuple[str, dict]:
             raise ValueError(f"weight_init {weight_init!r}: unknown option {part!r} (mode=..., nonlinearity=..., "
                              "scale_fan)")
     return name, options
+
+
+def is_scaled(weight_init: str) -> bool:
+    """Whether the distribution's std carries the factor sqrt(1/k) (a ``scaled_*`` name or ``scale_fan``)."""
+    name, options = distribution_options(weight_init)
+    return WEIGHT_INITS[name][1] or options["scale_fan"]
 
 
 def distribution_options(weight_init: str) -> tuple[str, dict]:

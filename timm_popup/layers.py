@@ -37,6 +37,8 @@ The strong-lottery-ticket methods that followed the paper are modes of the same 
   (keep, drop or flip the sign); the gradient passes straight through to the signed score.
 * ``"slots"`` (slot machines): every weight chooses one of K seeded candidate values (``candidates``, K scores
   per weight), the one of highest score; nothing is pruned.
+* ``"hypercube"`` (Gem-Miner): scores in [0, 1], the mask their rounding among the weights not yet frozen out
+  (``alive``), a regulariser's gradient ``2 * l2 * scores`` added to the straight-through one.
 * IteRand is the ``"topk"`` mode plus :meth:`PopupMask.redraw`: pruned weights re-drawn from seeded streams,
   each weight's last re-draw event kept in the persistent buffer ``redraws``.
 """
@@ -51,7 +53,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import native
-from .init import WEIGHT_INITS, check_k, check_weight_init, fans, random_uniform, random_weight, stream_key
+from .init import check_k, check_weight_init, fans, is_scaled, random_uniform, random_weight, stream_key
 
 __all__ = ["PopupMask", "SCORE_INITS", "DEFAULT_SCORE_INIT", "check_score_init", "MaskGroup", "MaskMode",
            "MASK_MODES", "MODES", "METHOD_MODES", "use_method", "density_rescale",
@@ -60,7 +62,7 @@ __all__ = ["PopupMask", "SCORE_INITS", "DEFAULT_SCORE_INIT", "check_score_init",
 
 #: the mask mode of every training method that learns a mask (``timm_popup.methods``; an artifact records the method)
 METHOD_MODES = {"edge-popup": "topk", "supermask": "sample", "global-topk": "global", "biprop": "binary",
-                "signed-supermask": "signed", "slot-machine": "slots", "iterand": "topk"}
+                "signed-supermask": "signed", "slot-machine": "slots", "iterand": "topk", "gem-miner": "hypercube"}
 
 #: how scores start: torch's conv init U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (the paper code's), U(0, 1) (Gem-Miner's
 #: "unif"), or ``constant=C`` (the paper code's ``--score-init-constant C``, for the sampled supermask)
@@ -191,6 +193,10 @@ class MaskGroup:
         self._key: tuple | None = None
         self._masks: dict[int, torch.Tensor] = {}
 
+    def set_k(self, k: float) -> None:
+        """Keep ``k`` of the group's weights from now on (a density schedule)."""
+        self.k, self._key = check_k(k), None
+
     def mask_of(self, member: PopupMask) -> torch.Tensor:
         key = tuple((m.scores._version, m.scores.data_ptr()) for m in self.members)
         if key != self._key:
@@ -312,12 +318,13 @@ class GlobalTopK(_StrongTicket):
 
     def apply(self, m: PopupMask, mask: torch.Tensor) -> torch.Tensor:
         weight = m.weight
-        if WEIGHT_INITS[m.weight_init][1]:
+        if is_scaled(m.weight_init):
             weight = weight * density_rescale(mask, m.k)
         return _StraightThrough.apply(m.scores, weight, mask)
 
     def cache_key(self, m: PopupMask) -> tuple:
-        return tuple(member.scores._version for member in m.group.members)  # they move the shared threshold
+        # the others' scores move the shared threshold; a density schedule (modes.set_global_density) its k
+        return (m.group.k, *(member.scores._version for member in m.group.members))
 
 
 class Binary(_StrongTicket):
@@ -357,9 +364,44 @@ class Slots(_StrongTicket):
         return _SlotSelect.apply(m.scores, m.candidates, m.scores.detach().argmax(0))
 
 
+class _RegularisedStraightThrough(torch.autograd.Function):
+    """Gem-Miner: weight * mask forward; backward the straight-through gradient of the alive weights,
+    ``grad * weight * alive``, plus its regulariser's, ``2 * l2 * scores`` (the gradient of l2 * ||scores||^2,
+    added where the scores are read so that the training loop needs no extra loss term)."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, alive: torch.Tensor,
+                l2: float) -> torch.Tensor:
+        ctx.save_for_backward(scores, weight, alive)
+        ctx.l2 = l2
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        scores, weight, alive = ctx.saved_tensors
+        return (grad * weight).mul_(alive).add_(scores, alpha=2 * ctx.l2), None, None, None, None
+
+
+class Hypercube(_StrongTicket):
+    """Gem-Miner (Sreenivasan et al., NeurIPS 2022): scores are probabilities in [0, 1] (the method clips them after
+    every update), the mask is their rounding, ``scores > 0.5``, among the weights still ``alive`` (the persistent
+    boolean buffer its iterative freezing clears, ``timm_popup.modes.freeze_lowest``)."""
+
+    name = "hypercube"
+
+    def select(self, m: PopupMask) -> torch.Tensor:
+        return (m.scores.detach() > 0.5) & m.alive
+
+    def apply(self, m: PopupMask, mask: torch.Tensor) -> torch.Tensor:
+        return _RegularisedStraightThrough.apply(m.scores, m.weight, mask, m.alive, m.score_l2)
+
+    def cache_key(self, m: PopupMask) -> tuple:
+        return (m.alive._version,)  # a freezing event
+
+
 #: every mode of :class:`PopupMask`, by its name (``PopupMask.mode``)
 MASK_MODES: dict[str, MaskMode] = {mode.name: mode for mode in (
-    TopK(), Sample(), Fixed(), Dense(), GlobalTopK(), Binary(), Signed(), Slots())}
+    TopK(), Sample(), Fixed(), Dense(), GlobalTopK(), Binary(), Signed(), Slots(), Hypercube())}
 MODES = tuple(MASK_MODES)
 
 
@@ -378,6 +420,8 @@ class PopupMask(nn.Module):
     masking: MaskMode = MASK_MODES["topk"]
     #: the tensors this one shares a global top-k with (mode ``"global"``)
     group: MaskGroup | None = None
+    #: Gem-Miner: the weight of its regulariser l2 * ||scores||^2
+    score_l2: float = 0.0
 
     def __init__(self, shape: Sequence[int], *, name: str, k: float, weight_init: str, seed: int,
                  fan_shape: Sequence[int] | None = None, device: torch.device | str | None = None,
@@ -499,6 +543,12 @@ class PopupMask(nn.Module):
             self.register_buffer("redraws", torch.zeros(self.weight.shape, dtype=torch.int16,
                                                         device=self.weight.device))
 
+    def track_alive(self) -> None:
+        """Start Gem-Miner's record of the weights not yet frozen out: ``alive``, a persistent boolean buffer (a
+        checkpoint holds it), all True."""
+        if "alive" not in self._buffers:
+            self.register_buffer("alive", torch.ones(self.weight.shape, dtype=torch.bool, device=self.weight.device))
+
     def rebuild_redrawn(self) -> None:
         """Recompute ``weight`` from the seed and ``redraws`` (after a checkpoint or an artifact is loaded)."""
         weight, redraws = self.draw(), self.redraws.cpu()
@@ -533,10 +583,11 @@ class PopupMask(nn.Module):
                f"seed={self.seed}{mode}"
 
 
-def use_method(masks: Sequence[PopupMask], method: str, *, k: float, slots: int = 0) -> None:
+def use_method(masks: Sequence[PopupMask], method: str, *, k: float, slots: int = 0, score_l2: float = 0.0) -> None:
     """Put ``masks`` (all of a model's) in the mode of ``method`` (``METHOD_MODES``): global top-k groups them,
-    slot machines draw ``slots`` candidates per weight, IteRand starts each tensor's re-draw record. Scores are
-    kept except where slots replace them."""
+    slot machines draw ``slots`` candidates per weight, IteRand starts each tensor's re-draw record, Gem-Miner its
+    record of the weights alive and its regulariser's weight ``score_l2``. Scores are kept except where slots
+    replace them."""
     if method not in METHOD_MODES:
         raise ValueError(f"unknown mask method {method!r}; choose one of: {', '.join(METHOD_MODES)}")
     mode = METHOD_MODES[method]
@@ -549,6 +600,9 @@ def use_method(masks: Sequence[PopupMask], method: str, *, k: float, slots: int 
         mask.group = group
         if method == "iterand":
             mask.track_redraws()
+        if method == "gem-miner":
+            mask.track_alive()
+            mask.score_l2 = float(score_l2)
 
 
 def mask_tensor(module: nn.Module, tensor_name: str, mask: PopupMask) -> None:

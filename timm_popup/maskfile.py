@@ -39,8 +39,9 @@ format 2, byte for byte): everything above, plus ``__popup__.method`` uint8[] (U
 Format 4 (the paper code's options, issue 26; files without them keep their format byte for byte): everything
 above, plus ``__popup__.learn_norm`` / ``__popup__.learn_bias`` int64[1] = 1 where the norm layers' scale and shift
 / the biases were trained with the scores (their values are then in the model state the file holds, outside the
-frozen fingerprint), and a ``weight_init`` with options (``kaiming_normal,mode=fan_out,nonlinearity=tanh,scale_fan``,
-``timm_popup.init.weight_distribution``).
+frozen fingerprint), a ``weight_init`` with options (``kaiming_normal,mode=fan_out,nonlinearity=tanh,scale_fan``,
+``timm_popup.init.weight_distribution``), and the method ``gem-miner`` (its masks with ``NAME.kept`` per tensor,
+as a free density: the rounding of its scores among the weights its freezing left).
 
 Packed unsigned values (``pack_uint``): value i's bit b is bit ``i * bits + b`` of the little-endian bit stream.
 
@@ -77,6 +78,8 @@ FORMAT_VERSION = 4
 OLDEST_FORMAT = 2
 #: methods whose artifacts need no format-3 key (written as format 2: older releases read them)
 _FORMAT2_METHODS = ("edge-popup", "supermask")
+#: methods that format 4 introduced
+_FORMAT4_METHODS = ("gem-miner",)
 #: per-tensor keys of an artifact, other than the tensor's state
 TENSOR_KEYS = ("mask", "mask_shape", "fingerprint", "kept", "alpha", "flips", "redraws", "redraw_bits", "slot")
 #: the keys that carry the artifact's information per weight (what ``bits_per_weight`` counts)
@@ -91,7 +94,7 @@ class MaskError(ValueError):
 def artifact_format(method: str, options: bool = False) -> int:
     """The format an artifact of ``method`` is written in: the oldest that can hold it (edge-popup and supermask
     files stay format 2, readable by older releases; ``options``: it records an option of format 4)."""
-    if options:
+    if options or method in _FORMAT4_METHODS:
         return 4
     return OLDEST_FORMAT if method in _FORMAT2_METHODS else 3
 
@@ -216,8 +219,8 @@ def encode(header: Header, frozen: list[torch.Tensor], tensors: Iterable[tuple[s
 
 
 def _records_kept(method: str, free: bool) -> bool:
-    """Whether each tensor's kept count is in the file (a density not round(k*n): free or global top-k)."""
-    return free or method == "global-topk"
+    """Whether each tensor's kept count is in the file (a density not round(k*n): free, global top-k, Gem-Miner)."""
+    return free or method in ("global-topk", "gem-miner")
 
 
 def _tensor_entries(name: str, t: MaskedTensor, header: Header) -> dict[str, torch.Tensor]:
@@ -375,7 +378,8 @@ def artifact_info(sd: dict[str, torch.Tensor]) -> dict:
     kept = sum(int(np.count_nonzero(unpack_bits(sd[f"{n}.mask"], math.prod(s)))) if f"{n}.mask" in sd
                else math.prod(s) for n, s in layers.items())
     payload = sum(sd[f"{n}.{key}"].numel() * 8 for n in layers for key in _PAYLOAD_KEYS if f"{n}.{key}" in sd)
-    density = {"supermask": "free", "global-topk": "global top-k", "slot-machine": "all (one of K values each)"}
+    density = {"supermask": "free", "global-topk": "global top-k", "slot-machine": "all (one of K values each)",
+               "gem-miner": "learned (at most k)"}
     info = dict(format_version=int(scalar(sd, "format_version")), method=method, **recorded_popup_args(sd),
                 generator_version=int(scalar(sd, "generator_version")), layers=len(layers),
                 total_weights=total, kept_weights=kept, density=density.get(method, "top-k"),

@@ -94,7 +94,9 @@ def mask_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
                         "timm_popup.convert(model) before saving a mask")
     frozen = _fingerprinted_frozen(model)
     tensors = ((name, _masked_tensor(layer, cfg.method)) for name, layer in layers.items())
-    state = {n: t for n, t in model.state_dict().items() if n.rpartition(".")[2] not in ("scores", "redraws")}
+    # what only training needs: scores, IteRand's re-draw record, Gem-Miner's weights alive (in the mask already)
+    state = {n: t for n, t in model.state_dict().items()
+             if n.rpartition(".")[2] not in ("scores", "redraws", "alive")}
     return encode(model_header(model), frozen, tensors, state)
 
 
@@ -232,6 +234,9 @@ def filter_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> 
                     mask.redraws)
                 # loading the state rebuilds the weights from the seed and these events (PopupMask)
                 out.update({key.rpartition(".")[0] + ".redraws": mask.redraws for key in keys[id(mask.scores)]})
+            if method == "gem-miner":  # the mask is the scores' rounding; every weight counts as alive
+                mask.alive.fill_(True)
+                out.update({key.rpartition(".")[0] + ".alive": mask.alive for key in keys[id(mask.scores)]})
     for mask in heads + [m for m, _ in found_payload]:
         # the parameter itself: load_state_dict's copy onto itself is a no-op
         out.update({key: mask.scores for key in keys[id(mask.scores)]})

@@ -303,19 +303,28 @@ def check_popup_options(*, learn_norm: bool = False, learn_bias: bool = False, s
 
 
 def check_method_options(method: Method, *, slots: int | None = None, redraw_every: int | None = None,
-                         redraw_rate: float | None = None) -> MethodOptions:
+                         redraw_rate: float | None = None, freeze_every: int | None = None,
+                         score_l2: float | None = None, density_epochs: int | None = None,
+                         epochs: int | None = None) -> MethodOptions:
     """The method's options (:class:`MethodOptions`; ``None``: the default); an option of another method is an
     error rather than silently ignored."""
-    given = dict(slots=slots, redraw_every=redraw_every, redraw_rate=redraw_rate)
-    owners = dict(slots="slot-machine", redraw_every="iterand", redraw_rate="iterand")
+    given = dict(slots=slots, redraw_every=redraw_every, redraw_rate=redraw_rate, freeze_every=freeze_every,
+                 score_l2=score_l2, density_epochs=density_epochs)
+    owners = dict(slots="slot-machine", redraw_every="iterand", redraw_rate="iterand", freeze_every="gem-miner",
+                  score_l2="gem-miner", density_epochs="global-topk")
     for name, value in given.items():
         if value is not None and owners[name] != method.name:
             raise TrainError(f"--{name.replace('_', '-')} is an option of --method {owners[name]}, not of "
                              f"{method.name}; drop it")
     try:
-        return MethodOptions(**{name: value for name, value in given.items() if value is not None})
+        options = MethodOptions(**{name: value for name, value in given.items() if value is not None})
     except ValueError as e:
         raise TrainError(str(e)) from e
+    if method.name == "gem-miner" and epochs is not None and (epochs - 1) // options.freeze_every < 1:
+        raise TrainError(f"gem-miner freezes weights every --freeze-every {options.freeze_every} epochs before the "
+                         f"last, and {epochs} epochs leave no freezing event, so nothing holds it to k: train more "
+                         "epochs or freeze more often")
+    return options
 
 
 def check_init_artifact(path: str | None, method: Method) -> Path | None:
