@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ import timm_popup
 from timm_popup.export import export_plain
 from timm_popup.init import check_weight_init, fans, init_std, random_weight
 from timm_popup.maskfile import META, checksum, read_mask_file, write_mask_file
-from timm_popup.masks import MaskError, load_masks
+from timm_popup.masks import MaskError, filter_state_dict, load_masks
 from timm_popup.methods import make_mask_method, make_supermask
 
 try:
@@ -185,8 +186,12 @@ def test_each_option_round_trips_through_local_dir_and_the_hub(saved, tmp_path):
                                                                             cfg.learn_bias)
 
 
-def test_the_artifact_records_each_option_and_the_card_says_it(saved):
+def test_the_artifact_records_each_option_and_the_card_says_it(saved, capsys):
+    from timm_popup.cli import main as cli
+
     _, dirs = saved
+    assert cli(["info", str(dirs["learn_norm"][0])]) == 0
+    assert re.search(r"^learned\s+learn_norm \(trained with the scores", capsys.readouterr().out, re.M)
     header = {name: read_mask_file(d / "model.safetensors") for name, (d, _) in dirs.items()}
     assert int(header["learn_norm"][META + "learn_norm"].item()) == 1
     assert META + "learn_bias" not in header["learn_norm"]
@@ -237,3 +242,28 @@ def test_a_default_model_adopts_what_the_artifact_learned_and_export_folds_it(sa
     plain, diff = export_plain(model, "resnet18", input_size=(3, 32, 32))
     assert not torch.equal(plain.bn1.weight, torch.ones_like(plain.bn1.weight))  # the learned scale, folded
     assert torch.equal(plain.bn1.weight, model.bn1.weight.detach())
+
+
+@pytest.mark.parametrize("method", ["supermask", "global-topk", "biprop", "iterand", "signed-supermask",
+                                    "slot-machine", "gem-miner"])
+def test_every_mask_method_takes_learned_norms_and_biases(method):
+    def build(**kwargs) -> nn.Module:
+        return timm_popup.convert(Tiny(), k=1.0 if method == "slot-machine" else 0.5, seed=2, **kwargs)
+
+    model = build(learn_norm=True, learn_bias=True)
+    if method == "supermask":
+        make_supermask(model)
+    else:
+        make_mask_method(model, method)
+    assert sorted(n for n, p in model.named_parameters() if not n.endswith("scores")) == [
+        "bn.bias", "bn.weight", "conv.bias", "fc.bias", "ln.bias", "ln.weight"]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.rand_like(p))
+    model.eval()
+    loaded = build()
+    loaded.load_state_dict(filter_state_dict(timm_popup.masks.mask_state_dict(model), loaded))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), model(x))
+    assert loaded.popup_config.method == method and loaded.popup_config.learn_norm and loaded.popup_config.learn_bias
