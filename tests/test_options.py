@@ -15,6 +15,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from test_methods import TINY, data, run  # noqa: F401  (module-scoped fixtures)
 from torch import nn
 
 import timm_popup
@@ -267,3 +268,21 @@ def test_every_mask_method_takes_learned_norms_and_biases(method):
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), model(x))
     assert loaded.popup_config.method == method and loaded.popup_config.learn_norm and loaded.popup_config.learn_bias
+
+
+def test_the_training_script_takes_each_option_and_records_it(run, data, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    assert run([*TINY, "--dataset", str(data), "--output-dir", str(out), "--epochs", "1", "--init-mode", "fan_out",
+                "--nonlinearity", "tanh", "--scale-fan", "--score-init-constant", "0.5", "--method", "supermask"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_args"]["weight_init"] == "signed_constant,mode=fan_out,nonlinearity=tanh,scale_fan"
+    assert config["model_args"]["score_init"] == "constant=0.5"
+    assert "`constant=0.5`" in (out / "README.md").read_text()
+    for flags, says in [(["--score-init", "gaussian"], "unknown score_init 'gaussian'"),
+                        (["--score-init", "uniform", "--score-init-constant", "1"], "pass one"),
+                        (["--weight-init", "xavier_normal", "--init-mode", "fan_out"], "xavier_normal has no mode"),
+                        (["--freeze-every", "2"], "--freeze-every is an option of --method gem-miner")]:
+        capsys.readouterr()
+        assert run([*TINY, "--dataset", str(data), "--output-dir", str(tmp_path / "bad"), *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], err

@@ -274,11 +274,17 @@ def check_k(k: float | None, method: Method) -> float | None:
 def check_weight_init(weight_init: str | None, method: Method) -> str | None:
     """The weight distribution to build with (``None``: the model's default, the paper's U_k)."""
     weight_init = weight_init or method.weight_init
-    if weight_init is not None and weight_init not in WEIGHT_INITS:
-        close = difflib.get_close_matches(weight_init, list(WEIGHT_INITS), n=1)
+    if weight_init is None:
+        return None
+    name = weight_init.partition(",")[0]  # a full name carries the distribution's options after the first comma
+    if name not in WEIGHT_INITS:
+        close = difflib.get_close_matches(name, list(WEIGHT_INITS), n=1)
         hint = f"did you mean {close[0]}? " if close else ""
-        raise TrainError(f"unknown --weight-init {weight_init!r}; {hint}choose one of: {', '.join(WEIGHT_INITS)}")
-    return weight_init
+        raise TrainError(f"unknown --weight-init {name!r}; {hint}choose one of: {', '.join(WEIGHT_INITS)}")
+    try:
+        return weight_distribution(weight_init)
+    except ValueError as e:
+        raise TrainError(f"--weight-init: {e}") from e
 
 
 def check_popup_options(*, learn_norm: bool = False, learn_bias: bool = False, score_init: str | None = None,
