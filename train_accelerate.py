@@ -23,7 +23,8 @@ from collections.abc import Sequence
 
 from timm.utils import ParseKwargs
 
-from timm_popup.methods import METHODS
+from timm_popup.init import FAN_MODES, NONLINEARITIES
+from timm_popup.methods import METHODS, Schedule
 
 _EPILOG = ("Recipe values (epochs, batch size, lr, ...) default to --recipe and may each be overridden.\n"
            "k is always the fraction of weights KEPT.")
@@ -65,10 +66,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--structure", default=None, metavar="N:M",
                    help="N:M structured masks, e.g. 2:4 (N of every M consecutive input weights; k = N/M): "
                         "edge-popup, biprop, signed-supermask, iterand")
+    g.add_argument("--freeze-every", type=int, default=None,
+                   help="gem-miner: epochs between freezing out the lowest-scored weights (its iter_period; default 5)")
+    g.add_argument("--score-l2", type=float, default=None,
+                   help="gem-miner: weight of its regulariser score_l2 * ||scores||^2 (its lmbda; default 1e-4)")
+    g.add_argument("--density-epochs", type=int, default=None,
+                   help="global-topk: reach k over this many epochs, from 0.5, as biprop's --prune_rate_epoch "
+                        "(default 0: k from the start)")
     g.add_argument("--recipe", default="auto", help="auto (cifar for 32x32 models, else imagenet), cifar, imagenet")
     g.add_argument("--k", type=float, default=None, help="fraction of weights KEPT per layer (model default)")
     g.add_argument("--weight-init", default=None, help="weight distribution (default: signed_constant; dense: "
                                                        "kaiming_normal)")
+    g.add_argument("--init-mode", default=None, choices=FAN_MODES,
+                   help="the fan that sets the Kaiming std (the paper code's --mode; default fan_in)")
+    g.add_argument("--nonlinearity", default=None, choices=NONLINEARITIES,
+                   help="whose gain (torch.nn.init.calculate_gain) scales the Kaiming std (default relu)")
+    g.add_argument("--scale-fan", action="store_true", help="std * sqrt(1/k): the paper's scaled distributions")
+    g.add_argument("--learn-norm", action="store_true",
+                   help="train the norm layers' scale and shift with the scores (the paper code's --bn-type "
+                        "LearnedBatchNorm; default: frozen, non-affine)")
+    g.add_argument("--learn-bias", action="store_true", help="train the biases with the scores (default: frozen 0)")
+    g.add_argument("--score-init", default=None,
+                   help="how scores start: kaiming_uniform (default), uniform (U(0, 1), Gem-Miner's) or constant=C")
+    g.add_argument("--score-init-constant", type=float, default=None, metavar="C",
+                   help="scores start at C (the paper code's flag, for the sampled supermask)")
     g.add_argument("--seed", type=int, default=0, help="seed of the weights, the scores and the data order")
     g.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
                    help="more model arguments, e.g. width=0.5")
@@ -191,8 +212,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         k = train.check_k(args.k, method)
         weight_init = train.check_weight_init(args.weight_init, method)
         init_artifact = train.check_init_artifact(args.init_artifact, method)
+        popup_options = train.check_popup_options(
+            learn_norm=args.learn_norm, learn_bias=args.learn_bias, score_init=args.score_init,
+            score_init_constant=args.score_init_constant, init_mode=args.init_mode, nonlinearity=args.nonlinearity,
+            scale_fan=args.scale_fan)
         options = train.check_method_options(method, slots=args.slots, redraw_every=args.redraw_every,
-                                             redraw_rate=args.redraw_rate)
+                                             redraw_rate=args.redraw_rate, freeze_every=args.freeze_every,
+                                             score_l2=args.score_l2, density_epochs=args.density_epochs,
+                                             epochs=recipe.epochs)
         if args.structure is not None:
             args.model_kwargs = {**args.model_kwargs, "structure": train.check_structure(args.structure, method)}
         for flag, least in (("workers", 0), ("train_samples", 1), ("val_samples", 1), ("keep_checkpoints", 1),
@@ -242,14 +269,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = train.create_model(model_name, method=method, num_classes=ds.num_classes, input_size=input_size,
                                    k=k, weight_init=weight_init, seed=args.seed, model_kwargs=args.model_kwargs,
                                    mean=mean, std=std, init_artifact=init_artifact, label_names=ds.class_names,
-                                   options=options)
+                                   options=options, popup_options=popup_options)
         data_config = timm.data.resolve_data_config({}, model=model)
         augmentation = train.resolve_augmentation(data_config, epochs=recipe.epochs, no_aug=args.no_aug,
                                                   overrides={name: getattr(args, name) for name in _AUG_FLAGS})
         mixup_fn = train.build_mixup(augmentation, num_classes=ds.num_classes,
                                      label_smoothing=recipe.label_smoothing, batch_size=recipe.batch_size)
         run = dict(model=model_name, method=method.name, k=model.popup_config.k,
-                   weight_init=model.popup_config.weight_init, seed=args.seed, num_classes=ds.num_classes,
+                   weight_init=model.popup_config.weight_init,
+                   **{**popup_options, "score_init": model.popup_config.score_init}, seed=args.seed,
+                   num_classes=ds.num_classes,
                    input_size=list(input_size), mean=list(mean), std=list(std), model_kwargs=args.model_kwargs,
                    dataset=args.dataset, **dataclasses.asdict(recipe), augmentation=augmentation.describe(),
                    num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision,
@@ -286,7 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the model itself, without its DDP and torch.compile wrappers: what the method's per-update hook (IteRand's
     # re-draws) acts on, what is evaluated (eager: the same masks) and saved
     bare = accelerator.unwrap_model(model, keep_torch_compile=False)
-    after_update = (functools.partial(method.after_update, bare)
+    after_update = (functools.partial(method.after_update, bare,
+                                      schedule=Schedule(recipe.epochs, updates_per_epoch))
                     if method.after_update else None)
 
     # 5. Resume: model, optimizer and update count from the checkpoint; data order and augmentation are a

@@ -68,6 +68,10 @@ GOLDEN = {
     'finetune/README.md': '645171338a6e2c6e1645aa8bf057a38c63b8efb39e7819904c275d5c41a5a908',
     'finetune/config.json': 'c50c5daa0e4e60806eaad2c7869e2859ea7fec1b7946eec6d7e5909982f7f2df',
     'finetune/model.safetensors': '9c69bf65be55b9e4eae2d167517e97d69b11b7880399f04d2e4db81df5002b4f',
+    # added with the method (issue 26); every digest above and below is the one recorded before it
+    'gem-miner/README.md': '35418357c7f7aa1c2c33559dc765200c0335d98f579d86ec9564f4d4773d239e',
+    'gem-miner/config.json': '28525b6540d93d56e935aeb40ceb4ea23f9ec525b4b77019a5615731593bcffc',
+    'gem-miner/model.safetensors': 'daca45796c5ecb0d767de6f8864dbcf04abb61ab3474b430e8a3b4c961a6aece',
     'global-topk/README.md': 'fbb7b6f2368578ae32c35d5aa4c9b046f8e2df6d5bdf404f926559cfdacf8290',
     'global-topk/config.json': '1fac54e6617ac8e14f811ffee064d12b7ac1ce035934d620836c8ae591361ff0',
     'global-topk/model.safetensors': '5905b2dd226f33cf386c672b15078383bb30b087c690356c0d3166d2f66176bc',

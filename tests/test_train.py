@@ -527,7 +527,7 @@ def test_help_lists_every_method_with_its_line_of_the_methods_table(script, caps
         script.parse_args(["--help"])
     assert exit_.value.code == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(METHODS) == 10
+    assert len(METHODS) == 11
     for name, method in METHODS.items():
         rows = [line for line in lines if re.match(rf"\s+{re.escape(name)}\s", line)]
         assert len(rows) == 1 and method.summary in rows[0], (name, rows)  # one line each, its own summary

@@ -111,6 +111,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             *([("structure", f"{info['structure']} (N of every M consecutive input weights)")]
               if "structure" in info else []),
             ("weight init", info["weight_init"]),
+            *([("learned", ", ".join(key for key in ("learn_norm", "learn_bias") if info.get(key))
+                + " (trained with the scores, values in the artifact)")]
+              if info.get("learn_norm") or info.get("learn_bias") else []),
             ("layers", f"{info['layers']} masked"),
             ("weights kept", f"{kept:,} of {total:,} ({100 * kept / max(total, 1):.1f}%)"),
             ("bits/weight", f"{info['bits_per_weight']} stored per masked weight (the masks and what the "

@@ -26,6 +26,10 @@ Every parameter of the model gets exactly one treatment, decided here and docume
   ``weight:all``        a weight of fan-in 1 (above): all its seeded values, unmasked.
   ====================  =============================================================================
 
+``learn_norm`` / ``learn_bias`` (the paper code's ``--bn-type LearnedBatchNorm``, and learned biases) keep the
+``norm:*`` / ``bias:0`` tensors trainable parameters instead, starting from the same values (``popup_config.learned``
+records them); their values are part of the artifact.
+
 The model keeps its classes and forwards; ``reset_classifier`` converts the new head like the rest.
 """
 
@@ -36,6 +40,7 @@ import fnmatch
 import math
 import re
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from timm.models import filter_pretrained_cfg
@@ -44,13 +49,31 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.utils import parametrize
 
 from .config import PopupConfig
-from .init import DEFAULT_WEIGHT_INIT, check_k, check_weight_init, fans, random_normal, random_weight
-from .layers import METHOD_MODES, PopupMask, mask_tensor, popup_masks, use_method, use_structure
+from .init import (
+    DEFAULT_WEIGHT_INIT,
+    check_k,
+    check_weight_init,
+    fans,
+    random_normal,
+    random_weight,
+    weight_distribution,
+)
+from .layers import (
+    DEFAULT_SCORE_INIT,
+    METHOD_MODES,
+    PopupMask,
+    check_score_init,
+    mask_tensor,
+    popup_masks,
+    use_method,
+    use_structure,
+)
 from .modes import MethodOptions, make_mask_method
 from .native import parse_structure
 
 __all__ = ["convert", "build_converted", "FrozenValue", "unfreeze", "folded", "make_scriptable", "reseed",
-           "regenerated", "popup_masks", "frozen_tensors", "is_norm", "is_masked_weight", "EMBED_STD", "NEAR_ZERO",
+           "regenerated", "popup_masks", "frozen_tensors", "learned_policies", "learn_frozen",
+           "is_norm", "is_masked_weight", "EMBED_STD", "NEAR_ZERO",
            "POPUP_PREFIX"]
 
 #: what timm_popup.models registers every popup version of a timm model as: popup_<name>
@@ -111,14 +134,14 @@ _BN_STATS = {"running_mean": torch.zeros_like, "running_var": torch.ones_like, "
 
 
 def build_converted(factory: Callable[[], nn.Module], *, k: float = 0.5, weight_init: str = DEFAULT_WEIGHT_INIT,
-                    seed: int = 0, dense: Sequence[str] = (), init_scores: bool = True,
-                    structure: str | Sequence[int] | None = None) -> nn.Module:
+                    seed: int = 0, dense: Sequence[str] = (), init_scores: bool = True, **options: Any) -> nn.Module:
     """``convert(factory(), ...)``, skipping timm's dense initialisation where the parameter policy allows.
 
     The model is first built on the meta device (no memory, no init). If every parameter's frozen value follows
     from the policy alone and its only buffers are BatchNorm statistics, it is converted from there (the weights
     are generated anyway; the result is identical to a CPU build); otherwise it is built again on the CPU.
-    ``init_scores=False`` leaves the scores uninitialised, for a mask that is loaded into all of them next.
+    ``init_scores=False`` leaves the scores uninitialised, for a mask that is loaded into all of them next;
+    ``options``: :func:`convert`'s others (learn_norm, learn_bias, score_init, init_mode, nonlinearity, scale_fan).
     """
     model = None
     if not dense:
@@ -136,8 +159,7 @@ def build_converted(factory: Callable[[], nn.Module], *, k: float = 0.5, weight_
                 module.register_buffer(name, _BN_STATS[name](buf, device="cpu"))
     else:
         model = factory()
-    return convert(model, k=k, weight_init=weight_init, seed=seed, dense=dense, init_scores=init_scores,
-                   structure=structure)
+    return convert(model, k=k, weight_init=weight_init, seed=seed, dense=dense, init_scores=init_scores, **options)
 
 
 class FrozenValue(nn.Module):
@@ -278,12 +300,14 @@ class _PopupResetClassifier:
         cfg = self.model.popup_config
         before = {id(mask) for mask in popup_masks(self.model).values()}
         convert(self.model, k=cfg.k, weight_init=cfg.weight_init, seed=cfg.seed, dense=cfg.dense,
-                structure=cfg.structure)
+                structure=cfg.structure, learn_norm=cfg.learn_norm, learn_bias=cfg.learn_bias,
+                score_init=cfg.score_init)
         if cfg.method in METHOD_MODES and cfg.method != "edge-popup":  # the new head learns the model's method
             masks = list(popup_masks(self.model).values())
             new = [mask for mask in masks if id(mask) not in before]
             # a global top-k regroups every tensor; the others change only the new head's masks
-            use_method(masks if METHOD_MODES[cfg.method] == "global" else new, cfg.method, k=cfg.k, slots=cfg.slots)
+            use_method(masks if METHOD_MODES[cfg.method] == "global" else new, cfg.method, k=cfg.k, slots=cfg.slots,
+                       score_l2=cfg.score_l2)
 
 
 def convert(
@@ -295,7 +319,14 @@ def convert(
     init_scores: bool = True,
     method: str = "edge-popup",
     options: MethodOptions | None = None,
+    *,
     structure: str | Sequence[int] | None = None,
+    learn_norm: bool = False,
+    learn_bias: bool = False,
+    score_init: str = DEFAULT_SCORE_INIT,
+    init_mode: str | None = None,
+    nonlinearity: str | None = None,
+    scale_fan: bool | None = None,
 ) -> nn.Module:
     """Make ``model`` an edge-popup network in place and return it.
 
@@ -318,8 +349,15 @@ def convert(
     ``structure`` (``"2:4"``, any N:M with N < M) keeps N of every M consecutive weights along each tensor's dim 1
     (input features, input channels) instead of one top-k per tensor; ``k`` must then be N/M, which tensors whose
     dim 1 does not divide by M keep as one top-k (``layers.use_structure``).
+
+    The paper code's options: ``learn_norm`` / ``learn_bias`` train the norm layers' scale and shift / the biases
+    with the scores (module docstring); ``init_mode`` (``fan_in`` / ``fan_out``), ``nonlinearity`` (the gain, by
+    ``torch.nn.init.calculate_gain``'s names) and ``scale_fan`` complete ``weight_init``
+    (``timm_popup.init.weight_distribution``); ``score_init`` is how scores start (``timm_popup.layers.SCORE_INITS``).
     """
+    weight_init = weight_distribution(weight_init, mode=init_mode, nonlinearity=nonlinearity, scale_fan=scale_fan)
     k, weight_init, seed = check_k(k), check_weight_init(weight_init), int(seed)
+    score_init = check_score_init(score_init)
     if structure is not None:
         n, m = parse_structure(structure)
         if not math.isclose(k, n / m, rel_tol=0, abs_tol=1e-3):
@@ -328,6 +366,8 @@ def convert(
     dense = tuple(dense)
     cfg = getattr(model, "popup_config", None) or PopupConfig()
     cfg.k, cfg.weight_init, cfg.seed, cfg.dense, cfg.structure = k, weight_init, seed, dense, structure
+    cfg.learn_norm, cfg.learn_bias, cfg.score_init = bool(learn_norm), bool(learn_bias), score_init
+    learn = learned_policies(cfg.learn_norm, cfg.learn_bias)
 
     def is_dense(name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in dense)
@@ -342,6 +382,8 @@ def convert(
             if id(p) in kept:
                 continue
             qualname = f"{mod_name}.{p_name}" if mod_name else p_name
+            if qualname in cfg.learned:  # learned by an earlier call (reset_classifier converts only what is new)
+                continue
             if is_masked_weight(p_name, p) and fans(_fan_shape(module, p_name) or p.shape)[0] == 1:
                 value = random_weight(p.shape, seed=seed, name=qualname, weight_init=weight_init, k=k,
                                       fan_shape=_fan_shape(module, p_name))
@@ -351,7 +393,8 @@ def convert(
                 mask = shared.get(id(p))
                 if mask is None:
                     mask = PopupMask(p.shape, name=qualname, k=k, weight_init=weight_init, seed=seed,
-                                     fan_shape=_fan_shape(module, p_name), device=p.device, init_scores=init_scores)
+                                     fan_shape=_fan_shape(module, p_name), device=p.device, init_scores=init_scores,
+                                     score_init=score_init)
                     shared[id(p)] = mask
                     if round(k * p.numel()) == 0:
                         too_few.append(f"{qualname} {tuple(p.shape)}")
@@ -359,8 +402,13 @@ def convert(
             else:
                 with torch.no_grad():
                     policy, value = _frozen_value(module, p_name, p, seed=seed, qualname=qualname)
-                _freeze(module, p_name, value.to(value.device if p.is_meta else p.device, p.dtype),
-                        read_as_node=policy.startswith("draw:"))
+                value = value.to(value.device if p.is_meta else p.device, p.dtype)
+                if policy in learn:  # trained with the scores, from the policy's value
+                    delattr(module, p_name)
+                    module.register_parameter(p_name, nn.Parameter(value))
+                    cfg.learned[qualname] = policy
+                    continue
+                _freeze(module, p_name, value, read_as_node=policy.startswith("draw:"))
                 cfg.frozen[qualname] = policy
     if too_few:
         raise ValueError(f"k={k} keeps 0 of the weights of {too_few[0]}"
@@ -429,6 +477,24 @@ def reseed(model: nn.Module, *, seed: int, k: float, weight_init: str,
             setattr(module, attr, tensors[qualname].to(old.device, old.dtype))
     cfg.k, cfg.weight_init, cfg.seed = k, weight_init, int(seed)
     return model
+
+
+def learned_policies(learn_norm: bool, learn_bias: bool) -> frozenset[str]:
+    """The parameter policies whose tensors train with the scores under ``learn_norm`` / ``learn_bias``."""
+    return frozenset((("norm:1", "norm:0") if learn_norm else ()) + (("bias:0",) if learn_bias else ()))
+
+
+def learn_frozen(model: nn.Module, *, learn_norm: bool, learn_bias: bool) -> list[str]:
+    """Make the frozen tensors that ``learn_norm`` / ``learn_bias`` train parameters again (what a model built
+    without them does to take an artifact that learned them); returns their names."""
+    cfg = model.popup_config
+    learn = learned_policies(learn_norm, learn_bias)
+    names = [name for name, policy in cfg.frozen.items() if policy in learn]
+    for name in names:
+        unfreeze(*_owner(model, name))
+        cfg.learned[name] = cfg.frozen.pop(name)
+    cfg.learn_norm, cfg.learn_bias = cfg.learn_norm or learn_norm, cfg.learn_bias or learn_bias
+    return names
 
 
 def frozen_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:

@@ -84,7 +84,7 @@ COMPARE_KS = (0.05, 0.1, 0.3, 0.5)
 COMPARE_SEEDS = (0, 1)
 # Each method's weights: the scaled distributions keep the signal's scale at small k in Conv4, which has no
 # normalisation (paper section 4.5); biprop binarises normal weights (its paper's), slot machines choose among
-# uniform values (theirs) and prune nothing, so k does not scale them.
+# uniform values (theirs) and prune nothing, so k does not scale them; Gem-Miner's scores start U(0, 1) (its own).
 COMPARE_METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
     "edge-popup": ("scaled_signed_constant", ()),
     "global-topk": ("scaled_signed_constant", ()),
@@ -92,6 +92,8 @@ COMPARE_METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
     "signed-supermask": ("scaled_signed_constant", ()),
     "biprop": ("scaled_kaiming_normal", ()),
     "slot-machine": ("kaiming_uniform", ("--slots", "8")),
+    # one freezing event at the end of epoch 1 of 2 (its period of 5 epochs would leave none in this budget)
+    "gem-miner": ("scaled_signed_constant", ("--freeze-every", "1")),
 }
 COMPARE_TRAIN_ARGS = ("--dataset", "fashion-mnist", "--epochs", "2", "--train-samples", "4000", "--val-samples",
                       "2000", "--batch-size", "64", "--workers", "0", "--log-with", "none", "--log-every", "1000")

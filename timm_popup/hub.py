@@ -29,8 +29,8 @@ from torch import nn
 
 from ._io import atomic_write
 from .export import CONFIG_NAME, WEIGHTS_NAME, dense_state_dict
-from .maskfile import MaskError, artifact_format, artifact_info, read_mask_file, write_mask_file
-from .masks import mask_state_dict
+from .maskfile import MaskError, artifact_info, read_mask_file, write_mask_file
+from .masks import mask_state_dict, model_header
 from .reference import GENERATOR_VERSION
 
 __all__ = ["save_pretrained", "push_to_hub", "push_artifact", "model_card", "model_stats", "check_push_access",
@@ -135,7 +135,15 @@ def model_card(config: Mapping[str, Any], info: Mapping[str, Any], *, repo_id: s
         image_mode="L" if input_size[0] == 1 else "RGB",
         params_m=_stat(stats.get("params"), 1e6), gmacs=_stat(stats.get("macs"), 1e9),
         activations_m=_stat(stats.get("activations"), 1e6), source_url=source_url(), version=_version(),
+        learned=" and ".join(text for key, text in _LEARNED_TEXT.items() if info.get(key)),
+        learn_args="".join(f", {key}=True" for key in _LEARNED_TEXT if info.get(key)),
+        score_init=(config.get("model_args") or {}).get("score_init"),
     )
+
+
+# What a card says an artifact learned besides its mask (timm_popup.convert's learn_norm / learn_bias)
+_LEARNED_TEXT = {"learn_norm": "the norm layers' scale and shift (from 1 and 0)",
+                 "learn_bias": "the biases (from 0)"}
 
 
 # How a card describes the artifact of each method that followed the paper (timm_popup.methods); edge-popup and
@@ -151,6 +159,8 @@ _METHOD_TEXT = {
                         "kept with its sign or flipped",
     "slot-machine": "slot machine: every weight is one of {slots} seeded random values, chosen by learned scores; "
                     "nothing is pruned",
+    "gem-miner": "Gem-Miner: the random weights whose learned scores in [0, 1] round to 1 after iterative freezing "
+                 "to at most {k:g}% of the network; the density of each layer is learned",
 }
 _METHOD_PAPER = {
     "biprop": "Multi-Prize Lottery Ticket Hypothesis (Diffenderfer & Kailkhura, ICLR 2021): "
@@ -161,6 +171,8 @@ _METHOD_PAPER = {
                         "https://arxiv.org/abs/2201.13361",
     "slot-machine": "Slot Machines: Discovering Winning Combinations of Random Weights in Neural Networks (Aladago "
                     "& Torresani, ICML 2021): https://arxiv.org/abs/2101.06475",
+    "gem-miner": "Rare Gems: Finding Lottery Tickets at Initialization (Sreenivasan et al., NeurIPS 2022): "
+                 "https://arxiv.org/abs/2202.12002",
 }
 
 
@@ -245,7 +257,7 @@ def _write_config(model: nn.Module, directory: Path, fields: Mapping[str, Any]) 
     args, stats, cfg = _popup_args(model), model_stats(model), model.popup_config
     # the fp32 checkpoint of the same network: weights are (non-persistent) buffers here, scores are not in it
     dense_bytes = sum(t.numel() * t.element_size() for t in dense_state_dict(model).values())
-    popup = dict(format_version=artifact_format(cfg.method, cfg.structure), generator_version=GENERATOR_VERSION,
+    popup = dict(format_version=model_header(model).format, generator_version=GENERATOR_VERSION,
                  **({"method": cfg.method} if cfg.method != "edge-popup" else {}), **args,
                  dense_bytes=dense_bytes, stats=stats, timm_popup_version=_version(), **fields)
     path = atomic_write(directory / CONFIG_NAME, lambda tmp: save_config_for_hf(

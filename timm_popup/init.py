@@ -42,7 +42,8 @@ import torch
 from . import native
 from .reference import GENERATOR_VERSION, draw_reference, splitmix64
 
-__all__ = ["WEIGHT_INITS", "DEFAULT_WEIGHT_INIT", "GENERATOR_VERSION", "fans", "init_std", "stream_key",
+__all__ = ["WEIGHT_INITS", "DEFAULT_WEIGHT_INIT", "GENERATOR_VERSION", "FAN_MODES", "NONLINEARITIES", "fans",
+           "init_std", "stream_key", "weight_distribution", "distribution_options", "is_scaled",
            "random_uniform", "random_weight", "random_normal", "check_k", "check_weight_init", "draw_reference",
            "splitmix64"]
 
@@ -61,11 +62,70 @@ WEIGHT_INITS: dict[str, tuple[str, bool]] = {
 # Table 2 of the paper: the signed Kaiming constant gives the best subnetworks on ImageNet and CIFAR.
 DEFAULT_WEIGHT_INIT = "signed_constant"
 
+#: ``mode``: the fan that sets a Kaiming std (torch.nn.init's ``mode``)
+FAN_MODES = ("fan_in", "fan_out")
+#: the nonlinearities whose gain (``torch.nn.init.calculate_gain``) scales a Kaiming std
+NONLINEARITIES = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+                  "conv_transpose3d", "sigmoid", "tanh", "relu", "leaky_relu", "selu")
+_DEFAULT_OPTIONS = dict(mode="fan_in", nonlinearity="relu", scale_fan=False)
+
+
+def weight_distribution(weight_init: str, *, mode: str | None = None, nonlinearity: str | None = None,
+                        scale_fan: bool | None = None) -> str:
+    """The full name of a weight distribution: ``weight_init`` with the paper code's ``--mode``, ``--nonlinearity``
+    and ``--scale-fan`` where they differ from its defaults (fan_in, relu, no scaling), e.g.
+    ``kaiming_normal,mode=fan_out,nonlinearity=tanh,scale_fan``. A default distribution keeps its plain name (so
+    its artifacts are byte for byte those of earlier releases); options given here override those in the name."""
+    name, options = _parse(weight_init)
+    given = dict(mode=mode, nonlinearity=nonlinearity, scale_fan=scale_fan)
+    options.update({key: value for key, value in given.items() if value is not None})
+    if options["mode"] not in FAN_MODES:
+        raise ValueError(f"unknown init mode {options['mode']!r}; choose one of: {', '.join(FAN_MODES)}")
+    if options["nonlinearity"] not in NONLINEARITIES:
+        raise ValueError(f"unknown nonlinearity {options['nonlinearity']!r} (torch.nn.init.calculate_gain's names); "
+                         f"choose one of: {', '.join(NONLINEARITIES)}")
+    changed = [key for key, value in options.items() if value != _DEFAULT_OPTIONS[key]]
+    if changed and "xavier" in name:
+        raise ValueError(f"{name} has no {changed[0]} option (Glorot's std uses both fans and gain 1): use a kaiming "
+                         "or signed_constant distribution")
+    if options["scale_fan"] and WEIGHT_INITS[name][1]:
+        raise ValueError(f"{name} is already scaled by sqrt(1/k): drop scale_fan or use "
+                         f"{name.removeprefix('scaled_')}")
+    parts = [name] + [f"{key}={options[key]}" for key in ("mode", "nonlinearity") if key in changed]
+    return ",".join(parts + (["scale_fan"] if options["scale_fan"] else []))
+
+
+def _parse(weight_init: str) -> tuple[str, dict]:
+    name, *rest = str(weight_init).split(",")
+    if name not in WEIGHT_INITS:
+        raise ValueError(f"unknown weight_init {name!r}; choose one of: {', '.join(WEIGHT_INITS)}")
+    options = dict(_DEFAULT_OPTIONS)
+    for part in rest:
+        key, eq, value = part.partition("=")
+        if key == "scale_fan" and not eq:
+            options["scale_fan"] = True
+        elif key in ("mode", "nonlinearity") and eq:
+            options[key] = value
+        else:
+            raise ValueError(f"weight_init {weight_init!r}: unknown option {part!r} (mode=..., nonlinearity=..., "
+                             "scale_fan)")
+    return name, options
+
+
+def is_scaled(weight_init: str) -> bool:
+    """Whether the distribution's std carries the factor sqrt(1/k) (a ``scaled_*`` name or ``scale_fan``)."""
+    name, options = distribution_options(weight_init)
+    return WEIGHT_INITS[name][1] or options["scale_fan"]
+
+
+def distribution_options(weight_init: str) -> tuple[str, dict]:
+    """(the distribution's base name, its mode / nonlinearity / scale_fan) of a full name."""
+    return _parse(check_weight_init(weight_init))
+
+
 def check_weight_init(weight_init: str) -> str:
-    if weight_init not in WEIGHT_INITS:
-        raise ValueError(
-            f"unknown weight_init {weight_init!r}; choose one of: {', '.join(WEIGHT_INITS)}")
-    return weight_init
+    """The canonical full name of ``weight_init`` (:func:`weight_distribution`); a one-line error if unknown."""
+    return weight_distribution(weight_init)
 
 
 def check_k(k: float) -> float:
@@ -84,14 +144,24 @@ def fans(shape: Sequence[int]) -> tuple[int, int]:
 
 
 def init_std(weight_init: str, shape: Sequence[int], k: float = 1.0) -> float:
-    """The standard deviation of ``weight_init`` for a weight of ``shape`` in a layer keeping ``k``."""
-    family, scaled = WEIGHT_INITS[check_weight_init(weight_init)]
+    """The standard deviation of ``weight_init`` (a full name, :func:`weight_distribution`) for a weight of
+    ``shape`` in a layer keeping ``k``.
+
+    Kaiming: gain / sqrt(fan) as the paper's code (utils/builder.py) computes it, the fan ``mode``'s; ``scale_fan``
+    multiplies the fan by k, the paper's "scaled" sqrt(1/k) (section 4.5; the paper's code multiplies by
+    1 - prune_rate, the fraction pruned where its layers keep prune_rate: the confusion its users filed)."""
+    name, options = _parse(weight_init)
+    family, scaled = WEIGHT_INITS[name]
     fan_in, fan_out = fans(shape)
-    if "xavier" in weight_init:
+    if "xavier" in name:
         std = math.sqrt(2.0 / (fan_in + fan_out))
     else:
-        std = math.sqrt(2.0 / fan_in)
-    if scaled:
+        fan = fan_in if options["mode"] == "fan_in" else fan_out
+        nonlinearity = options["nonlinearity"]
+        # ReLU keeps its original expression: the default weights stay bit for bit what they were
+        std = math.sqrt(2.0 / fan) if nonlinearity == "relu" else (
+            torch.nn.init.calculate_gain(nonlinearity) / math.sqrt(fan))
+    if scaled or options["scale_fan"]:
         std = std * math.sqrt(1.0 / check_k(k))
     return std
 
@@ -116,7 +186,7 @@ def random_weight(
     ``fan_shape`` is the shape whose fans set the std, where it differs from the stored shape (CondConv keeps
     its experts' weights flattened). Computed on the CPU; the values do not depend on where they are used.
     """
-    family, _ = WEIGHT_INITS[check_weight_init(weight_init)]
+    family, _ = WEIGHT_INITS[distribution_options(weight_init)[0]]
     std = init_std(weight_init, tuple(fan_shape) if fan_shape is not None else tuple(shape), k)
     return native.generate(shape, stream_key(seed, name), family, std)
 

@@ -37,6 +37,8 @@ The strong-lottery-ticket methods that followed the paper are modes of the same 
   (keep, drop or flip the sign); the gradient passes straight through to the signed score.
 * ``"slots"`` (slot machines): every weight chooses one of K seeded candidate values (``candidates``, K scores
   per weight), the one of highest score; nothing is pruned.
+* ``"hypercube"`` (Gem-Miner): scores in [0, 1], the mask their rounding among the weights not yet frozen out
+  (``alive``), a regulariser's gradient ``2 * l2 * scores`` added to the straight-through one.
 * IteRand is the ``"topk"`` mode plus :meth:`PopupMask.redraw`: pruned weights re-drawn from seeded streams,
   each weight's last re-draw event kept in the persistent buffer ``redraws``.
 """
@@ -51,16 +53,37 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import native
-from .init import WEIGHT_INITS, check_k, check_weight_init, fans, random_uniform, random_weight, stream_key
+from .init import check_k, check_weight_init, fans, is_scaled, random_uniform, random_weight, stream_key
 
-__all__ = ["PopupMask", "MaskGroup", "MaskMode", "MASK_MODES", "MODES", "NMStructure", "use_structure",
-           "METHOD_MODES", "use_method", "density_rescale",
+__all__ = ["PopupMask", "SCORE_INITS", "DEFAULT_SCORE_INIT", "check_score_init", "MaskGroup", "MaskMode",
+           "MASK_MODES", "MODES", "NMStructure", "use_structure", "METHOD_MODES", "use_method", "density_rescale",
            "binary_alpha", "binarized", "num_kept", "topk_mask", "fused_masked_weight",
            "mask_tensor", "unmask_tensor", "popup_masks"]
 
 #: the mask mode of every training method that learns a mask (``timm_popup.methods``; an artifact records the method)
 METHOD_MODES = {"edge-popup": "topk", "supermask": "sample", "global-topk": "global", "biprop": "binary",
-                "signed-supermask": "signed", "slot-machine": "slots", "iterand": "topk"}
+                "signed-supermask": "signed", "slot-machine": "slots", "iterand": "topk", "gem-miner": "hypercube"}
+
+#: how scores start: torch's conv init U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (the paper code's), U(0, 1) (Gem-Miner's
+#: "unif"), or ``constant=C`` (the paper code's ``--score-init-constant C``, for the sampled supermask)
+SCORE_INITS = ("kaiming_uniform", "uniform", "constant=C")
+DEFAULT_SCORE_INIT = "kaiming_uniform"
+
+
+def check_score_init(score_init: str) -> str:
+    """``score_init`` in its canonical form (``constant=0.5``), or a one-line error."""
+    name, eq, value = str(score_init).partition("=")
+    if name in ("kaiming_uniform", "uniform") and not eq:
+        return name
+    if name == "constant" and eq:
+        try:
+            constant = float(value)
+        except ValueError:
+            constant = math.nan
+        if math.isfinite(constant):
+            return f"constant={constant!r}"
+    raise ValueError(f"unknown score_init {score_init!r}; choose one of: {', '.join(SCORE_INITS)}")
+
 
 def num_kept(n: int, k: float) -> int:
     """Number of weights a tensor of ``n`` keeps at fraction ``k`` (Python's ``round``)."""
@@ -169,6 +192,10 @@ class MaskGroup:
         self.members, self.k = list(masks), check_k(k)
         self._key: tuple | None = None
         self._masks: dict[int, torch.Tensor] = {}
+
+    def set_k(self, k: float) -> None:
+        """Keep ``k`` of the group's weights from now on (a density schedule)."""
+        self.k, self._key = check_k(k), None
 
     def mask_of(self, member: PopupMask) -> torch.Tensor:
         key = tuple((m.scores._version, m.scores.data_ptr()) for m in self.members)
@@ -296,12 +323,13 @@ class GlobalTopK(_StrongTicket):
 
     def apply(self, m: PopupMask, mask: torch.Tensor) -> torch.Tensor:
         weight = m.weight
-        if WEIGHT_INITS[m.weight_init][1]:
+        if is_scaled(m.weight_init):
             weight = weight * density_rescale(mask, m.k)
         return _StraightThrough.apply(m.scores, weight, mask)
 
     def cache_key(self, m: PopupMask) -> tuple:
-        return tuple(member.scores._version for member in m.group.members)  # they move the shared threshold
+        # the others' scores move the shared threshold; a density schedule (modes.set_global_density) its k
+        return (m.group.k, *(member.scores._version for member in m.group.members))
 
 
 class Binary(_StrongTicket):
@@ -342,6 +370,42 @@ class Slots(_StrongTicket):
         return _SlotSelect.apply(m.scores, m.candidates, m.scores.detach().argmax(0))
 
 
+class _RegularisedStraightThrough(torch.autograd.Function):
+    """Gem-Miner: weight * mask forward; backward the straight-through gradient of the alive weights,
+    ``grad * weight * alive``, plus its regulariser's, ``2 * l2 * scores`` (the gradient of l2 * ||scores||^2,
+    added where the scores are read so that the training loop needs no extra loss term)."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, alive: torch.Tensor,
+                l2: float) -> torch.Tensor:
+        ctx.save_for_backward(scores, weight, alive)
+        ctx.l2 = l2
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        scores, weight, alive = ctx.saved_tensors
+        return (grad * weight).mul_(alive).add_(scores, alpha=2 * ctx.l2), None, None, None, None
+
+
+class Hypercube(_StrongTicket):
+    """Gem-Miner (Sreenivasan et al., NeurIPS 2022): scores are probabilities in [0, 1] (the method clips them after
+    every update), the mask is their rounding, ``scores > 0.5``, among the weights still ``alive`` (the persistent
+    boolean buffer its iterative freezing clears, ``timm_popup.modes.freeze_lowest``)."""
+
+    name = "hypercube"
+    unstructured_because = "gem-miner's mask is the rounding of each score on its own; it keeps no top-k to group"
+
+    def select(self, m: PopupMask) -> torch.Tensor:
+        return (m.scores.detach() > 0.5) & m.alive
+
+    def apply(self, m: PopupMask, mask: torch.Tensor) -> torch.Tensor:
+        return _RegularisedStraightThrough.apply(m.scores, m.weight, mask, m.alive, m.score_l2)
+
+    def cache_key(self, m: PopupMask) -> tuple:
+        return (m.alive._version,)  # a freezing event
+
+
 class NMStructure:
     """N:M structured masks: every group of ``m`` consecutive weights along dim 1 (input features / input channels,
     ``native.nm_groups``) keeps its ``n`` largest |scores|, ties to the lower index; the straight-through gradient
@@ -360,7 +424,7 @@ class NMStructure:
 
 #: every mode of :class:`PopupMask`, by its name (``PopupMask.mode``)
 MASK_MODES: dict[str, MaskMode] = {mode.name: mode for mode in (
-    TopK(), Sample(), Fixed(), Dense(), GlobalTopK(), Binary(), Signed(), Slots())}
+    TopK(), Sample(), Fixed(), Dense(), GlobalTopK(), Binary(), Signed(), Slots(), Hypercube())}
 MODES = tuple(MASK_MODES)
 
 
@@ -381,11 +445,14 @@ class PopupMask(nn.Module):
     group: MaskGroup | None = None
     #: the N:M structure its top-k keeps (None: one top-k over the whole tensor)
     structure: NMStructure | None = None
+    #: Gem-Miner: the weight of its regulariser l2 * ||scores||^2
+    score_l2: float = 0.0
 
     def __init__(self, shape: Sequence[int], *, name: str, k: float, weight_init: str, seed: int,
                  fan_shape: Sequence[int] | None = None, device: torch.device | str | None = None,
-                 init_scores: bool = True) -> None:
+                 init_scores: bool = True, score_init: str = DEFAULT_SCORE_INIT) -> None:
         super().__init__()
+        self.score_init = check_score_init(score_init)
         shape = tuple(int(s) for s in shape)
         self.popup_name = name
         self.fan_shape = tuple(fan_shape) if fan_shape is not None else shape
@@ -399,12 +466,18 @@ class PopupMask(nn.Module):
             self.reset_scores()
 
     def reset_scores(self) -> None:
-        """Kaiming uniform as torch initialises a conv/linear weight (a=sqrt(5): bound 1/sqrt(fan_in)). Scores
-        are trained, not published, so torch's RNG (seeded per tensor) is fine here."""
-        bound = 1.0 / math.sqrt(fans(self.fan_shape)[0])
-        gen = torch.Generator().manual_seed(stream_key(self.seed, self.popup_name + "#scores") >> 1)
+        """Scores as ``score_init`` says (``SCORE_INITS``); by default Kaiming uniform as torch initialises a
+        conv/linear weight (a=sqrt(5): bound 1/sqrt(fan_in)). Scores are trained, not published, so torch's RNG
+        (seeded per tensor) is fine here."""
+        name, _, value = self.score_init.partition("=")
         with torch.no_grad():
-            self.scores.copy_(torch.empty(self.scores.shape).uniform_(-bound, bound, generator=gen))
+            if name == "constant":
+                self.scores.fill_(float(value))
+                return
+            bound = 1.0 / math.sqrt(fans(self.fan_shape)[0])
+            low, high = (0.0, 1.0) if name == "uniform" else (-bound, bound)
+            gen = torch.Generator().manual_seed(stream_key(self.seed, self.popup_name + "#scores") >> 1)
+            self.scores.copy_(torch.empty(self.scores.shape).uniform_(low, high, generator=gen))
 
     def regenerate(self, *, seed: int, k: float, weight_init: str, device: torch.device | None = None) -> None:
         """Make ``weight`` the seeded draw for (seed, tensor name, k, weight_init); the scores stay as they are."""
@@ -511,6 +584,12 @@ class PopupMask(nn.Module):
             self.register_buffer("redraws", torch.zeros(self.weight.shape, dtype=torch.int16,
                                                         device=self.weight.device))
 
+    def track_alive(self) -> None:
+        """Start Gem-Miner's record of the weights not yet frozen out: ``alive``, a persistent boolean buffer (a
+        checkpoint holds it), all True."""
+        if "alive" not in self._buffers:
+            self.register_buffer("alive", torch.ones(self.weight.shape, dtype=torch.bool, device=self.weight.device))
+
     def rebuild_redrawn(self) -> None:
         """Recompute ``weight`` from the seed and ``redraws`` (after a checkpoint or an artifact is loaded)."""
         weight, redraws = self.draw(), self.redraws.cpu()
@@ -546,10 +625,11 @@ class PopupMask(nn.Module):
                f"seed={self.seed}{mode}"
 
 
-def use_method(masks: Sequence[PopupMask], method: str, *, k: float, slots: int = 0) -> None:
+def use_method(masks: Sequence[PopupMask], method: str, *, k: float, slots: int = 0, score_l2: float = 0.0) -> None:
     """Put ``masks`` (all of a model's) in the mode of ``method`` (``METHOD_MODES``): global top-k groups them,
-    slot machines draw ``slots`` candidates per weight, IteRand starts each tensor's re-draw record. Scores are
-    kept except where slots replace them."""
+    slot machines draw ``slots`` candidates per weight, IteRand starts each tensor's re-draw record, Gem-Miner its
+    record of the weights alive and its regulariser's weight ``score_l2``. Scores are kept except where slots
+    replace them."""
     if method not in METHOD_MODES:
         raise ValueError(f"unknown mask method {method!r}; choose one of: {', '.join(METHOD_MODES)}")
     mode = METHOD_MODES[method]
@@ -566,6 +646,9 @@ def use_method(masks: Sequence[PopupMask], method: str, *, k: float, slots: int 
         mask.group = group
         if method == "iterand":
             mask.track_redraws()
+        if method == "gem-miner":
+            mask.track_alive()
+            mask.score_l2 = float(score_l2)
 
 
 def use_structure(masks: Sequence[PopupMask], structure: str | Sequence[int] | None) -> None:

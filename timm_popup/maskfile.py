@@ -36,12 +36,20 @@ format 2, byte for byte): everything above, plus ``__popup__.method`` uint8[] (U
 * ``slot-machine``: no ``NAME.mask`` (every weight is used); ``NAME.slot``, each weight's candidate index at
   ceil(log2(slots)) bits, and ``__popup__.slots``.
 
-Format 4 (N:M structured masks, ``structure`` of ``timm_popup.convert``; files without one keep their format):
-``__popup__.structure`` uint8[] (UTF-8, ``"2:4"``), and per tensor whose dim 1 divides into groups of M either
-``NAME.mask`` or, where it is smaller, ``NAME.nm``: each group's kept pattern as its colex rank among the
-C(M, N) patterns, G groups (``native.nm_groups`` order) packed as base-C numbers of ``nm_layout``'s chunk of groups
-each, ``pack_uint`` at the bits the largest chunk needs (2:4: 24 groups in 63 bits, 0.656 bit per weight). Every
-group of such a tensor must keep exactly N, however it is stored; the other tensors keep round(k * n).
+Format 4 (files without its additions keep their format byte for byte) adds, each only where it is used:
+
+* N:M structured masks (``structure`` of ``timm_popup.convert``): ``__popup__.structure`` uint8[] (UTF-8,
+  ``"2:4"``), and per tensor whose dim 1 divides into groups of M either ``NAME.mask`` or, where it is smaller,
+  ``NAME.nm``: each group's kept pattern as its colex rank among the C(M, N) patterns, G groups
+  (``native.nm_groups`` order) packed as base-C numbers of ``nm_layout``'s chunk of groups each, ``pack_uint`` at the
+  bits the largest chunk needs (2:4: 24 groups in 63 bits, 0.656 bit per weight). Every group of such a tensor must
+  keep exactly N, however it is stored; the other tensors keep round(k * n).
+* The paper code's options (issue 26): ``__popup__.learn_norm`` / ``__popup__.learn_bias`` int64[1] = 1 where the
+  norm layers' scale and shift / the biases were trained with the scores (their values are then in the model state
+  the file holds, outside the frozen fingerprint), and a ``weight_init`` with options
+  (``kaiming_normal,mode=fan_out,nonlinearity=tanh,scale_fan``, ``timm_popup.init.weight_distribution``).
+* The method ``gem-miner`` (its masks with ``NAME.kept`` per tensor, as a free density: the rounding of its scores
+  among the weights its freezing left).
 
 Packed unsigned values (``pack_uint``): value i's bit b is bit ``i * bits + b`` of the little-endian bit stream.
 
@@ -71,16 +79,16 @@ from .reference import GENERATOR_VERSION
 __all__ = ["FORMAT_VERSION", "OLDEST_FORMAT", "META", "TENSOR_KEYS", "MaskError", "artifact_format", "pack_mask",
            "unpack_bits", "unpack_mask", "pack_uint", "unpack_uint", "bits_for", "sha256", "Header", "MaskedTensor",
            "encode", "write_mask_file", "read_mask_file", "check_format", "recorded_method", "recorded_popup_args",
-           "read_header", "scalar", "free_density", "stored_tensors", "decode_tensor", "artifact_info", "checksum",
-           "recorded_structure", "nm_layout", "pack_nm", "unpack_nm", "STRUCTURED_FORMAT"]
+           "recorded_learned", "read_header", "scalar", "free_density", "stored_tensors", "decode_tensor",
+           "artifact_info", "checksum", "recorded_structure", "nm_layout", "pack_nm", "unpack_nm"]
 
 FORMAT_VERSION = 4
-#: the format of a file with an N:M structure (the others stay in theirs)
-STRUCTURED_FORMAT = 4
 #: the oldest format this release still reads
 OLDEST_FORMAT = 2
 #: methods whose artifacts need no format-3 key (written as format 2: older releases read them)
 _FORMAT2_METHODS = ("edge-popup", "supermask")
+#: methods that format 4 introduced
+_FORMAT4_METHODS = ("gem-miner",)
 #: per-tensor keys of an artifact, other than the tensor's state
 TENSOR_KEYS = ("mask", "mask_shape", "fingerprint", "kept", "alpha", "flips", "redraws", "redraw_bits", "slot", "nm")
 #: the keys that carry the artifact's information per weight (what ``bits_per_weight`` counts)
@@ -92,11 +100,12 @@ class MaskError(ValueError):
     """A mask file that cannot be trusted for this model; the message says why and what to do."""
 
 
-def artifact_format(method: str, structure: str | None = None) -> int:
+def artifact_format(method: str, options: bool = False) -> int:
     """The format an artifact of ``method`` is written in: the oldest that can hold it (edge-popup and supermask
-    files stay format 2, readable by older releases; the other methods 3; an N:M structure 4)."""
-    if structure is not None:
-        return STRUCTURED_FORMAT
+    files stay format 2, readable by older releases; the other methods 3; ``options``: it records an addition of
+    format 4, an N:M structure or a paper-code option)."""
+    if options or method in _FORMAT4_METHODS:
+        return 4
     return OLDEST_FORMAT if method in _FORMAT2_METHODS else 3
 
 
@@ -214,6 +223,13 @@ class Header:
     slots: int = 0
     redraw_every: int = 0
     redraw_rate: float = 0.0
+    learn_norm: bool = False
+    learn_bias: bool = False
+
+    @property
+    def format(self) -> int:
+        return artifact_format(self.method, self.structure is not None or self.learn_norm or self.learn_bias
+                               or "," in self.weight_init)
 
 
 @dataclass
@@ -236,7 +252,7 @@ def encode(header: Header, frozen: list[torch.Tensor], tensors: Iterable[tuple[s
     (``tensors`` may be a generator: each is packed before the next is read, so a model's masks are never all held
     at once), the model's other ``state`` (BatchNorm statistics, layers kept dense) and the checksum over it all."""
     out: dict[str, torch.Tensor] = {
-        META + "format_version": torch.tensor([artifact_format(header.method, header.structure)]),
+        META + "format_version": torch.tensor([header.format]),
         META + "generator_version": torch.tensor([GENERATOR_VERSION]),
         META + "seed": torch.tensor([header.seed]),
         META + "k": torch.tensor([header.k], dtype=torch.float64),
@@ -254,6 +270,9 @@ def encode(header: Header, frozen: list[torch.Tensor], tensors: Iterable[tuple[s
         out[META + "free_density"] = torch.tensor([1])
     if header.structure is not None:
         out[META + "structure"] = torch.tensor(list(header.structure.encode()), dtype=torch.uint8)
+    for key in _LEARNED:
+        if getattr(header, key):
+            out[META + key] = torch.tensor([1])
     for name, tensor in tensors:
         out.update(_tensor_entries(name, tensor, header))
     out.update({name: t.detach().cpu().contiguous().clone() for name, t in state.items()})
@@ -262,8 +281,8 @@ def encode(header: Header, frozen: list[torch.Tensor], tensors: Iterable[tuple[s
 
 
 def _records_kept(method: str, free: bool) -> bool:
-    """Whether each tensor's kept count is in the file (a density not round(k*n): free or global top-k)."""
-    return free or method == "global-topk"
+    """Whether each tensor's kept count is in the file (a density not round(k*n): free, global top-k, Gem-Miner)."""
+    return free or method in ("global-topk", "gem-miner")
 
 
 def _tensor_entries(name: str, t: MaskedTensor, header: Header) -> dict[str, torch.Tensor]:
@@ -359,6 +378,15 @@ def recorded_method(sd: dict[str, torch.Tensor]) -> str:
     return "supermask" if free_density(sd) else "edge-popup"
 
 
+#: what an artifact records as trained besides its masks (format 4; ``timm_popup.convert``'s learn_norm / learn_bias)
+_LEARNED = ("learn_norm", "learn_bias")
+
+
+def recorded_learned(sd: dict[str, torch.Tensor]) -> dict[str, bool]:
+    """Whether the file's norm layers / biases were trained with the scores (their values are in the file)."""
+    return {key: META + key in sd and bool(sd[META + key].item()) for key in _LEARNED}
+
+
 def recorded_popup_args(sd: dict[str, torch.Tensor]) -> dict:
     """The seed, k and weight distribution the file records."""
     return dict(seed=int(scalar(sd, "seed")), k=float(scalar(sd, "k")),
@@ -443,7 +471,8 @@ def artifact_info(sd: dict[str, torch.Tensor]) -> dict:
     kept = sum(int(np.count_nonzero(unpack_bits(sd[f"{n}.mask"], math.prod(s)))) if f"{n}.mask" in sd
                else math.prod(s) * nm[0] // nm[1] if f"{n}.nm" in sd else math.prod(s) for n, s in layers.items())
     payload = sum(sd[f"{n}.{key}"].numel() * 8 for n in layers for key in _PAYLOAD_KEYS if f"{n}.{key}" in sd)
-    density = {"supermask": "free", "global-topk": "global top-k", "slot-machine": "all (one of K values each)"}
+    density = {"supermask": "free", "global-topk": "global top-k", "slot-machine": "all (one of K values each)",
+               "gem-miner": "learned (at most k)"}
     info = dict(format_version=int(scalar(sd, "format_version")), method=method, **recorded_popup_args(sd),
                 generator_version=int(scalar(sd, "generator_version")), layers=len(layers),
                 total_weights=total, kept_weights=kept, density=density.get(method, "top-k"),
@@ -452,6 +481,7 @@ def artifact_info(sd: dict[str, torch.Tensor]) -> dict:
         info["slots"] = int(scalar(sd, "slots"))
     if structure is not None:
         info["structure"] = structure
+    info.update({key: True for key, value in recorded_learned(sd).items() if value})
     return info
 
 

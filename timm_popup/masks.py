@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .convert import frozen_tensors, popup_masks, regenerated, reseed
+from .convert import frozen_tensors, learn_frozen, learned_policies, popup_masks, regenerated, reseed
 from .init import check_k, check_weight_init
 from .layers import PopupMask, binary_alpha, num_kept, use_method, use_structure
 from .maskfile import (  # the file's names stay importable from here, where the first releases had them
@@ -40,6 +40,7 @@ from .maskfile import (  # the file's names stay importable from here, where the
     pack_uint,
     read_header,
     read_mask_file,
+    recorded_learned,
     recorded_method,
     recorded_popup_args,
     recorded_structure,
@@ -52,7 +53,8 @@ from .maskfile import (  # the file's names stay importable from here, where the
 )
 
 __all__ = ["FORMAT_VERSION", "OLDEST_FORMAT", "artifact_format", "pack_uint", "unpack_uint", "MaskError",
-           "mask_state_dict", "save_masks", "load_masks", "filter_state_dict", "pack_mask", "unpack_mask",
+           "mask_state_dict", "model_header",
+           "save_masks", "load_masks", "filter_state_dict", "pack_mask", "unpack_mask",
            "artifact_info", "recorded_args", "read_mask_file"]
 
 
@@ -61,12 +63,14 @@ def _classifiers(model: nn.Module) -> tuple[str, ...]:
     return (names,) if isinstance(names, str) else tuple(names)
 
 
-def _fingerprinted_frozen(model: nn.Module, replaced: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+def _fingerprinted_frozen(model: nn.Module, replaced: dict[str, torch.Tensor] | None = None,
+                          learned: frozenset[str] = frozenset()) -> list[torch.Tensor]:
     """The tensors the parameter policy froze, in the order the file's fingerprint hashes them, ``replaced`` ones (a
-    re-seed under check) substituted. The classifier's (its zero bias) are left out: a mask loads into a model with
-    another num_classes."""
-    classifiers, replaced = _classifiers(model), replaced or {}
-    return [replaced.get(n, t) for n, t in frozen_tensors(model) if n.rpartition(".")[0] not in classifiers]
+    re-seed under check) substituted, those of the ``learned`` policies (an artifact that trained them) left out. The
+    classifier's (its zero bias) are left out too: a mask loads into a model with another num_classes."""
+    classifiers, replaced, frozen = _classifiers(model), replaced or {}, model.popup_config.frozen
+    return [replaced.get(n, t) for n, t in frozen_tensors(model)
+            if n.rpartition(".")[0] not in classifiers and frozen[n] not in learned]
 
 
 def _masked_tensor(layer: PopupMask, method: str) -> MaskedTensor:
@@ -90,13 +94,21 @@ def mask_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         raise MaskError("this model has no popup layers: build it with timm.create_model('popup_...') or "
                         "timm_popup.convert(model) before saving a mask")
     frozen = _fingerprinted_frozen(model)
-    free = any(layer.mode == "sample" for layer in layers.values())
     tensors = ((name, _masked_tensor(layer, cfg.method)) for name, layer in layers.items())
-    state = {n: t for n, t in model.state_dict().items() if n.rpartition(".")[2] not in ("scores", "redraws")}
-    header = Header(method=cfg.method, seed=cfg.seed, k=cfg.k, weight_init=cfg.weight_init, free=free,
-                    slots=cfg.slots, redraw_every=cfg.redraw_every, redraw_rate=cfg.redraw_rate,
-                    structure=cfg.structure)
-    return encode(header, frozen, tensors, state)
+    # what only training needs: scores, IteRand's re-draw record, Gem-Miner's weights alive (in the mask already)
+    state = {n: t for n, t in model.state_dict().items()
+             if n.rpartition(".")[2] not in ("scores", "redraws", "alive")}
+    return encode(model_header(model), frozen, tensors, state)
+
+
+def model_header(model: nn.Module) -> Header:
+    """The header of ``model``'s artifact: how its weights were drawn, its method, structure and what else it
+    learned."""
+    cfg = model.popup_config
+    free = any(layer.mode == "sample" for layer in popup_masks(model).values())
+    return Header(method=cfg.method, seed=cfg.seed, k=cfg.k, weight_init=cfg.weight_init, free=free,
+                  slots=cfg.slots, redraw_every=cfg.redraw_every, redraw_rate=cfg.redraw_rate,
+                  structure=cfg.structure, learn_norm=cfg.learn_norm, learn_bias=cfg.learn_bias)
 
 
 def save_masks(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -105,8 +117,8 @@ def save_masks(model: nn.Module, path: str | os.PathLike) -> Path:
 
 
 def recorded_args(path: str | os.PathLike) -> dict | None:
-    """The seed, k and weight_init a mask file records, read without its masks, so that a model can be built
-    with them instead of being built and then re-seeded. None where the file cannot tell (missing, corrupt,
+    """The seed, k, weight_init and learned tensors a mask file records, read without its masks, so that a model can
+    be built with them instead of being built and then re-seeded. None where the file cannot tell (missing, corrupt,
     another format): the loader then reports why."""
     try:
         sd = read_header(path)
@@ -114,7 +126,7 @@ def recorded_args(path: str | os.PathLike) -> dict | None:
             return None
         args = recorded_popup_args(sd)
         check_k(args["k"]), check_weight_init(args["weight_init"])
-        return args
+        return dict(args, **{key: True for key, value in recorded_learned(sd).items() if value})
     except Exception:  # any unreadable file: the normal load path raises the one-line error
         return None
 
@@ -138,10 +150,15 @@ def filter_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> 
         raise MaskError(f"this mask was found with structure={structure!r} but the model was built with "
                         f"structure={cfg.structure!r}: drop the structure argument (the mask's is used) or pass "
                         f"{structure!r}")
-    for key, value in found.items():
-        if current[key] != value and key in cfg.explicit:
+    # init_mode / nonlinearity / scale_fan are parts of the weight distribution's full name
+    explicit = set(cfg.explicit) | ({"weight_init"} if {"init_mode", "nonlinearity", "scale_fan"} & set(cfg.explicit)
+                                    else set())
+    learned = recorded_learned(sd)
+    for key, value in [*found.items(), *learned.items()]:
+        have = getattr(cfg, key)
+        if have != value and (key in explicit or have is True):
             raise MaskError(f"this mask was found with {key}={value!r} but the model was built with "
-                            f"{key}={current[key]!r}: drop the {key} argument (the mask's value is used) or pass "
+                            f"{key}={have!r}: drop the {key} argument (the mask's value is used) or pass "
                             f"{value!r}")
     new = regenerated(model, **found) if found != current else None
 
@@ -181,13 +198,20 @@ def filter_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> 
         if total != num_kept(sizes, found["k"]):
             raise MaskError(f"the mask keeps {total} of {sizes} weights in all, not round(k*N) for k={found['k']}: "
                             "it was saved with another k or is corrupt")
-    if not torch.equal(sha256(_fingerprinted_frozen(model, new or {})), sd[META + "frozen_fingerprint"]):
+    learn = learned_policies(**learned)
+    missing = [n for n, policy in {**cfg.frozen, **cfg.learned}.items() if policy in learn and n not in sd
+               and n.rpartition(".")[0] not in classifiers]
+    if missing:
+        raise MaskError(f"the mask records learned {'norm layers' if learned['learn_norm'] else 'biases'} but holds no "
+                        f"value for {missing[0]}: the file is corrupt or for another architecture")
+    if not torch.equal(sha256(_fingerprinted_frozen(model, new or {}, learn)), sd[META + "frozen_fingerprint"]):
         raise MaskError("the model's frozen tensors (norm layers, biases, gains, embeddings) differ from the ones "
                         "the mask was found with: build the same architecture and model arguments the mask was "
                         "saved from")
     # only now that everything is verified: a rejected file leaves the model as it was
     if new is not None:
         reseed(model, **found, tensors=new)
+    learn_frozen(model, **learned)
     slots = int(scalar(sd, "slots")) if method == "slot-machine" else 0
     use_structure(list(masks.values()), None)  # the file's method first (it may refuse a structure), then its own
     use_method(list(masks.values()), method, k=found["k"], slots=slots)
@@ -219,13 +243,20 @@ def filter_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> 
                     mask.redraws)
                 # loading the state rebuilds the weights from the seed and these events (PopupMask)
                 out.update({key.rpartition(".")[0] + ".redraws": mask.redraws for key in keys[id(mask.scores)]})
+            if method == "gem-miner":  # the mask is the scores' rounding; every weight counts as alive
+                mask.alive.fill_(True)
+                out.update({key.rpartition(".")[0] + ".alive": mask.alive for key in keys[id(mask.scores)]})
     for mask in heads + [m for m, _ in found_payload]:
         # the parameter itself: load_state_dict's copy onto itself is a no-op
         out.update({key: mask.scores for key in keys[id(mask.scores)]})
     artifact_keys = {f"{n}.{suffix}" for n in stored for suffix in TENSOR_KEYS}
+    own = model.state_dict()
     for name, tensor in sd.items():
-        if not name.startswith(META) and name not in artifact_keys:
-            out[name] = tensor
+        if name.startswith(META) or name in artifact_keys:
+            continue
+        if name.rpartition(".")[0] in classifiers and name in own and own[name].shape != tensor.shape:
+            continue  # a learned classifier bias of another num_classes: the model's fresh one stays
+        out[name] = tensor
     return out
 
 

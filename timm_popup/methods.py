@@ -22,13 +22,18 @@ The strong-lottery-ticket methods that followed the paper (each implemented from
 compact verified mask artifact (format 3, ``timm_popup.masks``):
 
 * ``global-topk`` (as biprop's / Gem-Miner's global option): one threshold across all masked tensors keeps
-  ``round(k * N)`` weights of the whole network; each tensor's density is free and recorded.
+  ``round(k * N)`` weights of the whole network; each tensor's density is free and recorded. ``--density-epochs E``
+  reaches k over E epochs as biprop's code does (``timm_popup.modes.global_density``).
 * ``biprop`` (Diffenderfer & Kailkhura, ICLR 2021, multi-prize tickets MPT-1/32): the kept weights binarised to
   ``+-alpha`` per tensor, alpha the mean |weight| of the kept ones; default weights N_k (with signed constants
   it is edge-popup itself). About 1 bit per weight plus one alpha per tensor.
 * ``iterand`` (Chijiwa et al., NeurIPS 2021): edge-popup, and every ``redraw_every`` optimizer updates each pruned
   weight is re-drawn with probability ``redraw_rate`` from a seeded stream of that event; the artifact records,
   for each kept weight, the event of its last re-draw (1 + k * b bits per weight, b bits per event number).
+* ``gem-miner`` (Sreenivasan et al., "Rare Gems", NeurIPS 2022): scores are probabilities in [0, 1] (clipped after
+  each update, starting U(0, 1)), the mask their rounding, the loss regularised by ``score_l2 * ||scores||^2``
+  (``--score-l2``), and every ``freeze_every`` epochs the lowest-scored weights still alive are frozen out, at the
+  rate that leaves k of them after the last event; the density is learned (at most k), recorded per tensor.
 * ``signed-supermask`` (Koster et al., ICLR 2022): keep, drop or flip the sign of each weight: the top-k |scores|
   are kept, with the sign of their score; 1 + k bits per weight. (The paper learns the density with fixed
   thresholds; here the budget is k, as for every other method, so that they compare at equal sparsity.)
@@ -60,12 +65,13 @@ from .convert import is_norm, popup_masks, unfreeze
 from .export import dense_state_dict, unshared
 from .hub import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, card_fields, format_value, push_artifact, save_pretrained
 from .init import random_weight
-from .layers import PopupMask, topk_mask, unmask_tensor
+from .layers import DEFAULT_SCORE_INIT, PopupMask, topk_mask, unmask_tensor
 from .masks import load_masks
-from .modes import MethodOptions, make_mask_method
+from .modes import MethodOptions, freeze_lowest, global_density, make_mask_method, set_global_density
 
 __all__ = ["Method", "MethodOptions", "METHODS", "get_method", "make_dense", "make_supermask", "make_finetune",
-           "make_random_subnet", "random_subnet_mask", "make_mask_method", "iterand_update", "save_dense", "load_dense",
+           "make_random_subnet", "random_subnet_mask", "make_mask_method", "iterand_update",
+           "gem_miner_update", "global_density_update", "Schedule", "save_dense", "load_dense",
            "push_dense", "frozen_weights", "artifact_file"]
 
 
@@ -87,7 +93,8 @@ class Method:
     push: Callable[..., str]  # (directory, repo_id, *, token, private, commit_message) -> commit url
     recipe_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     init_artifact: str = "unused"  # --init-artifact: "unused", "optional" or "required"
-    after_update: Callable[[nn.Module, int], None] | None = None  # (model, updates so far), after each update
+    # (model, updates so far, Schedule or None), after each update
+    after_update: Callable[..., None] | None = None
 
 
 def _edge_popup(model: nn.Module, *, init_artifact: Path | None = None, options: MethodOptions | None = None
@@ -107,13 +114,56 @@ def _mask_method(name: str) -> Callable[..., nn.Module]:
     return prepare
 
 
-def iterand_update(model: nn.Module, num_updates: int) -> None:
+@dataclass(frozen=True)
+class Schedule:
+    """What a per-update hook knows of the run: its length in epochs and optimizer updates per epoch (None: a stream
+    of unknown size), so that epoch-wise schedules happen at epoch boundaries."""
+
+    epochs: int
+    updates_per_epoch: int | None
+
+    def epoch_boundary(self, num_updates: int) -> int | None:
+        """The epoch (1-based count of epochs done) that ``num_updates`` completes, or None mid-epoch."""
+        per = self.updates_per_epoch
+        if not per or num_updates % per:
+            return None
+        return num_updates // per
+
+
+def iterand_update(model: nn.Module, num_updates: int, schedule: Schedule | None = None) -> None:
     """IteRand's schedule: after every ``redraw_every``-th optimizer update, re-draw pruned weights (event number
     ``num_updates // redraw_every``: a resumed run continues the same sequence of events)."""
     cfg = model.popup_config
     if num_updates % cfg.redraw_every == 0:
         for mask in popup_masks(model).values():
             mask.redraw(num_updates // cfg.redraw_every, cfg.redraw_rate)
+
+
+def gem_miner_update(model: nn.Module, num_updates: int, schedule: Schedule | None = None) -> None:
+    """Gem-Miner (Algorithm 1 of its paper, and its code's ``hc_iter``): after every update, clip the scores to
+    [0, 1]; every ``freeze_every`` epochs (at the end of epochs freeze_every, 2 * freeze_every, ... before the
+    last), freeze out the lowest-scored alive weights at the rate that leaves k of them after the last event,
+    ``1 - k ** (1 / events)`` with ``events = (epochs - 1) // freeze_every``, its code's get_prune_rate. The final
+    mask is the rounding of the scores among those left (at most k of the weights: its density is learned).
+    Without a ``schedule`` (no epochs known) it only clips."""
+    cfg, masks = model.popup_config, list(popup_masks(model).values())
+    with torch.no_grad():
+        for mask in masks:
+            mask.scores.clamp_(0.0, 1.0)
+    if schedule is None:
+        return
+    done = schedule.epoch_boundary(num_updates)
+    events = (schedule.epochs - 1) // cfg.freeze_every
+    if done is not None and events and done < schedule.epochs and done % cfg.freeze_every == 0:
+        freeze_lowest(masks, 1 - cfg.k ** (1 / events))
+
+
+def global_density_update(model: nn.Module, num_updates: int, schedule: Schedule | None = None) -> None:
+    """Global top-k's density schedule (``--density-epochs``): at each epoch boundary, the next epoch's density."""
+    done = schedule.epoch_boundary(num_updates) if schedule is not None else None
+    cfg = model.popup_config
+    if cfg.density_epochs and done is not None:
+        set_global_density(model, global_density(cfg.k, done, cfg.density_epochs))
 
 
 def artifact_file(path: str | os.PathLike) -> Path:
@@ -169,12 +219,14 @@ def make_supermask(model: nn.Module, *, init_artifact: Path | None = None, optio
                    ) -> nn.Module:
     """Zhou et al.'s supermask on a popup ``model``, in place: Bernoulli(sigmoid(score)) masks over frozen weights.
 
-    Scores start at ``logit(k)`` plus the layer's seeded Kaiming-uniform scores (|noise| <= 1/sqrt(fan_in)), so
-    every weight is first kept with probability ~k (clipped to [0.01, 0.99]: k = 1 would need infinite scores)
-    and the eval mask at k = 0.5 is a seeded random half rather than a tie at the threshold.
+    Scores start (under the default ``score_init``) at ``logit(k)`` plus the layer's seeded Kaiming-uniform scores
+    (|noise| <= 1/sqrt(fan_in)), so every weight is first kept with probability ~k (clipped to [0.01, 0.99]: k = 1
+    would need infinite scores) and the eval mask at k = 0.5 is a seeded random half rather than a tie at the
+    threshold.
     """
     k = min(max(model.popup_config.k, 0.01), 0.99)
-    offset = math.log(k / (1 - k))
+    # another score_init (the paper code's --score-init-constant) is where the scores start, as there
+    offset = math.log(k / (1 - k)) if model.popup_config.score_init == DEFAULT_SCORE_INIT else 0.0
     with torch.no_grad():
         for mask in popup_masks(model).values():
             mask.scores.add_(offset)
@@ -372,7 +424,7 @@ METHODS: dict[str, Method] = {
     "global-topk": Method(
         name="global-topk", summary="learn one top-k mask over the whole network (free density per tensor)",
         learns_weights=False, uses_k=True, weight_init=None, prepare=_mask_method("global-topk"),
-        save=save_pretrained, push=_push_mask),
+        save=save_pretrained, push=_push_mask, after_update=global_density_update),
     "biprop": Method(
         name="biprop", summary="learn a top-k mask over N_k weights binarised to +-alpha per tensor (MPT-1/32)",
         learns_weights=False, uses_k=True, weight_init="kaiming_normal", prepare=_mask_method("biprop"),
@@ -389,6 +441,12 @@ METHODS: dict[str, Method] = {
         name="slot-machine", summary="choose one of K seeded values per weight (Aladago & Torresani)",
         learns_weights=False, uses_k=False, weight_init="kaiming_uniform", prepare=_mask_method("slot-machine"),
         save=save_pretrained, push=_push_mask),
+    "gem-miner": Method(
+        name="gem-miner", summary="round [0, 1] scores, L2-regularised, freezing the lowest out (Sreenivasan et al.)",
+        learns_weights=False, uses_k=True, weight_init=None, prepare=_mask_method("gem-miner"),
+        save=save_pretrained, push=_push_mask, after_update=gem_miner_update,
+        # its configs train the scores with SGD without weight decay: its own regulariser takes that place
+        recipe_overrides={"cifar": {"weight_decay": 0.0}, "imagenet": {"weight_decay": 0.0}}),
 }
 # Methods whose output is a dense checkpoint (save_dense / load_dense) rather than a mask artifact.
 _DENSE_CHECKPOINTS = frozenset(name for name, m in METHODS.items() if m.save is save_dense)

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from .init import fans
-from .layers import PopupMask, popup_masks, use_method
+from .layers import DEFAULT_SCORE_INIT, PopupMask, popup_masks, use_method
 
-__all__ = ["MethodOptions", "make_mask_method"]
+__all__ = ["MethodOptions", "make_mask_method", "global_density", "set_global_density", "freeze_lowest"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,9 @@ class MethodOptions:
     slots: int = 8  # slot-machine: candidate values per weight (the paper's K; 8 is among its best)
     redraw_every: int = 300  # iterand: optimizer updates between re-draws (the paper's K_per)
     redraw_rate: float = 0.1  # iterand: probability that a pruned weight is re-drawn (the paper's lambda)
+    freeze_every: int = 5  # gem-miner: epochs between freezing events (its code's iter_period; 5 in its configs)
+    score_l2: float = 1e-4  # gem-miner: lambda of its regulariser lambda * ||scores||^2 (its configs' lmbda)
+    density_epochs: int = 0  # global-topk: epochs over which the density reaches k (biprop's prune_rate_epoch)
 
     def __post_init__(self) -> None:
         if self.slots < 2:
@@ -34,23 +37,71 @@ class MethodOptions:
         if not 0.0 < self.redraw_rate <= 1.0:
             raise ValueError(f"--redraw-rate {self.redraw_rate} is outside (0, 1]: the probability that a pruned "
                              "weight is re-drawn")
+        if self.freeze_every < 1:
+            raise ValueError(f"--freeze-every {self.freeze_every}: freeze every N >= 1 epochs")
+        if not (self.score_l2 >= 0.0 and math.isfinite(self.score_l2)):
+            raise ValueError(f"--score-l2 {self.score_l2}: the regulariser's weight is a number >= 0")
+        if self.density_epochs < 0:
+            raise ValueError(f"--density-epochs {self.density_epochs}: a number of epochs >= 0 (0: k from the start)")
 
 
 def make_mask_method(model: nn.Module, method: str, options: MethodOptions | None = None) -> nn.Module:
     """Put a popup ``model`` in place into a mask-learning ``method`` (``global-topk``, ``biprop``, ``iterand``,
-    ``signed-supermask``, ``slot-machine``; module docstring): its masks switch mode, its config records it."""
+    ``signed-supermask``, ``slot-machine``, ``gem-miner``; module docstring): its masks switch mode, its config
+    records it."""
     options = options or MethodOptions()
     cfg = model.popup_config
     masks = list(popup_masks(model).values())
-    if method == "global-topk":
+    if method == "global-topk" and cfg.score_init == DEFAULT_SCORE_INIT:
         _common_score_scale(masks)
-    use_method(masks, method, k=cfg.k, slots=options.slots)
+    if method == "gem-miner" and cfg.score_init == DEFAULT_SCORE_INIT:
+        # its scores are probabilities, rounded at 0.5: they start U(0, 1) (its code's "unif") unless chosen
+        cfg.score_init = "uniform"
+        for mask in masks:
+            mask.score_init = cfg.score_init
+            mask.reset_scores()
+    use_method(masks, method, k=cfg.k, slots=options.slots, score_l2=options.score_l2)
     cfg.method = method
     if method == "slot-machine":
         cfg.slots = options.slots
     if method == "iterand":
         cfg.redraw_every, cfg.redraw_rate = options.redraw_every, options.redraw_rate
+    if method == "gem-miner":
+        cfg.freeze_every, cfg.score_l2 = options.freeze_every, options.score_l2
+    if method == "global-topk" and options.density_epochs:
+        cfg.density_epochs = options.density_epochs
+        set_global_density(model, global_density(cfg.k, 0, cfg.density_epochs))
     return model
+
+
+def global_density(k: float, epoch: int, density_epochs: int) -> float:
+    """The density global top-k keeps in ``epoch`` (0-based) when it reaches ``k`` over ``density_epochs`` epochs,
+    as biprop's code (main.py, ``--prune_rate_epoch``) schedules it: from 0.5 down to k along (1 - epoch/E)^3, and
+    only for k <= 0.5 (a larger k is kept from the start)."""
+    if k > 0.5 or epoch >= density_epochs:
+        return k
+    return k + (0.5 - k) * (1 - epoch / density_epochs) ** 3
+
+
+def set_global_density(model: nn.Module, density: float) -> None:
+    """Make a global top-k ``model`` keep ``density`` of its weights (its group's k; the artifact records k)."""
+    groups = {id(mask.group): mask.group for mask in popup_masks(model).values() if mask.group is not None}
+    for group in groups.values():
+        group.set_k(density)
+
+
+def freeze_lowest(masks: list[PopupMask], rate: float) -> int:
+    """Gem-Miner's freezing event: of the weights still alive in all ``masks``, freeze out (``alive`` False, for
+    good) ``ceil(rate * alive)`` of lowest score, ties to the lowest index in model order; returns how many."""
+    with torch.no_grad():
+        alive = torch.cat([mask.alive.reshape(-1) for mask in masks])
+        scores = torch.cat([mask.scores.detach().reshape(-1).to(alive.device) for mask in masks])
+        count = math.ceil(rate * int(alive.sum()))
+        order = torch.argsort(scores.masked_fill(~alive, math.inf), stable=True)
+        alive[order[:count]] = False
+        for mask, part in zip(masks, alive.split([mask.alive.numel() for mask in masks]), strict=True):
+            mask.alive.copy_(part.view(mask.alive.shape))
+    return count
 
 
 def _common_score_scale(masks: list[PopupMask]) -> None:

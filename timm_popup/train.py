@@ -62,8 +62,8 @@ from .data import (
     open_dataset,
     peek_image,
 )
-from .init import WEIGHT_INITS
-from .layers import MASK_MODES, METHOD_MODES
+from .init import DEFAULT_WEIGHT_INIT, WEIGHT_INITS, weight_distribution
+from .layers import MASK_MODES, METHOD_MODES, check_score_init
 from .maskfile import pack_mask
 from .methods import Method, MethodOptions, artifact_file, frozen_weights
 from .native import parse_structure
@@ -285,27 +285,63 @@ def check_structure(structure: str, method: Method) -> str:
 def check_weight_init(weight_init: str | None, method: Method) -> str | None:
     """The weight distribution to build with (``None``: the model's default, the paper's U_k)."""
     weight_init = weight_init or method.weight_init
-    if weight_init is not None and weight_init not in WEIGHT_INITS:
-        close = difflib.get_close_matches(weight_init, list(WEIGHT_INITS), n=1)
+    if weight_init is None:
+        return None
+    name = weight_init.partition(",")[0]  # a full name carries the distribution's options after the first comma
+    if name not in WEIGHT_INITS:
+        close = difflib.get_close_matches(name, list(WEIGHT_INITS), n=1)
         hint = f"did you mean {close[0]}? " if close else ""
-        raise TrainError(f"unknown --weight-init {weight_init!r}; {hint}choose one of: {', '.join(WEIGHT_INITS)}")
-    return weight_init
+        raise TrainError(f"unknown --weight-init {name!r}; {hint}choose one of: {', '.join(WEIGHT_INITS)}")
+    try:
+        return weight_distribution(weight_init)
+    except ValueError as e:
+        raise TrainError(f"--weight-init: {e}") from e
+
+
+def check_popup_options(*, learn_norm: bool = False, learn_bias: bool = False, score_init: str | None = None,
+                        score_init_constant: float | None = None, init_mode: str | None = None,
+                        nonlinearity: str | None = None, scale_fan: bool = False) -> dict[str, Any]:
+    """The model arguments of the paper code's options that were given (``timm_popup.convert``: what trains besides
+    the scores, how the weights are drawn, how the scores start), checked; a one-line ``TrainError`` otherwise."""
+    if score_init is not None and score_init_constant is not None:
+        raise TrainError("--score-init and --score-init-constant both say how scores start: pass one")
+    if score_init_constant is not None:
+        score_init = f"constant={score_init_constant}"
+    out = dict(learn_norm=learn_norm or None, learn_bias=learn_bias or None, score_init=score_init,
+               init_mode=init_mode, nonlinearity=nonlinearity, scale_fan=scale_fan or None)
+    out = {key: value for key, value in out.items() if value is not None}
+    try:
+        if score_init is not None:
+            out["score_init"] = check_score_init(score_init)
+        weight_distribution(DEFAULT_WEIGHT_INIT, mode=init_mode, nonlinearity=nonlinearity)
+    except ValueError as e:
+        raise TrainError(str(e)) from e
+    return out
 
 
 def check_method_options(method: Method, *, slots: int | None = None, redraw_every: int | None = None,
-                         redraw_rate: float | None = None) -> MethodOptions:
+                         redraw_rate: float | None = None, freeze_every: int | None = None,
+                         score_l2: float | None = None, density_epochs: int | None = None,
+                         epochs: int | None = None) -> MethodOptions:
     """The method's options (:class:`MethodOptions`; ``None``: the default); an option of another method is an
     error rather than silently ignored."""
-    given = dict(slots=slots, redraw_every=redraw_every, redraw_rate=redraw_rate)
-    owners = dict(slots="slot-machine", redraw_every="iterand", redraw_rate="iterand")
+    given = dict(slots=slots, redraw_every=redraw_every, redraw_rate=redraw_rate, freeze_every=freeze_every,
+                 score_l2=score_l2, density_epochs=density_epochs)
+    owners = dict(slots="slot-machine", redraw_every="iterand", redraw_rate="iterand", freeze_every="gem-miner",
+                  score_l2="gem-miner", density_epochs="global-topk")
     for name, value in given.items():
         if value is not None and owners[name] != method.name:
             raise TrainError(f"--{name.replace('_', '-')} is an option of --method {owners[name]}, not of "
                              f"{method.name}; drop it")
     try:
-        return MethodOptions(**{name: value for name, value in given.items() if value is not None})
+        options = MethodOptions(**{name: value for name, value in given.items() if value is not None})
     except ValueError as e:
         raise TrainError(str(e)) from e
+    if method.name == "gem-miner" and epochs is not None and (epochs - 1) // options.freeze_every < 1:
+        raise TrainError(f"gem-miner freezes weights every --freeze-every {options.freeze_every} epochs before the "
+                         f"last, and {epochs} epochs leave no freezing event, so nothing holds it to k: train more "
+                         "epochs or freeze more often")
+    return options
 
 
 def check_init_artifact(path: str | None, method: Method) -> Path | None:
@@ -616,10 +652,11 @@ def create_model(model_name: str, *, method: Method, num_classes: int, input_siz
                  k: float | None = None, weight_init: str | None = None, seed: int = 0,
                  model_kwargs: Mapping[str, Any] | None = None, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, init_artifact: Path | None = None,
-                 label_names: Sequence[str] | None = None, options: MethodOptions | None = None) -> nn.Module:
+                 label_names: Sequence[str] | None = None, options: MethodOptions | None = None,
+                 popup_options: Mapping[str, Any] | None = None) -> nn.Module:
     """The popup model for ``method`` (with its ``options``), built for ``input_size`` (C, H, W) and
     ``num_classes``, then prepared by the method (``init_artifact``: the mask artifact finetune / random-subnet
-    start from).
+    start from; ``popup_options``: :func:`check_popup_options`).
 
     ``label_names`` (the dataset's class names) go into the model's ``pretrained_cfg``, so timm writes them into the
     artifact's ``config.json`` and loaders know which output is which class; integer ids are not recorded as names.
@@ -642,6 +679,7 @@ def create_model(model_name: str, *, method: Method, num_classes: int, input_siz
             overlay.update(label_names=tuple(str(name) for name in label_names), num_classes=num_classes)
     kwargs: dict[str, Any] = dict(model_kwargs or {})
     kwargs.update(num_classes=num_classes, in_chans=channels, seed=seed, pretrained_cfg_overlay=overlay)
+    kwargs.update(popup_options or {})  # check_popup_options: learned norms / biases, distribution, score init
     weight_init = weight_init or method.weight_init
     if weight_init is not None:
         kwargs["weight_init"] = weight_init

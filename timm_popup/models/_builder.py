@@ -64,7 +64,7 @@ def build_popup(
     explicit = [key for key in POPUP_ARGS if key in kwargs]
     popup.update({key: kwargs.pop(key) for key in explicit})
     source = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
-    if pretrained and source:  # build with the mask's seed / k / distribution: no second weight generation
+    if pretrained and source:  # build with the mask's seed / k / distribution / learned tensors: no second build
         recorded = recorded_args(source) or {}
         popup.update({key: value for key, value in recorded.items() if key not in explicit})
     if "structure" in explicit and popup["structure"] is not None and "k" not in explicit:  # N:M keeps N/M
@@ -158,8 +158,7 @@ _FEATURE_ARGS = ("features_only", "out_indices", "feature_cls", "feature_cfg", "
 
 
 def _popup_args_of(model: nn.Module) -> dict[str, Any]:
-    cfg = model.popup_config
-    return dict(k=cfg.k, weight_init=cfg.weight_init, seed=cfg.seed, dense=cfg.dense, structure=cfg.structure)
+    return dict(model.popup_config.popup_args(), dense=model.popup_config.dense)
 
 
 def _features_from(whole: nn.Module, features: nn.Module) -> nn.Module:
