@@ -146,6 +146,7 @@ def filter_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> 
         missing, extra = sorted(set(masks) - set(stored))[:3], sorted(set(stored) - set(masks))[:3]
         raise MaskError(f"this mask is for another architecture (model tensors without a mask: {missing}, "
                         f"mask tensors not in the model: {extra}): load it with the model it was saved from")
+    _check_state(sd, model, stored, classifiers)
     heads, found_payload = [], []
     for name, mask in masks.items():
         shape = tuple(mask.weight.shape)
@@ -213,11 +214,34 @@ def filter_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> 
     for mask in heads + [m for m, _ in found_payload]:
         # the parameter itself: load_state_dict's copy onto itself is a no-op
         out.update({key: mask.scores for key in keys[id(mask.scores)]})
-    artifact_keys = {f"{n}.{suffix}" for n in stored for suffix in TENSOR_KEYS}
-    for name, tensor in sd.items():
-        if not name.startswith(META) and name not in artifact_keys:
-            out[name] = tensor
+    out.update(_state(sd, stored))
     return out
+
+
+def _state(sd: dict[str, torch.Tensor], stored: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """The file's copy of the model's other state (BatchNorm statistics, layers kept dense)."""
+    artifact_keys = {f"{n}.{suffix}" for n in stored for suffix in TENSOR_KEYS}
+    return {name: t for name, t in sd.items() if not name.startswith(META) and name not in artifact_keys}
+
+
+def _check_state(sd: dict[str, torch.Tensor], model: nn.Module, stored: dict[str, tuple[int, ...]],
+                 classifiers: tuple[str, ...]) -> None:
+    """The file's other state has the model's keys, shapes and dtypes (a classifier's may differ: timm replaces a
+    head of another num_classes), so loading it is never a multi-line error from ``load_state_dict``."""
+    def owned(name: str) -> bool:
+        return name.rpartition(".")[0] in classifiers
+
+    ours = {n: t for n, t in model.state_dict().items() if ".parametrizations." not in n and not owned(n)}
+    theirs = {n: t for n, t in _state(sd, stored).items() if not owned(n)}
+    extra, missing = sorted(set(theirs) - set(ours)), sorted(set(ours) - set(theirs))
+    if extra or missing:
+        raise MaskError(f"this mask is for another architecture (model state it lacks: {missing[:3]}, state the "
+                        f"model has no tensor for: {extra[:3]}): load it with the model it was saved from")
+    for name, t in theirs.items():
+        if t.shape != ours[name].shape or t.dtype != ours[name].dtype:
+            raise MaskError(f"tensor {name} is {ours[name].dtype} {tuple(ours[name].shape)} in the model but "
+                            f"{t.dtype} {tuple(t.shape)} in the mask: the mask is for another architecture; build "
+                            "the model it was saved from")
 
 
 def load_masks(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
