@@ -68,7 +68,8 @@ __all__ = ["FORMAT_VERSION", "OLDEST_FORMAT", "META", "TENSOR_KEYS", "MaskError"
            "unpack_bits", "unpack_mask", "pack_uint", "unpack_uint", "bits_for", "sha256", "Header", "MaskedTensor",
            "encode", "write_mask_file", "read_mask_file", "check_format", "recorded_method", "recorded_popup_args",
            "read_header", "scalar", "free_density", "stored_tensors", "decode_tensor", "artifact_info", "checksum",
-           "Field", "HEADER_FIELDS", "TENSOR_FIELDS", "MAX_SLOTS", "check_fields", "invalid", "valid_name"]
+           "Field", "HEADER_FIELDS", "TENSOR_FIELDS", "MAX_SLOTS", "check_header", "check_fields", "invalid",
+           "valid_name"]
 
 FORMAT_VERSION = 3
 #: the oldest format this release still reads
@@ -447,16 +448,23 @@ def _check(sd: dict[str, torch.Tensor], key: str, field: Field, ctx: dict) -> An
     return value
 
 
-def check_fields(sd: dict[str, torch.Tensor]) -> None:
-    """Raise :class:`MaskError`, naming the key, unless every key of ``sd`` follows the format's rules: each
-    field's dtype, size (the payload length a shape implies, the bits a method implies) and value (k in (0, 1], a
-    known method, distribution and version, names a model can have). Nothing is unpacked: this bounds what is."""
+def check_header(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The ``__popup__.*`` values of ``sd`` (a whole file or :func:`read_header`'s part), each checked against its
+    rule (:data:`HEADER_FIELDS`; not the checksum, which needs the whole file), ``method`` resolved for format 2."""
     ctx: dict[str, Any] = {}
     for name, field in HEADER_FIELDS.items():
         ctx[name] = _check(sd, META + name, field, ctx)
     unknown = sorted(key for key in sd if key.startswith(META) and key[len(META):] not in HEADER_FIELDS)
     if unknown:
         raise invalid(unknown[0], f"is not a field of format {ctx['format_version']}")
+    return dict(ctx, method=_method(ctx))
+
+
+def check_fields(sd: dict[str, torch.Tensor]) -> None:
+    """Raise :class:`MaskError`, naming the key, unless every key of ``sd`` follows the format's rules: each
+    field's dtype, size (the payload length a shape implies, the bits a method implies) and value (k in (0, 1], a
+    known method, distribution and version, names a model can have). Nothing is unpacked: this bounds what is."""
+    ctx = check_header(sd)
     bad = next((key for key in sd if not key.startswith(META) and not valid_name(key)), None)
     if bad is not None:
         raise invalid(repr(bad[:80]), "is not a name a model's tensor can have")
@@ -559,6 +567,8 @@ def artifact_info(sd: dict[str, torch.Tensor]) -> dict:
 
 
 def read_header(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The file's ``__popup__.*`` entries alone (its masks are not read); raises whatever safetensors raises."""
+    """The file's ``__popup__.*`` entries and the masked tensors' shapes (``NAME.mask_shape``, at most ``_MAX_NDIM``
+    values each), its masks not read; raises whatever safetensors raises."""
     with safetensors.safe_open(str(path), framework="pt") as f:
-        return {key: f.get_tensor(key) for key in f.keys() if key.startswith(META)}
+        return {key: f.get_tensor(key) for key in f.keys() if key.startswith(META) or (
+            key.endswith(".mask_shape") and math.prod(f.get_slice(key).get_shape()) <= _MAX_NDIM)}
