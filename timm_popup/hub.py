@@ -466,7 +466,8 @@ def _architecture(value: Any, ctx: dict) -> str | None:
 def _rows(ctx: dict, layer: str, dim: int) -> int | None:
     """Dimension ``dim`` of the masked weight of ``layer`` (the config's classifier / first conv) in the mask file."""
     config, shapes = ctx["config"], ctx["shapes"]
-    name = (config.get("pretrained_cfg") or {}).get(layer)
+    cfg = config.get("pretrained_cfg")
+    name = cfg.get(layer) if isinstance(cfg, dict) else None
     shape = shapes.get(f"{name}.weight") if isinstance(name, str) else None
     return shape[dim] if shape is not None and len(shape) > dim else None
 
@@ -491,13 +492,14 @@ _NUM_CLASSES = _all(_int_in(0, MAX_CLASSES), _sized_as("classifier", 0, "classif
 #: config must hold it; None, it may. A field is checked once the ones above it are (a dict before its keys).
 CONFIG_FIELDS: dict[str, tuple[bool | None, ConfigRule]] = {
     "architecture": (True, _architecture),
-    "num_classes": (None, _NUM_CLASSES),
+    "pretrained_cfg": (True, _is(dict, "a mapping")),
     "model_args": (None, _is(dict, "a mapping of model arguments")),
+    "timm_popup": (None, _is(dict, "a mapping")),
+    "num_classes": (None, _NUM_CLASSES),
     **{f"model_args.{key}": rule for key, rule in _POPUP_ARG_RULES.items()},
     "model_args.dense": (None, _names),
     "model_args.num_classes": (None, _NUM_CLASSES),
     "model_args.in_chans": (None, _all(_int_in(1, 2**16), _sized_as("first_conv", 1, "first convolution"))),
-    "pretrained_cfg": (True, _is(dict, "a mapping")),
     # timm reads exactly this file from the Hub: never a pickled checkpoint
     "pretrained_cfg.hf_hub_filename": (True, _one_of((WEIGHTS_NAME,), "mask file name")),
     "pretrained_cfg.num_classes": (None, _NUM_CLASSES),
@@ -513,14 +515,21 @@ CONFIG_FIELDS: dict[str, tuple[bool | None, ConfigRule]] = {
                                   f"is {v!r}, not a layer name"),
     "pretrained_cfg.first_conv": (None, lambda v, ctx: None if isinstance(v, str) and valid_name(v) else
                                   f"is {v!r}, not a layer name"),
-    "pretrained_cfg.label_names": (None, lambda v, ctx: None if isinstance(v, list) and all(
-        isinstance(x, str) for x in v) else f"is {v!r}, not a list of class names"),
-    "timm_popup": (None, _is(dict, "a mapping")),
+    "pretrained_cfg.label_names": (None, lambda v, ctx: None if isinstance(v, (list, dict)) and all(
+        isinstance(x, str) for x in (v.values() if isinstance(v, dict) else v)) else f"is {v!r}, not class names"),
     "timm_popup.format_version": (None, _all(_int_in(OLDEST_FORMAT, FORMAT_VERSION), _as_recorded("format_version"))),
     "timm_popup.generator_version": (None, _all(_int_in(GENERATOR_VERSION, GENERATOR_VERSION),
                                                 _as_recorded("generator_version"))),
     "timm_popup.method": (None, _as_recorded("method")),
     **{f"timm_popup.{key}": rule for key, rule in _POPUP_ARG_RULES.items()},
+    # what the card and `timm-popup info` show
+    "timm_popup.dense_bytes": (None, _int_in(0, 2**62)),
+    "timm_popup.stats": (None, lambda v, ctx: None if isinstance(v, dict) and not any(
+        _int_in(0, 2**62)(x, ctx) for x in v.values()) else f"is {v!r}, not a mapping of counts"),
+    "timm_popup.metrics": (None, lambda v, ctx: None if isinstance(v, dict) and not any(
+        _number_in(-1e30, 1e30)(x, ctx) for x in v.values()) else f"is {v!r}, not a mapping of numbers"),
+    "timm_popup.dataset": (None, _is(str, "a dataset name")),
+    "timm_popup.recipe": (None, _is(dict, "a mapping")),
 }
 
 

@@ -338,7 +338,7 @@ def _one_of(known: Iterable[str], what: str) -> Rule:
 
 
 def _method(ctx: dict) -> str:
-    return ctx["method"] or ("supermask" if ctx["free_density"] else "edge-popup")
+    return ctx.get("method") or ("supermask" if ctx.get("free_density") else "edge-popup")
 
 
 def _kept(ctx: dict) -> int:
@@ -361,6 +361,8 @@ def _zero_padding(bits: Callable[[dict], int]) -> Rule:
 def _shape(shape: tuple[int, ...], ctx: dict) -> str | None:
     if any(d < 1 or d > 2**31 for d in shape):
         return f"is {list(shape)}: every dimension of a weight is between 1 and 2**31"
+    if num_kept(math.prod(shape), ctx["k"]) < 1:  # convert refuses a k that cuts a tensor out of the network
+        return f"is {list(shape)}: at k={ctx['k']} round(k*n) keeps none of its weights, which no popup model holds"
     return None
 
 

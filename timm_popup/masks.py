@@ -52,7 +52,7 @@ from .maskfile import (  # the file's names stay importable from here, where the
 
 __all__ = ["FORMAT_VERSION", "OLDEST_FORMAT", "artifact_format", "pack_uint", "unpack_uint", "MaskError",
            "mask_state_dict", "save_masks", "load_masks", "filter_state_dict", "pack_mask", "unpack_mask",
-           "artifact_info", "recorded_args", "read_mask_file"]
+           "artifact_info", "recorded_args", "read_mask_file", "check_planned_model"]
 
 
 def _classifiers(model: nn.Module) -> tuple[str, ...]:
@@ -242,6 +242,34 @@ def _check_state(sd: dict[str, torch.Tensor], model: nn.Module, stored: dict[str
             raise MaskError(f"tensor {name} is {ours[name].dtype} {tuple(ours[name].shape)} in the model but "
                             f"{t.dtype} {tuple(t.shape)} in the mask: the mask is for another architecture; build "
                             "the model it was saved from")
+
+
+#: elements a model may hold beyond what its mask file covers (tensors the policy freezes, norms, a new head)
+_UNCOVERED = 2**24
+
+
+def check_planned_model(model: nn.Module, path: str | os.PathLike, classifiers: tuple[str, ...]) -> None:
+    """Before a model is built for the mask file at ``path`` (``model``: its dense form, on the meta device where it
+    can be): the file is valid on its own, each tensor it masks is a parameter of that shape (a classifier's may
+    differ) and the model holds little beyond them, so a config.json or arguments that describe a far larger
+    network than the file's are refused before it is allocated (the fingerprints are compared later)."""
+    sd = read_mask_file(path)
+    check_format(sd)
+    params = dict(model.named_parameters())
+    stored = stored_tensors(sd)
+    for name, shape in stored.items():
+        p = params.get(name)
+        if p is None or (tuple(p.shape) != shape and name.rpartition(".")[0] not in classifiers):
+            raise MaskError(f"tensor {name} has shape {None if p is None else tuple(p.shape)} in the model but "
+                            f"{shape} in the mask: the mask is for another architecture; build the model it was "
+                            "saved from")
+    covered = sum(math.prod(shape) for shape in stored.values()) + sum(t.numel() for t in _state(sd, stored).values())
+    size = sum(t.numel() for n, t in [*model.named_parameters(), *model.named_buffers()]
+               if n.rpartition(".")[0] not in classifiers)
+    if size > 2 * covered + _UNCOVERED:
+        raise MaskError(f"the model would hold {size:,} values but its mask file covers {covered:,}: the mask is for "
+                        "another architecture (or config.json describes another one); build the model it was saved "
+                        "from")
 
 
 def load_masks(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
