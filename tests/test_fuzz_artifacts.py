@@ -77,7 +77,13 @@ def test_a_shape_the_payload_cannot_hold_is_one_line_not_an_allocation(artifacts
 
 def test_a_plain_timm_architecture_beside_a_popup_mask_is_one_line(artifacts, tmp_path, capsys):
     d = _crafted(artifacts["edge-popup"], tmp_path / "d", config={"architecture": "resnet18"})
-    _both_one_line(d, capsys, "config.json is invalid: architecture is 'resnet18', not a popup architecture")
+    expected = "config.json is invalid: architecture is 'resnet18', not a popup architecture"
+    _both_one_line(d, capsys, expected)
+    for command in (["export", str(d), str(tmp_path / "out")], ["push", str(d), "org/name"]):  # before any network
+        assert cli.main(command) == 1
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], lines
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("key, value, expected", [

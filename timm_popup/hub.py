@@ -309,17 +309,23 @@ def push_artifact(
 ) -> str:
     """Upload an artifact directory to ``repo_id`` in one commit (creating the repo if needed); the commit URL.
 
-    The mask file is checked (format and checksum) before anything is sent, so a truncated or foreign file
-    is never published.
+    The mask file and config.json are checked (format, checksum, every field) before anything is sent, so a
+    truncated, foreign or invalid artifact is never published.
     """
     directory = Path(directory)
     missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (directory / name).is_file()]
     if missing:
         raise MaskError(f"{directory} is not a timm-popup artifact (missing {', '.join(missing)}): write one with "
                         "timm_popup.save_pretrained(model, directory) first")
-    info = artifact_info(read_mask_file(directory / WEIGHTS_NAME))
+    tensors = read_mask_file(directory / WEIGHTS_NAME)
+    info = artifact_info(tensors)
+    try:
+        config = json.loads((directory / CONFIG_NAME).read_text())
+    except ValueError as e:
+        raise MaskError(f"{directory / CONFIG_NAME} is not valid JSON ({e}): write the artifact again") from e
+    check_config(config, tensors, where=str(directory / CONFIG_NAME))  # nothing invalid is published
     files = {name: directory / name for name in ARTIFACT_FILES if (directory / name).is_file()}
-    if "timm_popup" in json.loads((directory / CONFIG_NAME).read_text()):
+    if "timm_popup" in config:
         # the uploaded card's loading code names the repo it lands in; the local folder is left as it is
         files[CARD_NAME] = str(_render_card(directory, repo_id)).encode()
     api = HfApi(token=token)
