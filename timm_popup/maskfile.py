@@ -38,6 +38,9 @@ format 2, byte for byte): everything above, plus ``__popup__.method`` uint8[] (U
 
 Packed unsigned values (``pack_uint``): value i's bit b is bit ``i * bits + b`` of the little-endian bit stream.
 
+Each key's dtype, size, when it is needed and the values it may hold are declared once, in :data:`HEADER_FIELDS`
+and :data:`TENSOR_FIELDS`; :func:`check_format` checks a file against them before anything is unpacked.
+
 Version history: 1 keyed masks by module name (``conv1.mask``) on generator version 1; 2 keys them by tensor
 name on generator version 2 (any weight tensor of any module is masked). A version-1 file is refused with the
 reason.
