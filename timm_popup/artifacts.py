@@ -15,8 +15,8 @@ from torch import nn
 
 from .convert import frozen_tensors, popup_masks
 from .export import dense_state_dict
-from .hub import CONFIG_NAME, WEIGHTS_NAME
-from .maskfile import read_mask_file
+from .hub import CONFIG_NAME, WEIGHTS_NAME, check_config
+from .maskfile import META, check_format, read_header, read_mask_file
 
 __all__ = ["Artifact", "ArtifactError", "HUB_PREFIX", "LOCAL_PREFIX", "resolve_artifact", "require_architecture",
            "build_model", "dense_size", "explain_damaged_local_configs"]
@@ -54,14 +54,32 @@ _BAD_CONFIG = "is not valid JSON, so the model it describes cannot be built: wri
               "(timm_popup.save_pretrained, or download it again) or repair the file"
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def _read_config(path: Path, mask_file: Path | None) -> dict[str, Any]:
+    """``config.json``, checked (:func:`timm_popup.hub.check_config`) against the mask file beside it."""
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ArtifactError(f"{path} {_BAD_CONFIG} ({_one_line(e)})", bad_input=False) from e
+    check_config(config, _header(mask_file), where=str(path))
     if not isinstance(config, dict) or not isinstance(config.get("architecture"), str):
         raise ArtifactError(f"{path} names no architecture: it is not a timm config.json", bad_input=False)
     return config
+
+
+def _header(mask_file: Path | None) -> dict[str, Any] | None:
+    """The tensors of the timm-popup mask file beside a config.json, checked on their own first
+    (:func:`timm_popup.maskfile.check_format`: an invalid mask file is reported as such, not as a config.json
+    that disagrees with it); None where there is no popup mask to read (a plain timm checkpoint, or a file the
+    loader will say is unreadable)."""
+    try:
+        header = read_header(mask_file) if mask_file is not None and mask_file.is_file() else None
+    except Exception:  # safetensors' own error types: a truncated or foreign file
+        return None
+    if header is None or META + "format_version" not in header:
+        return None
+    tensors = read_mask_file(mask_file)
+    check_format(tensors)
+    return tensors
 
 
 def _download(spec: str) -> Artifact:
@@ -99,7 +117,7 @@ def _download(spec: str) -> Artifact:
                                 "model.safetensors)") from e
         except (HfHubHTTPError, OSError) as e:
             raise ArtifactError(f"could not download {name} of {repo_id}: {_one_line(e)}", bad_input=False) from e
-    config = _read_config(paths[CONFIG_NAME])
+    config = _read_config(paths[CONFIG_NAME], paths[WEIGHTS_NAME])
     return Artifact(spec, paths[WEIGHTS_NAME], config, config["architecture"], hub_id=hub_id)
 
 
@@ -123,7 +141,7 @@ def resolve_artifact(spec: str, model: str | None = None) -> Artifact:
         mask_file = directory / WEIGHTS_NAME if directory is not None else path
         config = None
         if directory is not None and (directory / CONFIG_NAME).is_file():
-            config = _read_config(directory / CONFIG_NAME)
+            config = _read_config(directory / CONFIG_NAME, mask_file)
         elif directory is not None:
             directory = None  # no config.json: not loadable as local-dir:, needs model=
         art = Artifact(spec, mask_file, config, config["architecture"] if config else None, directory=directory)
@@ -136,24 +154,44 @@ def resolve_artifact(spec: str, model: str | None = None) -> Artifact:
 
 
 def explain_damaged_local_configs() -> None:
-    """Make a damaged ``config.json`` read through ``timm.create_model("local-dir:...")`` say which file it is and
-    what to do. timm parses it with a bare ``json.load``, so the error names neither; its loader is wrapped once
-    (when timm_popup is imported), and the error stays a ``json.JSONDecodeError`` (a ``ValueError``)."""
+    """Make timm's ``local-dir:`` / ``hf-hub:`` config reading check a popup artifact's ``config.json`` first
+    (:func:`timm_popup.hub.check_config`, against the mask file beside it where it is at hand), so an invalid one
+    is one line naming the field, not a model built from it; and make a damaged one read through ``local-dir:``
+    say which file it is and what to do (timm parses it with a bare ``json.load``, so the error names neither; it
+    stays a ``json.JSONDecodeError``, a ``ValueError``). timm's two loaders are wrapped once, when timm_popup is
+    imported; a plain timm config is left to timm."""
     import timm.models._factory as factory
+    from timm.models._hub import download_from_hf
 
     original = factory.load_model_config_from_path
     if getattr(original, "_timm_popup_wrapped", False):
         return
+    original_hf = factory.load_model_config_from_hf
+
+    def checked(config_path: Path, mask_file: Path | None) -> None:
+        try:
+            config = json.loads(config_path.read_text())
+        except (OSError, ValueError):
+            return  # timm reads it next and raises its own error (with the file's name, below)
+        check_config(config, _header(mask_file), where=str(config_path))
 
     @functools.wraps(original)
     def load_model_config_from_path(model_path: str | os.PathLike) -> Any:
+        checked(Path(model_path) / CONFIG_NAME, Path(model_path) / WEIGHTS_NAME)
         try:
             return original(model_path)
         except json.JSONDecodeError as e:
             raise json.JSONDecodeError(f"{Path(model_path) / CONFIG_NAME} {_BAD_CONFIG}; {e.msg}", e.doc, e.pos) from e
 
+    @functools.wraps(original_hf)
+    def load_model_config_from_hf(model_id: str, *args: Any, **kwargs: Any) -> Any:
+        # the mask is fetched later, by timm's loader; the file's own values are compared with the model there
+        checked(Path(download_from_hf(model_id, CONFIG_NAME, cache_dir=kwargs.get("cache_dir"))), None)
+        return original_hf(model_id, *args, **kwargs)
+
     load_model_config_from_path._timm_popup_wrapped = True  # type: ignore[attr-defined]
     factory.load_model_config_from_path = load_model_config_from_path
+    factory.load_model_config_from_hf = load_model_config_from_hf
 
 
 def require_architecture(art: Artifact) -> str:

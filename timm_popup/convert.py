@@ -134,7 +134,8 @@ _BN_STATS = {"running_mean": torch.zeros_like, "running_var": torch.ones_like, "
 
 
 def build_converted(factory: Callable[[], nn.Module], *, k: float = 0.5, weight_init: str = DEFAULT_WEIGHT_INIT,
-                    seed: int = 0, dense: Sequence[str] = (), init_scores: bool = True, **options: Any) -> nn.Module:
+                    seed: int = 0, dense: Sequence[str] = (), init_scores: bool = True,
+                    check: Callable[[nn.Module], None] | None = None, **options: Any) -> nn.Module:
     """``convert(factory(), ...)``, skipping timm's dense initialisation where the parameter policy allows.
 
     The model is first built on the meta device (no memory, no init). If every parameter's frozen value follows
@@ -142,14 +143,19 @@ def build_converted(factory: Callable[[], nn.Module], *, k: float = 0.5, weight_
     are generated anyway; the result is identical to a CPU build); otherwise it is built again on the CPU.
     ``init_scores=False`` leaves the scores uninitialised, for a mask that is loaded into all of them next;
     ``options``: :func:`convert`'s others (learn_norm, learn_bias, score_init, init_mode, nonlinearity, scale_fan).
+    ``check`` sees the dense model before any of it is allocated where it can (on the meta device), else once built.
     """
     model = None
     if not dense:
         try:
             with torch.device("meta"):
                 model = factory()
-        except Exception:  # some constructors compute with tensors (e.g. .tolist()); they build on the CPU
+        except Exception as e:  # some constructors compute with tensors (e.g. .tolist()); they build on the CPU
+            if "overflow" in str(e):  # no memory holds it: the CPU build would fail too, after allocating
+                raise ValueError(f"the model is too large to build: {' '.join(str(e).split())}") from e
             model = None
+    if check is not None and model is not None:
+        check(model)
     modules = list(model.modules()) if model is not None else []
     if model is not None and all(
             name in _BN_STATS for m in modules for name, _ in m.named_buffers(recurse=False)) and all(
@@ -159,6 +165,8 @@ def build_converted(factory: Callable[[], nn.Module], *, k: float = 0.5, weight_
                 module.register_buffer(name, _BN_STATS[name](buf, device="cpu"))
     else:
         model = factory()
+        if check is not None and next(iter(model.parameters()), torch.empty(0)).device.type != "meta":
+            check(model)
     return convert(model, k=k, weight_init=weight_init, seed=seed, dense=dense, init_scores=init_scores, **options)
 
 

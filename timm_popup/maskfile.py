@@ -53,6 +53,9 @@ Format 4 (files without its additions keep their format byte for byte) adds, eac
 
 Packed unsigned values (``pack_uint``): value i's bit b is bit ``i * bits + b`` of the little-endian bit stream.
 
+Each key's dtype, size, when it is needed and the values it may hold are declared once, in :data:`HEADER_FIELDS`
+and :data:`TENSOR_FIELDS`; :func:`check_format` checks a file against them before anything is unpacked.
+
 Version history: 1 keyed masks by module name (``conv1.mask``) on generator version 1; 2 keys them by tensor
 name on generator version 2 (any weight tensor of any module is masked). A version-1 file is refused with the
 reason.
@@ -63,9 +66,11 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import safetensors
@@ -73,6 +78,8 @@ import safetensors.torch
 import torch
 
 from ._io import atomic_write
+from .init import check_weight_init
+from .layers import METHOD_MODES, num_kept
 from .native import nm_applies, nm_groups, nm_ungroup, parse_structure
 from .reference import GENERATOR_VERSION
 
@@ -80,7 +87,9 @@ __all__ = ["FORMAT_VERSION", "OLDEST_FORMAT", "META", "TENSOR_KEYS", "MaskError"
            "unpack_bits", "unpack_mask", "pack_uint", "unpack_uint", "bits_for", "sha256", "Header", "MaskedTensor",
            "encode", "write_mask_file", "read_mask_file", "check_format", "recorded_method", "recorded_popup_args",
            "recorded_learned", "read_header", "scalar", "free_density", "stored_tensors", "decode_tensor",
-           "artifact_info", "checksum", "recorded_structure", "nm_layout", "pack_nm", "unpack_nm"]
+           "artifact_info", "checksum", "recorded_structure", "nm_layout", "pack_nm", "unpack_nm",
+           "Field", "HEADER_FIELDS", "TENSOR_FIELDS", "MAX_SLOTS", "check_header", "check_fields", "invalid",
+           "valid_name"]
 
 FORMAT_VERSION = 4
 #: the oldest format this release still reads
@@ -136,8 +145,11 @@ def pack_uint(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_uint(packed: torch.Tensor, n: int, bits: int) -> np.ndarray:
     """The ``n`` values of :func:`pack_uint` (int64)."""
-    planes = unpack_bits(packed, n * bits).reshape(n, bits).astype(np.int64)
-    return (planes << np.arange(bits, dtype=np.int64)).sum(axis=1)
+    planes = unpack_bits(packed, n * bits).reshape(n, bits)
+    out = np.zeros(n, dtype=np.int64)
+    for b in range(bits):  # one plane at a time: memory stays n*bits bytes, not 8x that
+        out |= planes[:, b].astype(np.int64) << b
+    return out
 
 
 def bits_for(largest: int) -> int:
@@ -198,7 +210,7 @@ def sha256(tensors: list[torch.Tensor]) -> torch.Tensor:
     h = hashlib.sha256()
     for t in tensors:
         t = t.detach().cpu().contiguous()
-        h.update((t.view(torch.uint8) if t.dtype == torch.bool else t).numpy())  # the buffer itself, no copy
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy (any dtype, bfloat16 too)
     return torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8)
 
 
@@ -336,7 +348,7 @@ def read_mask_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def check_format(sd: dict[str, torch.Tensor]) -> None:
     """Raise :class:`MaskError` unless ``sd`` is an intact mask file this release reads (format, generator,
-    checksum)."""
+    checksum) whose every field follows the format's rules (:func:`check_fields`)."""
     if META + "format_version" not in sd:
         if any(n.endswith(".weight") for n in sd):
             raise MaskError("this is a dense checkpoint (it holds weights, not timm-popup masks): a --method "
@@ -345,20 +357,278 @@ def check_format(sd: dict[str, torch.Tensor]) -> None:
                             "timm_popup.save_pretrained")
         raise MaskError("this file holds no timm-popup mask (no __popup__.format_version): pass a "
                         "model.safetensors written by timm_popup.save_pretrained")
-    version = int(sd[META + "format_version"].item())
+    version = _value(sd, META + "format_version", HEADER_FIELDS["format_version"])
     if version > FORMAT_VERSION:
         raise MaskError(f"this mask uses format version {version}, newer than this timm-popup reads "
                         f"(up to {FORMAT_VERSION}): install the newer timm-popup that wrote it")
     if version < OLDEST_FORMAT:
-        raise MaskError(f"this mask uses format version {version} (masks of generator version "
-                        f"{int(sd[META + 'generator_version'].item())}), which this timm-popup no longer reads: "
-                        f"find the mask again with this release (format {FORMAT_VERSION})")
-    generator = int(sd[META + "generator_version"].item())
+        raise MaskError(f"this mask uses format version {version} (older than {OLDEST_FORMAT}), which this "
+                        f"timm-popup no longer reads: find the mask again with this release (format {FORMAT_VERSION})")
+    if META + "generator_version" not in sd:
+        raise invalid(META + "generator_version", "is missing")
+    generator = _value(sd, META + "generator_version", HEADER_FIELDS["generator_version"])
     if generator != GENERATOR_VERSION:
         raise MaskError(f"this mask was found on weights of generator version {generator}, this timm-popup "
                         f"generates version {GENERATOR_VERSION}: use a timm-popup release that matches")
     if META + "checksum" not in sd or not torch.equal(sd[META + "checksum"], checksum(sd)):
         raise MaskError("the mask file's checksum does not match its contents: it is corrupt; download it again")
+    check_fields(sd)
+
+
+# -- every field's rule, declared once ----------------------------------------------------------------------------
+#
+# The checksum catches corruption, not a file crafted by someone who recomputes it: a file from the Hub is checked
+# here, field by field, before anything is unpacked or built (the payload length each shape implies bounds every
+# later allocation by a small multiple of the file). A new field is one entry in HEADER_FIELDS or TENSOR_FIELDS.
+
+#: the most candidate values per weight a slot-machine file may hold (the paper's largest K is 64)
+MAX_SLOTS = 1024
+_MAX_TEXT = 64  # bytes of a text field (a method or distribution name)
+_MAX_NDIM = 8
+_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+_MAX_NAME = 1024
+_SLT_METHODS = tuple(m for m in METHOD_MODES if m not in _FORMAT2_METHODS)
+
+
+def invalid(key: str, reason: str) -> MaskError:
+    """The one-line error of a file that breaks the format's own rules at ``key``."""
+    return MaskError(f"the mask file is invalid: {key} {reason}; no timm-popup release writes that (the file is "
+                     "damaged or was altered and its checksum recomputed): do not use it")
+
+
+def valid_name(name: str) -> bool:
+    """Whether ``name`` is a name a model's tensor can have (dotted identifiers, e.g. ``layer1.0.conv1.weight``)."""
+    return len(name) <= _MAX_NAME and _NAME.fullmatch(name) is not None
+
+
+Rule = Callable[[Any, dict], "str | None"]
+
+
+@dataclass(frozen=True)
+class Field:
+    """One key of the format (module docstring): its dtype; ``size(ctx)``, the elements it must hold (an int, or a
+    (fewest, most) range); ``needed(ctx)``, whether the file must hold it (True), must not (False) or may (None);
+    ``rule(value, ctx)``, why its value is impossible (None: it is fine). ``text``: UTF-8 bytes, read as a str.
+    ``ctx`` holds the values of the fields checked before it (absent ones are None) and, per tensor, ``n``."""
+
+    dtype: torch.dtype
+    size: Callable[[dict], int | tuple[int, int]] = lambda ctx: 1
+    needed: Callable[[dict], bool | None] = lambda ctx: True
+    rule: Rule = lambda value, ctx: None
+    text: bool = False
+
+
+def _between(lo: float, hi: float, *, open_low: bool = False) -> Rule:
+    def rule(value: Any, ctx: dict) -> str | None:
+        ok = math.isfinite(value) and (lo < value if open_low else lo <= value) and value <= hi
+        return None if ok else f"is {value!r}, outside {'(' if open_low else '['}{lo}, {hi}]"
+    return rule
+
+
+def _one_of(known: Iterable[str], what: str) -> Rule:
+    known = tuple(known)
+    return lambda value, ctx: None if value in known else f"is {value!r}, not a known {what} ({', '.join(known)})"
+
+
+def _method(ctx: dict) -> str:
+    return ctx.get("method") or ("supermask" if ctx.get("free_density") else "edge-popup")
+
+
+def _kept(ctx: dict) -> int:
+    """The kept weights of the tensor in ``ctx``: recorded (free density, global top-k) or round(k*n)."""
+    return ctx["kept"] if ctx["kept"] is not None else num_kept(ctx["n"], ctx["k"])
+
+
+def _bytes_of(bits: Callable[[dict], int]) -> Callable[[dict], int]:
+    return lambda ctx: -(-bits(ctx) // 8)
+
+
+def _zero_padding(bits: Callable[[dict], int]) -> Rule:
+    """The bits after the last value are 0, as the writer leaves them."""
+    def rule(packed: torch.Tensor, ctx: dict) -> str | None:
+        used = bits(ctx) % 8
+        return None if not used or int(packed[-1]) >> used == 0 else "has bits set past its last value"
+    return rule
+
+
+def _shape(shape: tuple[int, ...], ctx: dict) -> str | None:
+    if any(d < 1 or d > 2**31 for d in shape):
+        return f"is {list(shape)}: every dimension of a weight is between 1 and 2**31"
+    if num_kept(math.prod(shape), ctx["k"]) < 1:  # convert refuses a k that cuts a tensor out of the network
+        return f"is {list(shape)}: at k={ctx['k']} round(k*n) keeps none of its weights, which no popup model holds"
+    return None
+
+
+def _distribution(value: str, ctx: dict) -> str | None:
+    try:
+        canonical = check_weight_init(value)
+    except ValueError:
+        return f"is {value!r}, not a known weight distribution"
+    if canonical != value:
+        return f"is {value!r}, not a distribution's full name as the writer records it ({canonical!r})"
+    if "," in value and ctx["format_version"] < 4:
+        return f"is {value!r}: a distribution with options is a field of format 4, not {ctx['format_version']}"
+    return None
+
+
+def _method_rule(value: str, ctx: dict) -> str | None:
+    reason = _one_of(_SLT_METHODS, "method")(value, ctx)
+    if reason is None and value in _FORMAT4_METHODS and ctx["format_version"] < 4:
+        return f"is {value!r}, a method of format 4, not {ctx['format_version']}"
+    return reason
+
+
+def _format4(ctx: dict) -> bool | None:
+    """A field format 4 added: a file may hold it from format 4 on, and no older file does."""
+    return None if ctx["format_version"] >= 4 else False
+
+
+def _structure(value: str, ctx: dict) -> str | None:
+    try:
+        n, m = parse_structure(value)
+    except ValueError:
+        return f"is {value!r}, not an N:M structure (1 <= N < M <= 32)"
+    if f"{n}:{m}" != value or not math.isclose(ctx["k"], n / m, rel_tol=0, abs_tol=1e-3):
+        return f"is {value!r}, which keeps k = {n / m:.4g}, but the file records k={ctx['k']}"
+    return None
+
+
+def _nm(ctx: dict) -> tuple[int, int] | None:
+    """The file's N:M structure where it applies to the tensor in ``ctx`` (its dim 1 divides into groups of M)."""
+    if ctx.get("structure") is None:
+        return None
+    nm = parse_structure(ctx["structure"])
+    return nm if nm_applies(ctx["mask_shape"], nm[1]) else None
+
+
+def _nm_bits(ctx: dict) -> int:
+    n, m = _nm(ctx)
+    groups = ctx["n"] // m
+    _, per, width = nm_layout(n, m, groups)
+    return -(-groups // per) * width
+
+
+_FORMAT_RULE = _between(OLDEST_FORMAT, FORMAT_VERSION)
+_MASK_BITS = lambda ctx: ctx["n"]  # noqa: E731
+_NM_BITS = _nm_bits
+_FLIP_BITS = _kept
+_REDRAW_BITS = lambda ctx: _kept(ctx) * ctx["redraw_bits"]  # noqa: E731
+_SLOT_BITS = lambda ctx: ctx["n"] * bits_for(ctx["slots"] - 1)  # noqa: E731
+
+#: ``__popup__.<name>``, in the order they are checked (a rule may read the fields above it)
+HEADER_FIELDS: dict[str, Field] = {
+    "format_version": Field(torch.int64, rule=_FORMAT_RULE),
+    "generator_version": Field(torch.int64, rule=_between(GENERATOR_VERSION, GENERATOR_VERSION)),
+    "checksum": Field(torch.uint8, size=lambda ctx: 32),
+    "frozen_fingerprint": Field(torch.uint8, size=lambda ctx: 32),
+    "seed": Field(torch.int64),  # every int64 is a seed
+    "k": Field(torch.float64, rule=_between(0, 1, open_low=True)),
+    "weight_init": Field(torch.uint8, size=lambda ctx: (1, _MAX_TEXT), text=True, rule=_distribution),
+    "free_density": Field(torch.int64, needed=lambda ctx: None if ctx["format_version"] == OLDEST_FORMAT else False,
+                          rule=_between(1, 1)),
+    # format 2 holds no method (edge-popup, or supermask with free_density); format 3 names one of the others
+    "method": Field(torch.uint8, size=lambda ctx: (1, _MAX_TEXT), text=True,
+                    needed=lambda ctx: ctx["format_version"] > OLDEST_FORMAT, rule=_method_rule),
+    "slots": Field(torch.int64, needed=lambda ctx: _method(ctx) == "slot-machine", rule=_between(2, MAX_SLOTS)),
+    "redraw_every": Field(torch.int64, needed=lambda ctx: _method(ctx) == "iterand", rule=_between(1, 2**62)),
+    "redraw_rate": Field(torch.float64, needed=lambda ctx: _method(ctx) == "iterand",
+                         rule=_between(0, 1, open_low=True)),
+    # format 4's additions, each only where it is used
+    "structure": Field(torch.uint8, size=lambda ctx: (3, 5), text=True, needed=lambda ctx: _format4(ctx),
+                       rule=_structure),
+    "learn_norm": Field(torch.int64, needed=lambda ctx: _format4(ctx), rule=_between(1, 1)),
+    "learn_bias": Field(torch.int64, needed=lambda ctx: _format4(ctx), rule=_between(1, 1)),
+}
+
+#: ``NAME.<suffix>`` of each masked tensor ``NAME``, in the order they are checked (``mask_shape`` first: it gives n)
+TENSOR_FIELDS: dict[str, Field] = {
+    "mask_shape": Field(torch.int64, size=lambda ctx: (1, _MAX_NDIM), rule=_shape),
+    "fingerprint": Field(torch.uint8, size=lambda ctx: 32),
+    "kept": Field(torch.int64, needed=lambda ctx: _records_kept(_method(ctx), bool(ctx["free_density"])),
+                  rule=lambda v, ctx: None if 0 <= v <= ctx["n"] else f"is {v}, not a count of {ctx['n']} weights"),
+    "nm": Field(torch.uint8, size=_bytes_of(_NM_BITS), needed=lambda ctx: None if _nm(ctx) else False,
+                rule=_zero_padding(_NM_BITS)),
+    "mask": Field(torch.uint8, size=_bytes_of(_MASK_BITS),
+                  needed=lambda ctx: _method(ctx) != "slot-machine" and ctx["nm"] is None,
+                  rule=_zero_padding(_MASK_BITS)),
+    "alpha": Field(torch.float32, needed=lambda ctx: _method(ctx) == "biprop", rule=_between(0, math.inf)),
+    "flips": Field(torch.uint8, size=_bytes_of(_FLIP_BITS), needed=lambda ctx: _method(ctx) == "signed-supermask",
+                   rule=_zero_padding(_FLIP_BITS)),
+    "redraw_bits": Field(torch.int64, needed=lambda ctx: _method(ctx) == "iterand", rule=_between(1, 63)),
+    "redraws": Field(torch.uint8, size=_bytes_of(_REDRAW_BITS), needed=lambda ctx: _method(ctx) == "iterand",
+                     rule=_zero_padding(_REDRAW_BITS)),
+    "slot": Field(torch.uint8, size=_bytes_of(_SLOT_BITS), needed=lambda ctx: _method(ctx) == "slot-machine",
+                  rule=_zero_padding(_SLOT_BITS)),
+}
+
+
+def _value(sd: dict[str, torch.Tensor], key: str, field: Field, ctx: dict | None = None) -> Any:
+    """The value of ``key`` once its dtype and size are checked (a scalar, a str, a tuple of ints or the tensor)."""
+    t, ctx = sd[key], ctx or {}
+    if t.dtype != field.dtype:
+        raise invalid(key, f"is {t.dtype}, not {field.dtype}")
+    size = field.size(ctx)
+    lo, hi = size if isinstance(size, tuple) else (size, size)
+    if t.dim() != 1:
+        raise invalid(key, f"has shape {list(t.shape)}, not one dimension")
+    if not lo <= t.numel() <= hi:
+        unit = "bytes" if field.dtype == torch.uint8 else "values"
+        raise invalid(key, f"holds {t.numel()} {unit}, not the {lo if lo == hi else f'{lo} to {hi}'} {unit} the "
+                      "format implies")
+    if field.text:
+        try:
+            return bytes(t.tolist()).decode()
+        except UnicodeDecodeError:
+            raise invalid(key, "is not UTF-8 text") from None
+    if isinstance(size, tuple):
+        return tuple(t.tolist())
+    return t.item() if size == 1 and field.dtype != torch.uint8 else t
+
+
+def _check(sd: dict[str, torch.Tensor], key: str, field: Field, ctx: dict) -> Any:
+    needed = field.needed(ctx)
+    if key not in sd:
+        if needed:
+            raise invalid(key, "is missing")
+        return None
+    if needed is False:
+        raise invalid(key, f"is not a field of a {_method(ctx)} file of format {ctx['format_version']}")
+    value = _value(sd, key, field, ctx)
+    reason = field.rule(value, ctx)
+    if reason:
+        raise invalid(key, reason)
+    return value
+
+
+def check_header(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The ``__popup__.*`` values of ``sd`` (a whole file or :func:`read_header`'s part), each checked against its
+    rule (:data:`HEADER_FIELDS`; not the checksum, which needs the whole file), ``method`` resolved for format 2."""
+    ctx: dict[str, Any] = {}
+    for name, field in HEADER_FIELDS.items():
+        ctx[name] = _check(sd, META + name, field, ctx)
+    unknown = sorted(key for key in sd if key.startswith(META) and key[len(META):] not in HEADER_FIELDS)
+    if unknown:
+        raise invalid(unknown[0], f"is not a field of format {ctx['format_version']}")
+    return dict(ctx, method=_method(ctx))
+
+
+def check_fields(sd: dict[str, torch.Tensor]) -> None:
+    """Raise :class:`MaskError`, naming the key, unless every key of ``sd`` follows the format's rules: each
+    field's dtype, size (the payload length a shape implies, the bits a method implies) and value (k in (0, 1], a
+    known method, distribution and version, names a model can have). Nothing is unpacked: this bounds what is."""
+    ctx = check_header(sd)
+    bad = next((key for key in sd if not key.startswith(META) and not valid_name(key)), None)
+    if bad is not None:
+        raise invalid(repr(bad[:80]), "is not a name a model's tensor can have")
+    tensors = [key[: -len(".mask_shape")] for key in sd if key.endswith(".mask_shape")]
+    if not tensors:
+        raise invalid("NAME.mask_shape", "is in no key: the file masks no tensor")
+    for name in tensors:
+        tensor_ctx = dict(ctx, n=0)
+        for suffix, field in TENSOR_FIELDS.items():
+            tensor_ctx[suffix] = _check(sd, f"{name}.{suffix}", field, tensor_ctx)
+            if suffix == "mask_shape":
+                tensor_ctx["n"] = math.prod(tensor_ctx[suffix])
 
 
 def scalar(sd: dict[str, torch.Tensor], key: str):
@@ -486,6 +756,8 @@ def artifact_info(sd: dict[str, torch.Tensor]) -> dict:
 
 
 def read_header(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The file's ``__popup__.*`` entries alone (its masks are not read); raises whatever safetensors raises."""
+    """The file's ``__popup__.*`` entries and the masked tensors' shapes (``NAME.mask_shape``, at most ``_MAX_NDIM``
+    values each), its masks not read; raises whatever safetensors raises."""
     with safetensors.safe_open(str(path), framework="pt") as f:
-        return {key: f.get_tensor(key) for key in f.keys() if key.startswith(META)}
+        return {key: f.get_tensor(key) for key in f.keys() if key.startswith(META) or (
+            key.endswith(".mask_shape") and math.prod(f.get_slice(key).get_shape()) <= _MAX_NDIM)}

@@ -53,9 +53,8 @@ from .maskfile import (  # the file's names stay importable from here, where the
 )
 
 __all__ = ["FORMAT_VERSION", "OLDEST_FORMAT", "artifact_format", "pack_uint", "unpack_uint", "MaskError",
-           "mask_state_dict", "model_header",
-           "save_masks", "load_masks", "filter_state_dict", "pack_mask", "unpack_mask",
-           "artifact_info", "recorded_args", "read_mask_file"]
+           "mask_state_dict", "model_header", "save_masks", "load_masks", "filter_state_dict", "pack_mask",
+           "unpack_mask", "artifact_info", "recorded_args", "read_mask_file", "check_planned_model"]
 
 
 def _classifiers(model: nn.Module) -> tuple[str, ...]:
@@ -170,6 +169,7 @@ def filter_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> 
         missing, extra = sorted(set(masks) - set(stored))[:3], sorted(set(stored) - set(masks))[:3]
         raise MaskError(f"this mask is for another architecture (model tensors without a mask: {missing}, "
                         f"mask tensors not in the model: {extra}): load it with the model it was saved from")
+    _check_state(sd, model, stored, classifiers)
     heads, found_payload = [], []
     for name, mask in masks.items():
         shape = tuple(mask.weight.shape)
@@ -249,15 +249,66 @@ def filter_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> 
     for mask in heads + [m for m, _ in found_payload]:
         # the parameter itself: load_state_dict's copy onto itself is a no-op
         out.update({key: mask.scores for key in keys[id(mask.scores)]})
-    artifact_keys = {f"{n}.{suffix}" for n in stored for suffix in TENSOR_KEYS}
     own = model.state_dict()
-    for name, tensor in sd.items():
-        if name.startswith(META) or name in artifact_keys:
-            continue
+    for name, tensor in _state(sd, stored).items():
         if name.rpartition(".")[0] in classifiers and name in own and own[name].shape != tensor.shape:
             continue  # a learned classifier bias of another num_classes: the model's fresh one stays
         out[name] = tensor
     return out
+
+
+def _state(sd: dict[str, torch.Tensor], stored: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """The file's copy of the model's other state (BatchNorm statistics, layers kept dense)."""
+    artifact_keys = {f"{n}.{suffix}" for n in stored for suffix in TENSOR_KEYS}
+    return {name: t for name, t in sd.items() if not name.startswith(META) and name not in artifact_keys}
+
+
+def _check_state(sd: dict[str, torch.Tensor], model: nn.Module, stored: dict[str, tuple[int, ...]],
+                 classifiers: tuple[str, ...]) -> None:
+    """The file's other state has the model's keys, shapes and dtypes (a classifier's may differ: timm replaces a
+    head of another num_classes), so loading it is never a multi-line error from ``load_state_dict``."""
+    def owned(name: str) -> bool:
+        return name.rpartition(".")[0] in classifiers
+
+    ours = {n: t for n, t in model.state_dict().items() if ".parametrizations." not in n and not owned(n)}
+    theirs = {n: t for n, t in _state(sd, stored).items() if not owned(n)}
+    extra, missing = sorted(set(theirs) - set(ours)), sorted(set(ours) - set(theirs))
+    if extra or missing:
+        raise MaskError(f"this mask is for another architecture (model state it lacks: {missing[:3]}, state the "
+                        f"model has no tensor for: {extra[:3]}): load it with the model it was saved from")
+    for name, t in theirs.items():
+        if t.shape != ours[name].shape or t.dtype != ours[name].dtype:
+            raise MaskError(f"tensor {name} is {ours[name].dtype} {tuple(ours[name].shape)} in the model but "
+                            f"{t.dtype} {tuple(t.shape)} in the mask: the mask is for another architecture; build "
+                            "the model it was saved from")
+
+
+#: elements a model may hold beyond what its mask file covers (tensors the policy freezes, norms, a new head)
+_UNCOVERED = 2**24
+
+
+def check_planned_model(model: nn.Module, path: str | os.PathLike, classifiers: tuple[str, ...]) -> None:
+    """Before a model is built for the mask file at ``path`` (``model``: its dense form, on the meta device where it
+    can be): the file is valid on its own, each tensor it masks is a parameter of that shape (a classifier's may
+    differ) and the model holds little beyond them, so a config.json or arguments that describe a far larger
+    network than the file's are refused before it is allocated (the fingerprints are compared later)."""
+    sd = read_mask_file(path)
+    check_format(sd)
+    params = dict(model.named_parameters())
+    stored = stored_tensors(sd)
+    for name, shape in stored.items():
+        p = params.get(name)
+        if p is None or (tuple(p.shape) != shape and name.rpartition(".")[0] not in classifiers):
+            raise MaskError(f"tensor {name} has shape {None if p is None else tuple(p.shape)} in the model but "
+                            f"{shape} in the mask: the mask is for another architecture; build the model it was "
+                            "saved from")
+    covered = sum(math.prod(shape) for shape in stored.values()) + sum(t.numel() for t in _state(sd, stored).values())
+    size = sum(t.numel() for n, t in [*model.named_parameters(), *model.named_buffers()]
+               if n.rpartition(".")[0] not in classifiers)
+    if size > 2 * covered + _UNCOVERED:
+        raise MaskError(f"the model would hold {size:,} values but its mask file covers {covered:,}: the mask is for "
+                        "another architecture (or config.json describes another one); build the model it was saved "
+                        "from")
 
 
 def load_masks(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:

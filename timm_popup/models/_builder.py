@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
+from pathlib import Path
 from typing import Any
 
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -17,9 +19,10 @@ from torch import nn
 
 from ..config import POPUP_ARGS, PopupConfig
 from ..convert import build_converted, make_scriptable, popup_masks
+from ..export import WEIGHTS_NAME
 from ..init import DEFAULT_WEIGHT_INIT
 from ..layers import use_method
-from ..masks import MaskError, filter_state_dict, recorded_args
+from ..masks import MaskError, check_planned_model, filter_state_dict, recorded_args
 from ..native import parse_structure
 
 __all__ = ["build_popup", "build_popup_from", "popup_cfg", "CIFAR_K", "IMAGENET_K", "HUB_ORG"]
@@ -86,12 +89,17 @@ def build_popup(
             return model
 
         # a verified mask is loaded into every score next: initialising them first would be wasted work
-        return build_converted(dense_model, **popup, init_scores=not (pretrained and has_source))
+        return build_converted(dense_model, **popup, init_scores=not (pretrained and has_source), check=check)
+
+    mask_file, classifiers = _local_mask(variant, kwargs) if pretrained else (None, ())
+    check = (lambda model: check_planned_model(model, mask_file, classifiers)) if mask_file else None
 
     try:
         # make_scriptable: a features_only wrapper scripts as the folded network too (convert set up the model)
-        return make_scriptable(build_model_with_cfg(popup_model_cls, variant, pretrained,
-                                                    pretrained_filter_fn=filter_state_dict, **kwargs))
+        with _built_from_config(variant, kwargs):
+            model = build_model_with_cfg(popup_model_cls, variant, pretrained, pretrained_filter_fn=filter_state_dict,
+                                         **kwargs)
+        return make_scriptable(model)
     except SafetensorError as e:
         raise MaskError(f"the mask file for {variant} is truncated or corrupt ({e}): download or copy it again") from e
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
@@ -107,6 +115,37 @@ def build_popup(
             f"The project may not have published it yet (see https://huggingface.co/{HUB_ORG}); load a local "
             "mask with pretrained_cfg_overlay=dict(file='.../model.safetensors') or another one with "
             "timm.create_model('hf-hub:org/name', pretrained=True)") from e
+
+
+@contextlib.contextmanager
+def _built_from_config(variant: str, kwargs: dict[str, Any]) -> Iterator[None]:
+    """A model that an artifact's config.json describes (timm passes its ``model_args`` as ``pretrained_model_args``)
+    and that its class cannot build from them: the artifact's fault, one line naming the arguments (the popup
+    ones, num_classes and in_chans were checked before: ``timm_popup.hub.check_config``)."""
+    args = kwargs.get("pretrained_model_args")
+    try:
+        yield
+    except MaskError:
+        raise
+    except (TypeError, ValueError, AssertionError, KeyError, IndexError, AttributeError, ZeroDivisionError,
+            OverflowError) as e:
+        if not args:
+            raise
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        raise MaskError(f"config.json is invalid: its model_args {sorted(args)} (with any argument you passed) do not "
+                        f"build {variant} ({reason}): no timm-popup release writes that; do not use this "
+                        "artifact") from e
+
+
+def _local_mask(variant: str, kwargs: dict[str, Any]) -> tuple[Path | None, tuple[str, ...]]:
+    """The local mask file a pretrained build loads (``file=`` or a ``local-dir:``), and the classifier names."""
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"),
+                                 pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay")).to_dict()
+    names = cfg.get("classifier") or ()
+    classifiers = (names,) if isinstance(names, str) else tuple(names)
+    path = Path(cfg["file"]) if isinstance(cfg.get("file"), str) else None
+    path = path / WEIGHTS_NAME if path is not None and path.is_dir() else path
+    return (path if path is not None and path.is_file() else None), classifiers
 
 
 def _has_source(variant: str, kwargs: dict[str, Any]) -> bool:
@@ -212,7 +251,8 @@ def build_popup_from(
 
     token = _TAKE_OVER.set(take_over)
     try:
-        model = entrypoint(pretrained=False, **kwargs)
+        with _built_from_config(variant, kwargs):
+            model = entrypoint(pretrained=False, **kwargs)
         taken = _TAKE_OVER.get() is None
     finally:
         _TAKE_OVER.reset(token)
