@@ -29,13 +29,13 @@ from torch import nn
 
 from ._io import atomic_write
 from .export import CONFIG_NAME, WEIGHTS_NAME, dense_state_dict
-from .init import WEIGHT_INITS
+from .init import check_weight_init
+from .layers import check_score_init
 from .maskfile import (
     FORMAT_VERSION,
     META,
     OLDEST_FORMAT,
     MaskError,
-    artifact_format,
     artifact_info,
     check_header,
     read_mask_file,
@@ -43,6 +43,7 @@ from .maskfile import (
     write_mask_file,
 )
 from .masks import mask_state_dict, model_header
+from .native import parse_structure
 from .reference import GENERATOR_VERSION
 
 __all__ = ["save_pretrained", "push_to_hub", "push_artifact", "model_card", "model_stats", "check_push_access",
@@ -499,10 +500,30 @@ def _sized_as(layer: str, dim: int, what: str) -> ConfigRule:
     return rule
 
 
+def _canonical(check: Callable[[str], str], what: str) -> ConfigRule:
+    """A name the library writes in exactly this form (``check`` returns its canonical form, or raises)."""
+    def rule(value: Any, ctx: dict) -> str | None:
+        try:
+            ok = isinstance(value, str) and check(value) == value
+        except ValueError:
+            ok = False
+        return None if ok else f"is {value!r}, not a {what} as timm-popup writes it"
+    return rule
+
+
+def _flag(value: Any, ctx: dict) -> str | None:
+    return None if value is True else f"is {value!r}: written only as true (absent: false)"
+
+
 _POPUP_ARG_RULES: dict[str, tuple[bool | None, ConfigRule]] = {
     "k": (None, _all(_number_in(0, 1, open_low=True), _as_recorded("k"))),
-    "weight_init": (None, _all(_one_of(tuple(WEIGHT_INITS), "weight distribution"), _as_recorded("weight_init"))),
+    "weight_init": (None, _all(_canonical(check_weight_init, "weight distribution"), _as_recorded("weight_init"))),
     "seed": (None, _all(_int_in(*_INT64), _as_recorded("seed"))),
+    "structure": (None, _all(_canonical(lambda v: "{}:{}".format(*parse_structure(v)), "N:M structure"),
+                             _as_recorded("structure"))),
+    "learn_norm": (None, _all(_flag, _as_recorded("learn_norm"))),
+    "learn_bias": (None, _all(_flag, _as_recorded("learn_bias"))),
+    "score_init": (None, _canonical(check_score_init, "score initialisation")),
 }
 _NUM_CLASSES = _all(_int_in(0, MAX_CLASSES), _sized_as("classifier", 0, "classifier"))
 

@@ -524,11 +524,14 @@ HEADER_FIELDS: dict[str, Field] = {
     "seed": Field(torch.int64),  # every int64 is a seed
     "k": Field(torch.float64, rule=_between(0, 1, open_low=True)),
     "weight_init": Field(torch.uint8, size=lambda ctx: (1, _MAX_TEXT), text=True, rule=_distribution),
-    "free_density": Field(torch.int64, needed=lambda ctx: None if ctx["format_version"] == OLDEST_FORMAT else False,
+    "free_density": Field(torch.int64, needed=lambda ctx: None if ctx["format_version"] != 3 else False,
                           rule=_between(1, 1)),
-    # format 2 holds no method (edge-popup, or supermask with free_density); format 3 names one of the others
+    # format 2 holds no method (edge-popup, or supermask with free_density); format 3 names one of the others;
+    # format 4 names one where it is not edge-popup or supermask (N:M or options added to those)
     "method": Field(torch.uint8, size=lambda ctx: (1, _MAX_TEXT), text=True,
-                    needed=lambda ctx: ctx["format_version"] > OLDEST_FORMAT, rule=_method_rule),
+                    needed=lambda ctx: True if ctx["format_version"] == 3 else
+                    (None if ctx["format_version"] > 3 and not ctx["free_density"] else False),
+                    rule=_method_rule),
     "slots": Field(torch.int64, needed=lambda ctx: _method(ctx) == "slot-machine", rule=_between(2, MAX_SLOTS)),
     "redraw_every": Field(torch.int64, needed=lambda ctx: _method(ctx) == "iterand", rule=_between(1, 2**62)),
     "redraw_rate": Field(torch.float64, needed=lambda ctx: _method(ctx) == "iterand",

@@ -169,7 +169,13 @@ def filter_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> 
         missing, extra = sorted(set(masks) - set(stored))[:3], sorted(set(stored) - set(masks))[:3]
         raise MaskError(f"this mask is for another architecture (model tensors without a mask: {missing}, "
                         f"mask tensors not in the model: {extra}): load it with the model it was saved from")
-    _check_state(sd, model, stored, classifiers)
+    learn = learned_policies(**learned)
+    missing = [n for n, policy in {**cfg.frozen, **cfg.learned}.items() if policy in learn and n not in sd
+               and n.rpartition(".")[0] not in classifiers]
+    if missing:
+        raise MaskError(f"the mask records learned {'norm layers' if learned['learn_norm'] else 'biases'} but holds no "
+                        f"value for {missing[0]}: the file is corrupt or for another architecture")
+    _check_state(sd, model, stored, classifiers, learn)
     heads, found_payload = [], []
     for name, mask in masks.items():
         shape = tuple(mask.weight.shape)
@@ -198,12 +204,6 @@ def filter_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> 
         if total != num_kept(sizes, found["k"]):
             raise MaskError(f"the mask keeps {total} of {sizes} weights in all, not round(k*N) for k={found['k']}: "
                             "it was saved with another k or is corrupt")
-    learn = learned_policies(**learned)
-    missing = [n for n, policy in {**cfg.frozen, **cfg.learned}.items() if policy in learn and n not in sd
-               and n.rpartition(".")[0] not in classifiers]
-    if missing:
-        raise MaskError(f"the mask records learned {'norm layers' if learned['learn_norm'] else 'biases'} but holds no "
-                        f"value for {missing[0]}: the file is corrupt or for another architecture")
     if not torch.equal(sha256(_fingerprinted_frozen(model, new or {}, learn)), sd[META + "frozen_fingerprint"]):
         raise MaskError("the model's frozen tensors (norm layers, biases, gains, embeddings) differ from the ones "
                         "the mask was found with: build the same architecture and model arguments the mask was "
@@ -264,13 +264,15 @@ def _state(sd: dict[str, torch.Tensor], stored: dict[str, tuple[int, ...]]) -> d
 
 
 def _check_state(sd: dict[str, torch.Tensor], model: nn.Module, stored: dict[str, tuple[int, ...]],
-                 classifiers: tuple[str, ...]) -> None:
+                 classifiers: tuple[str, ...], learn: frozenset[str]) -> None:
     """The file's other state has the model's keys, shapes and dtypes (a classifier's may differ: timm replaces a
-    head of another num_classes), so loading it is never a multi-line error from ``load_state_dict``."""
+    head of another num_classes), so loading it is never a multi-line error from ``load_state_dict``. The tensors
+    the file learned (``learn``: their policies) and the model holds frozen are part of the state it takes."""
     def owned(name: str) -> bool:
         return name.rpartition(".")[0] in classifiers
 
     ours = {n: t for n, t in model.state_dict().items() if ".parametrizations." not in n and not owned(n)}
+    ours.update({n: t for n, t in frozen_tensors(model) if model.popup_config.frozen[n] in learn and not owned(n)})
     theirs = {n: t for n, t in _state(sd, stored).items() if not owned(n)}
     extra, missing = sorted(set(theirs) - set(ours)), sorted(set(ours) - set(theirs))
     if extra or missing:
