@@ -40,8 +40,17 @@ from timm_popup import cli
 from timm_popup.maskfile import META, checksum
 from timm_popup.methods import MethodOptions, get_method
 
-#: the mask methods whose artifacts are fuzzed (the dense-weight methods write no mask file)
-METHODS = ("edge-popup", "supermask", "global-topk", "biprop", "iterand", "signed-supermask", "slot-machine")
+#: the artifacts fuzzed, by name: (method, model arguments): every mask method (the dense-weight methods write no
+#: mask file) and format 4's additions on edge-popup (an N:M structure; learned norms and biases with a distribution
+#: that has options)
+KINDS: dict[str, tuple[str, dict]] = {
+    **{method: (method, {}) for method in ("edge-popup", "supermask", "global-topk", "biprop", "iterand",
+                                           "signed-supermask", "slot-machine", "gem-miner")},
+    "edge-popup-2:4": ("edge-popup", dict(structure="2:4", k=0.5)),
+    "edge-popup-options": ("edge-popup", dict(learn_norm=True, learn_bias=True, init_mode="fan_out",
+                                              scale_fan=True)),
+}
+METHODS = tuple(KINDS)
 ARCH = "popup_conv2"
 MODEL_KWARGS = dict(width=0.125, num_classes=4)
 #: extra address space one case may take (the artifacts are a few kB, the model about 300 kB: a crafted size that
@@ -57,18 +66,18 @@ JSON_VALUES = (None, True, False, 0, 1, -1, 3, 4, 2**20, 2**31, 2**70, 0.5, 1.5,
 
 
 def make_artifacts(root: Path) -> dict[str, Path]:
-    """One artifact directory of each of :data:`METHODS` (a tiny popup_conv2, its scores fixed)."""
+    """One artifact directory of each of :data:`KINDS` (a tiny popup_conv2, its scores fixed)."""
     options = MethodOptions(slots=4, redraw_every=1, redraw_rate=0.5)
     out = {}
-    for method in METHODS:
+    for kind, (method, kwargs) in KINDS.items():
         spec = get_method(method)
         torch.manual_seed(0)
-        model = timm.create_model(ARCH, k=0.3, **MODEL_KWARGS,
+        model = timm.create_model(ARCH, **{"k": 0.3, **MODEL_KWARGS, **kwargs},
                                   **({"weight_init": spec.weight_init} if spec.weight_init else {}))
         model = spec.prepare(model, options=options)
         if spec.after_update:
             spec.after_update(model, 1)
-        out[method] = spec.save(model, root / method)
+        out[kind] = spec.save(model, root / kind)
     return out
 
 
