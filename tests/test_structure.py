@@ -168,6 +168,7 @@ def test_every_top_k_method_keeps_the_structure_and_its_artifact_round_trips_sma
     sd = maskfile.read_mask_file(directory / "model.safetensors")
     assert int(sd["__popup__.format_version"]) == 4
     assert "fc1.weight.nm" in sd and "fc1.weight.mask" not in sd and "features.0.weight.mask" in sd
+    assert "| N:M structure | 2:4: N of every M" in (directory / "README.md").read_text()  # the card says it
     plain = timm.create_model("popup_conv4", **kwargs)
     if method != "edge-popup":
         make_mask_method(plain, method)

@@ -131,6 +131,7 @@ def model_card(config: Mapping[str, Any], info: Mapping[str, Any], *, repo_id: s
         free_density=info.get("density") == "free", method_name=info.get("method", "edge-popup"),
         method_text=_METHOD_TEXT.get(info.get("method"), "").format(k=100 * float(info["k"]), slots=info.get("slots")),
         method_paper=_METHOD_PAPER.get(info.get("method")), bits_per_weight=info.get("bits_per_weight"),
+        structure=info.get("structure"),
         model_id=model_id, load_name=f"hf-hub:{repo_id}" if repo_id else f"local-dir:{directory_name}",
         eval_name=f"hf-hub:{repo_id}" if repo_id else directory_name, k_percent=f"{100 * float(info['k']):g}",
         architecture=architecture, registered=architecture.startswith("popup_") and is_model(architecture),
