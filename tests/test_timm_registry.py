@@ -114,6 +114,14 @@ def _get_input_size(model=None, model_name: str = "", target: int | None = None)
     return input_size
 
 
+def _sized(*, limit: int, target: int | None = None, **model_or_name) -> tuple[int, ...]:
+    """timm's input size for a test, or the test skipped as timm skips it (a fixed input size above ``limit``)."""
+    input_size = _get_input_size(target=target, **model_or_name)
+    if max(input_size) > limit:
+        pytest.skip("Fixed input size model > limit.")
+    return input_size
+
+
 # ------------------------------------------------------------------------------------- the registry, before any build
 
 _REGISTRY_CHECK = r"""
@@ -170,9 +178,7 @@ def test_registry_answers_every_popup_name_before_any_model_is_built() -> None:
 @pytest.mark.parametrize("batch_size", [1])
 def test_model_forward(model_name: str, batch_size: int) -> None:
     model = create_model(model_name, pretrained=False).eval()
-    input_size = _get_input_size(model=model, target=TARGET_FWD_SIZE)
-    if max(input_size) > MAX_FWD_SIZE:
-        pytest.skip("Fixed input size model > limit.")
+    input_size = _sized(target=TARGET_FWD_SIZE, limit=MAX_FWD_SIZE, model=model)
     inputs = torch.randn((batch_size, *input_size))
     outputs = model(inputs)
     assert outputs.shape[0] == batch_size
@@ -188,9 +194,7 @@ def test_model_forward(model_name: str, batch_size: int) -> None:
 @pytest.mark.parametrize("model_name", _select(exclude=EXCLUDE_FILTERS, name_matches_cfg=True))
 @pytest.mark.parametrize("batch_size", [2])
 def test_model_backward(model_name: str, batch_size: int) -> None:
-    input_size = _get_input_size(model_name=model_name, target=TARGET_BWD_SIZE)
-    if max(input_size) > MAX_BWD_SIZE:
-        pytest.skip("Fixed input size model > limit.")
+    input_size = _sized(target=TARGET_BWD_SIZE, limit=MAX_BWD_SIZE, model_name=model_name)
     model = create_model(model_name, pretrained=False, num_classes=42)
     encoder_only = model.num_classes == 0
     num_params = sum(x.numel() for x in model.parameters())
@@ -198,21 +202,31 @@ def test_model_backward(model_name: str, batch_size: int) -> None:
     outputs = model(torch.randn((batch_size, *input_size)))
     if isinstance(outputs, tuple):
         outputs = torch.cat(outputs)
-    outputs.mean().backward()
-    for n, x in model.named_parameters():
-        assert x.grad is not None, f"No gradient for {n}"
-    num_grad = sum(x.grad.numel() for x in model.parameters() if x.grad is not None)
+    _check_gradients(model, outputs, num_params)
     if encoder_only:
         assert outputs.shape[get_channel_dim(getattr(model, "output_fmt", "NCHW"))] == model.num_features
     else:
         assert outputs.shape[-1] == 42
-    assert num_params == num_grad, "Some parameters are missing gradients"
     assert not torch.isnan(outputs).any(), "Output included NaNs"
 
 
 def _state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The tensors timm's loader sees: a popup model's folded network's (module docstring)."""
     return dense_state_dict(model) if hasattr(model, "popup_config") else model.state_dict()
+
+
+def _check_gradients(model: torch.nn.Module, outputs: torch.Tensor, num_params: int) -> None:
+    outputs.mean().backward()
+    for n, x in model.named_parameters():
+        assert x.grad is not None, f"No gradient for {n}"
+    num_grad = sum(x.grad.numel() for x in model.parameters() if x.grad is not None)
+    assert num_params == num_grad, "Some parameters are missing gradients"
+
+
+def _built_with_cfg(model_name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor], dict]:
+    model = create_model(model_name, pretrained=False).eval()
+    assert model.num_classes >= 0 and model.num_features > 0 and model.head_hidden_size > 0
+    return model, _state_dict(model), model.default_cfg
 
 
 def _check_cfg_names(cfg: dict, state_dict: dict) -> None:
@@ -230,10 +244,7 @@ def _check_cfg_names(cfg: dict, state_dict: dict) -> None:
 @pytest.mark.parametrize("model_name", _select(exclude=EXCLUDE_FILTERS + NON_STD_FILTERS, include_tags=True))
 @pytest.mark.parametrize("batch_size", [1])
 def test_model_default_cfgs(model_name: str, batch_size: int) -> None:
-    model = create_model(model_name, pretrained=False).eval()
-    assert model.num_classes >= 0 and model.num_features > 0 and model.head_hidden_size > 0
-    state_dict = _state_dict(model)
-    cfg = model.default_cfg
+    model, state_dict, cfg = _built_with_cfg(model_name)
     pool_size, input_size = cfg["pool_size"], cfg["input_size"]
     output_fmt = getattr(model, "output_fmt", "NCHW")
     spatial_axis = get_spatial_dim(output_fmt)
@@ -268,13 +279,8 @@ def test_model_default_cfgs(model_name: str, batch_size: int) -> None:
 @pytest.mark.parametrize("model_name", _select(NON_STD_FILTERS, NON_STD_EXCLUDE_FILTERS, include_tags=True))
 @pytest.mark.parametrize("batch_size", [1])
 def test_model_default_cfgs_non_std(model_name: str, batch_size: int) -> None:
-    model = create_model(model_name, pretrained=False).eval()
-    assert model.num_classes >= 0 and model.num_features > 0 and model.head_hidden_size > 0
-    state_dict = _state_dict(model)
-    cfg = model.default_cfg
-    input_size = _get_input_size(model=model)
-    if max(input_size) > 320:
-        pytest.skip("Fixed input size model > limit.")
+    model, state_dict, cfg = _built_with_cfg(model_name)
+    input_size = _sized(limit=320, model=model)
     input_tensor = torch.randn((batch_size, *input_size))
     feat_dim = getattr(model, "feature_dim", None)
     outputs = model.forward_features(input_tensor)
@@ -299,13 +305,17 @@ def test_model_default_cfgs_non_std(model_name: str, batch_size: int) -> None:
 @pytest.mark.parametrize("model_name", _select(exclude=EXCLUDE_FILTERS + EXCLUDE_JIT_FILTERS, name_matches_cfg=True))
 @pytest.mark.parametrize("batch_size", [1])
 def test_model_forward_torchscript(model_name: str, batch_size: int) -> None:
-    input_size = _get_input_size(model_name=model_name, target=TARGET_JIT_SIZE)
-    if max(input_size) > MAX_JIT_SIZE:
-        pytest.skip("Fixed input size model > limit.")
+    _run_scripted(model_name, batch_size)
+
+
+def _run_scripted(model_name: str, batch_size: int, through_fx: bool = False) -> None:
+    input_size = _sized(target=TARGET_JIT_SIZE, limit=MAX_JIT_SIZE, model_name=model_name)
     with set_scriptable(True):
-        model = create_model(model_name, pretrained=False)
-    model = torch.jit.script(model.eval())
-    outputs = model(torch.randn((batch_size, *input_size)))
+        model = create_model(model_name, pretrained=False).eval()
+    scripted = torch.jit.script(_create_fx_model(model) if through_fx else model)
+    with torch.inference_mode():
+        outputs = scripted(torch.randn((batch_size, *input_size)))
+    outputs = torch.cat(tuple(outputs.values())) if through_fx else outputs
     assert outputs.shape[0] == batch_size
     assert not torch.isnan(outputs).any(), "Output included NaNs"
 
@@ -321,29 +331,25 @@ def _check_features(outputs, channels, reductions, input_size, output_fmt, batch
         assert not torch.isnan(o).any()
 
 
+def _run_features(model: torch.nn.Module, batch_size: int, min_levels: int = 0) -> None:
+    channels, reductions = model.feature_info.channels(), model.feature_info.reduction()
+    assert len(channels) >= min_levels
+    input_size = _sized(target=TARGET_FFEAT_SIZE, limit=MAX_FFEAT_SIZE, model=model)
+    outputs = model(torch.randn((batch_size, *input_size)))
+    _check_features(outputs, channels, reductions, input_size, getattr(model, "output_fmt", "NCHW"), batch_size)
+
+
 @pytest.mark.parametrize("model_name", _select(exclude=EXCLUDE_FILTERS + NON_STD_FILTERS))
 @pytest.mark.parametrize("batch_size", [1])
 def test_model_forward_features(model_name: str, batch_size: int) -> None:
-    model = create_model(model_name, pretrained=False, features_only=True).eval()
-    channels, reductions = model.feature_info.channels(), model.feature_info.reduction()
-    assert len(channels) >= 3
-    input_size = _get_input_size(model=model, target=TARGET_FFEAT_SIZE)
-    if max(input_size) > MAX_FFEAT_SIZE:
-        pytest.skip("Fixed input size model > limit.")
-    outputs = model(torch.randn((batch_size, *input_size)))
-    _check_features(outputs, channels, reductions, input_size, getattr(model, "output_fmt", "NCHW"), batch_size)
+    _run_features(create_model(model_name, pretrained=False, features_only=True).eval(), batch_size, min_levels=3)
 
 
 @pytest.mark.parametrize("model_name", _select(exclude=EXCLUDE_FILTERS, module=FEAT_INTER_MODULES))
 @pytest.mark.parametrize("batch_size", [1])
 def test_model_forward_intermediates_features(model_name: str, batch_size: int) -> None:
-    model = create_model(model_name, pretrained=False, features_only=True, feature_cls="getter").eval()
-    channels, reductions = model.feature_info.channels(), model.feature_info.reduction()
-    input_size = _get_input_size(model=model, target=TARGET_FFEAT_SIZE)
-    if max(input_size) > MAX_FFEAT_SIZE:
-        pytest.skip("Fixed input size model > limit.")
-    outputs = model(torch.randn((batch_size, *input_size)))
-    _check_features(outputs, channels, reductions, input_size, getattr(model, "output_fmt", "NCHW"), batch_size)
+    _run_features(create_model(model_name, pretrained=False, features_only=True, feature_cls="getter").eval(),
+                  batch_size)
 
 
 @pytest.mark.parametrize("model_name", _select(exclude=EXCLUDE_FILTERS, module=FEAT_INTER_MODULES))
@@ -353,9 +359,7 @@ def test_model_forward_intermediates(model_name: str, batch_size: int) -> None:
     feature_info = timm.models.FeatureInfo(model.feature_info, len(model.feature_info))
     channels, reductions = feature_info.channels(), feature_info.reduction()
     assert len(channels) >= 3
-    input_size = _get_input_size(model=model, target=TARGET_FFEAT_SIZE)
-    if max(input_size) > MAX_FFEAT_SIZE:
-        pytest.skip("Fixed input size model > limit.")
+    input_size = _sized(target=TARGET_FFEAT_SIZE, limit=MAX_FFEAT_SIZE, model=model)
     inputs = torch.randn((batch_size, *input_size))
     output, intermediates = model.forward_intermediates(inputs, output_fmt="NCHW")
     _check_features(intermediates, channels, reductions, input_size, "NCHW", batch_size)
@@ -388,9 +392,7 @@ def _create_fx_model(model, train: bool = False):
 @pytest.mark.parametrize("batch_size", [1])
 def test_model_forward_fx(model_name: str, batch_size: int) -> None:
     model = create_model(model_name, pretrained=False).eval()
-    input_size = _get_input_size(model=model, target=TARGET_FWD_FX_SIZE)
-    if max(input_size) > MAX_FWD_FX_SIZE:
-        pytest.skip("Fixed input size model > limit.")
+    input_size = _sized(target=TARGET_FWD_FX_SIZE, limit=MAX_FWD_FX_SIZE, model=model)
     with torch.inference_mode():
         inputs = torch.randn((batch_size, *input_size))
         outputs = model(inputs)
@@ -404,19 +406,13 @@ def test_model_forward_fx(model_name: str, batch_size: int) -> None:
 @pytest.mark.parametrize("model_name", _select(exclude=EXCLUDE_FILTERS + EXCLUDE_FX_FILTERS, name_matches_cfg=True))
 @pytest.mark.parametrize("batch_size", [2])
 def test_model_backward_fx(model_name: str, batch_size: int) -> None:
-    input_size = _get_input_size(model_name=model_name, target=TARGET_BWD_FX_SIZE)
-    if max(input_size) > MAX_BWD_FX_SIZE:
-        pytest.skip("Fixed input size model > limit.")
+    input_size = _sized(target=TARGET_BWD_FX_SIZE, limit=MAX_BWD_FX_SIZE, model_name=model_name)
     model = create_model(model_name, pretrained=False, num_classes=42).train()
     num_params = sum(x.numel() for x in model.parameters())
     model = _create_fx_model(model, train=True)
     outputs = torch.cat(tuple(model(torch.randn((batch_size, *input_size))).values()))
-    outputs.mean().backward()
-    for n, x in model.named_parameters():
-        assert x.grad is not None, f"No gradient for {n}"
-    num_grad = sum(x.grad.numel() for x in model.parameters() if x.grad is not None)
+    _check_gradients(model, outputs, num_params)
     assert outputs.shape[-1] == 42
-    assert num_params == num_grad, "Some parameters are missing gradients"
     assert not torch.isnan(outputs).any(), "Output included NaNs"
 
 
@@ -424,16 +420,7 @@ def test_model_backward_fx(model_name: str, batch_size: int) -> None:
     exclude=EXCLUDE_FILTERS + EXCLUDE_JIT_FILTERS + EXCLUDE_FX_JIT_FILTERS, name_matches_cfg=True))
 @pytest.mark.parametrize("batch_size", [1])
 def test_model_forward_fx_torchscript(model_name: str, batch_size: int) -> None:
-    input_size = _get_input_size(model_name=model_name, target=TARGET_JIT_SIZE)
-    if max(input_size) > MAX_JIT_SIZE:
-        pytest.skip("Fixed input size model > limit.")
-    with set_scriptable(True):
-        model = create_model(model_name, pretrained=False)
-    model = torch.jit.script(_create_fx_model(model.eval()))
-    with torch.inference_mode():
-        outputs = torch.cat(tuple(model(torch.randn((batch_size, *input_size))).values()))
-    assert outputs.shape[0] == batch_size
-    assert not torch.isnan(outputs).any(), "Output included NaNs"
+    _run_scripted(model_name, batch_size, through_fx=True)
 
 
 @pytest.mark.parametrize("model_name", [PREFIX + "regnetx_002"])
