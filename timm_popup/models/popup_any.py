@@ -1,8 +1,9 @@
 """``popup_<name>`` for every timm model ``<name>``, visible to every registry query of timm.
 
-Importing this module lists every ``popup_<name>`` in timm's registry tables: the name, its entrypoint and its
-module (``popup_any``) go into ``_model_entrypoints`` / ``_model_to_module`` / ``_module_to_models`` /
-``_model_with_tags`` at once (a few dict entries per name), so ``is_model``, ``model_entrypoint`` and
+Importing this module lists every ``popup_<name>`` in timm's registry tables: the name and its module
+(``popup_any``) go into ``_model_entrypoints`` / ``_model_to_module`` / ``_module_to_models`` /
+``_model_with_tags`` at once (a few dict entries per name; the entrypoint function is made when its entry is first
+read), so ``is_model``, ``model_entrypoint`` and
 ``list_models`` (filters, ``module=``, ``include_tags``, ``name_matches_cfg``, ``pretrained=``) answer without a
 build. Its pretrained cfg, which costs a copy of ``<name>``'s cfg, is made on demand: timm's two cfg tables are
 wrapped in a dict that, asked for a pending name (``in``, ``[]``, ``get``), registers it with timm's own
@@ -102,7 +103,7 @@ class _Pending:
             if PUBLISHED.get(name):  # a published mask: listed with its tags, as pretrained (list_pretrained)
                 register_popup(base)
                 continue
-            dict.__setitem__(entrypoints, name, _entrypoint(base))
+            dict.__setitem__(entrypoints, name, _UNMADE)  # the function is made when first asked for
             to_module[name] = MODULE
             names.add(name)
             _registry._model_with_tags[name] = [name]
@@ -116,7 +117,8 @@ class _Pending:
         base = self.bases.pop(name, None)
         if base is None:
             return False
-        entry = dict.pop(_registry._model_entrypoints, name)  # register_model re-files it (no overwrite warning)
+        entry = _registry._model_entrypoints[name]
+        dict.pop(_registry._model_entrypoints, name)  # register_model files it again (no overwrite warning)
         _registry._model_to_module.pop(name, None)
         _registry._module_to_models[MODULE].discard(name)
         _registry._model_with_tags.pop(name, None)
@@ -130,6 +132,8 @@ class _Pending:
 
 
 _PENDING = _Pending()
+#: a listed name's entrypoint before anything asked for it (a function per name would cost ~10 us each at import)
+_UNMADE = object()
 
 
 class _CfgTable(dict):
@@ -175,8 +179,9 @@ class _CfgTable(dict):
 
 
 class _PopupEntrypoints(dict):
-    """timm's entrypoint table; also answers ``popup_<name>`` of a ``<name>`` registered after the import (or a
-    deprecated one) by registering it (module docstring)."""
+    """timm's entrypoint table. A listed ``popup_<name>`` gets its entrypoint function when first read; the table
+    also answers ``popup_<name>`` of a ``<name>`` registered after the import (or a deprecated one) by registering
+    it (module docstring)."""
 
     def _add(self, name: object) -> bool:
         if not isinstance(name, str) or not name.startswith(PREFIX) or name in _PENDING.registering:
@@ -189,6 +194,22 @@ class _PopupEntrypoints(dict):
 
     def __contains__(self, name: object) -> bool:
         return dict.__contains__(self, name) or self._add(name)
+
+    def __getitem__(self, name: str) -> Callable[..., nn.Module]:
+        entry = dict.__getitem__(self, name)
+        if entry is _UNMADE:
+            entry = _entrypoint(name[len(PREFIX):])
+            dict.__setitem__(self, name, entry)
+        return entry
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if name in self else default
+
+    def values(self):  # noqa: ANN201 - dict's view type; every entrypoint made
+        return {name: self[name] for name in dict.keys(self)}.values()
+
+    def items(self):  # noqa: ANN201
+        return {name: self[name] for name in dict.keys(self)}.items()
 
     def __missing__(self, name: str):
         if self._add(name):
