@@ -265,14 +265,15 @@ def test_any_timm_model_as_popup_learns_every_score(name, kwargs, size):
     model(torch.randn(2, 3, size, size)).pow(2).mean().backward()
     dead = [n for n, m in masks.items() if m.scores.grad is None or not m.scores.grad.abs().sum() > 0]
     assert dead == []
-    assert name in timm.list_models("popup_*") and "popup_beit_large_patch16_224" not in timm.list_models("popup_*")
+    assert name in timm.list_models("popup_*")
 
 
-def test_popup_of_every_timm_name_is_creatable_but_not_listed():
+def test_popup_of_every_timm_name_is_creatable_and_listed():
     assert timm.models.is_model("popup_efficientnet_b0") and not timm.models.is_model("popup_popup_conv4")
     assert not timm.models.is_model("popup_not_a_model")
-    listed = timm.list_models("popup_*")
-    assert {"popup_conv4", "popup_resnet50"} <= set(listed) and len(listed) < 100
+    listed = set(timm.list_models("popup_*"))
+    plain = [name for name in timm.list_models() if not name.startswith("popup_")]
+    assert {"popup_conv4", "popup_resnet50"} <= listed and {"popup_" + name for name in plain} <= listed
 
 
 def test_import_time_stays_low():

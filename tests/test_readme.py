@@ -99,7 +99,7 @@ def test_the_readmes_python_and_command_line_examples_run(tmp_path):
     assert "tensor(0.5000)" in proc.stdout  # the Use block's printed density
     # the registry tag, hf-hub: and local-dir: routes each built the seeded network their mask was found on
     assert result["seeds"] == [4, 2, 1]
-    assert result["ran"] == ["info", "export", "push"]
+    assert result["ran"] == ["info", "export", "export", "push"]
     assert result["plain"] == ["config.json", "model.safetensors"]
     assert result["features"] == [[2, 256, 56, 56], [2, 512, 28, 28], [2, 1024, 14, 14]]  # the backbone's stages
 

@@ -3,6 +3,7 @@
     timm-popup info ARTIFACT                         what a mask holds, its size, and whether it verifies
     timm-popup eval MODEL_OR_ARTIFACT --dataset D    top-1/top-5, loss and images/s; a JSON result line
     timm-popup export ARTIFACT OUTPUT_DIR            fold the mask into a plain timm checkpoint
+    timm-popup export ARTIFACT --onnx OUT.onnx       the folded network as ONNX, checked with ONNX Runtime
     timm-popup push ARTIFACT_DIR REPO_ID             upload an artifact directory to the Hub in one commit
 
 ARTIFACT is a directory written by ``timm_popup.save_pretrained`` (config.json + model.safetensors), a
@@ -14,6 +15,7 @@ does not verify, a network error, ...). Errors are one line on stderr; ``--trace
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -46,6 +48,7 @@ from .convert import popup_masks
 from .export import PLAIN_TWINS, ExportError, export_plain, plain_twin, save_plain
 from .hub import CONFIG_NAME, WEIGHTS_NAME
 from .maskfile import MaskError, artifact_info, read_mask_file
+from .onnx_export import OnnxError, export_onnx, require_onnx
 
 __all__ = ["main"]
 
@@ -238,9 +241,60 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------------- export
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    art = resolve_artifact(args.artifact, args.model)
+def _export_model(args: argparse.Namespace) -> tuple[nn.Module, str, dict[str, Any]]:
+    """The popup model to export (an artifact's, or a ``popup_`` model name's), its architecture and the artifact's
+    label names; built with ``exportable=True`` for ONNX, as timm's own export builds its models."""
+    spec = args.artifact
+    layers = timm.layers.set_layer_config(exportable=True) if args.onnx else contextlib.nullcontext()
+    if not _looks_like_artifact(spec) and is_model(spec):
+        if args.model is not None:
+            raise _usage("--model names the architecture of a mask file; pass the model name itself instead")
+        if not spec.startswith("popup_"):
+            raise _usage(f"{spec} is a plain timm model: export popup_{spec} or an artifact")
+        with layers:
+            model = timm.create_model(spec, pretrained=args.pretrained).eval()
+        return model, model.pretrained_cfg["architecture"], {}
+    art = resolve_artifact(spec, args.model)
     architecture = require_architecture(art)
+    with layers:
+        model = build_model(art)
+    labels = {k: art.config[k] for k in ("label_names", "label_descriptions") if art.config and art.config.get(k)}
+    return model, architecture, labels
+
+
+def _export_onnx(args: argparse.Namespace, model: nn.Module, architecture: str) -> None:
+    out = Path(args.onnx).expanduser()
+    if args.images < 1 or (args.img_size is not None and args.img_size < 1):
+        raise _usage("--images and --img-size must be positive")
+    if out.is_dir() or not out.parent.is_dir():
+        raise _usage(f"--onnx {out}: name a file in an existing directory (e.g. model.onnx)")
+    input_size = None
+    if args.img_size:
+        input_size = (timm.data.resolve_data_config({}, model=model)["input_size"][0], args.img_size, args.img_size)
+    try:
+        done = export_onnx(model, out, input_size=input_size, opset=args.opset, dynamic_size=args.dynamic_size,
+                           images=args.images)
+    except OnnxError as e:
+        raise CliError(str(e)) from e
+    axes = "batch, height and width" if args.dynamic_size else "batch"
+    print(f"exported {architecture} -> {out} ({out.stat().st_size:,} bytes, ONNX opset {done.opset}, input "
+          f"{'x'.join(map(str, done.input_size))}, dynamic {axes}); ONNX Runtime vs the popup model on "
+          f"{done.images} images: the same top-1 on every one, max |logit diff| {done.max_abs_diff:.3g}")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.output_dir is None and args.onnx is None:
+        raise _usage("nothing to write: give OUTPUT_DIR (a plain timm checkpoint) and/or --onnx FILE.onnx")
+    if args.onnx:
+        try:
+            require_onnx()
+        except OnnxError as e:
+            raise CliError(str(e)) from e
+    model, architecture, labels = _export_model(args)
+    if args.onnx:
+        _export_onnx(args, model, architecture)
+    if args.output_dir is None:
+        return 0
     twin = args.model_name or plain_twin(architecture)
     if twin is None:
         raise _usage(f"{architecture} has no plain timm twin to export to; exportable: {', '.join(PLAIN_TWINS)}, "
@@ -250,7 +304,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.output_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise _usage(f"{out} exists and is not a directory")
-    model = build_model(art)
     try:
         plain, diff = export_plain(model, twin)
     except ExportError as e:
@@ -259,7 +312,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CliError(f"cannot create {out}: {e.strerror}") from e
-    labels = {k: art.config[k] for k in ("label_names", "label_descriptions") if art.config and art.config.get(k)}
     save_plain(plain, out, model_config=labels)
     logits = "bitwise identical" if diff == 0 else f"max |diff| {diff:.3g}"
     print(f"exported {architecture} -> {twin}: {out / WEIGHTS_NAME} ({(out / WEIGHTS_NAME).stat().st_size:,} bytes) "
@@ -316,12 +368,23 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if available)")
     ev.set_defaults(handler=cmd_eval)
 
-    ex = commands.add_parser("export", help="fold the mask into a plain timm checkpoint (loads without timm-popup)")
-    ex.add_argument("artifact", metavar="ARTIFACT")
-    ex.add_argument("output_dir", metavar="OUTPUT_DIR")
+    ex = commands.add_parser("export", help="fold the mask into a plain timm checkpoint (loads without timm-popup) "
+                                            "and/or an ONNX file checked with ONNX Runtime")
+    ex.add_argument("artifact", metavar="ARTIFACT", help="artifact directory, model.safetensors, hf-hub:org/name or a "
+                                                         "popup_ model name")
+    ex.add_argument("output_dir", metavar="OUTPUT_DIR", nargs="?", default=None,
+                    help="write the plain timm checkpoint (model.safetensors + config.json) here")
     ex.add_argument("--model-name", default=None,
                     help="plain timm architecture to write (default: the popup one's twin, e.g. resnet50)")
     ex.add_argument("--model", default=None, help=arch_help)
+    ex.add_argument("--pretrained", action="store_true", help="a popup_ model name: load the registry's mask")
+    ex.add_argument("--onnx", default=None, metavar="FILE.onnx",
+                    help="write the folded network as ONNX (timm's export: exportable layers, dynamic batch)")
+    ex.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    ex.add_argument("--dynamic-size", action="store_true", help="ONNX: dynamic height and width too")
+    ex.add_argument("--img-size", type=int, default=None, help="ONNX: traced input size (default: the model's)")
+    ex.add_argument("--images", type=int, default=8,
+                    help="ONNX: random images on which ONNX Runtime must give the popup model's top-1 (default 8)")
     ex.set_defaults(handler=cmd_export)
 
     push = commands.add_parser("push", help="upload an artifact directory to the Hugging Face Hub in one commit")
