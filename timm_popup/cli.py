@@ -106,8 +106,10 @@ def cmd_info(args: argparse.Namespace) -> int:
              if art.architecture else "unknown (no config.json; pass --model to verify)"),
             ("seed", str(info["seed"])),
             ("method", info["method"]),
-            ("k", f"{info['k']} (fraction of weights kept "
-                  f"{'in the whole network' if info['method'] == 'global-topk' else 'per layer'})"),
+            ("k", f"{info['k']} (fraction of weights kept " + {
+                "global-topk": "in the whole network)",
+                "gem-miner": "in the whole network, at most: the density is learned)",
+            }.get(info["method"], "per layer)")),
             ("weight init", info["weight_init"]),
             *([("learned", ", ".join(key for key in ("learn_norm", "learn_bias") if info.get(key))
                 + " (trained with the scores, values in the artifact)")]
