@@ -69,7 +69,7 @@ GOLDEN = {
     'finetune/config.json': 'c50c5daa0e4e60806eaad2c7869e2859ea7fec1b7946eec6d7e5909982f7f2df',
     'finetune/model.safetensors': '9c69bf65be55b9e4eae2d167517e97d69b11b7880399f04d2e4db81df5002b4f',
     # added with the method (issue 26); every digest above and below is the one recorded before it
-    'gem-miner/README.md': '35418357c7f7aa1c2c33559dc765200c0335d98f579d86ec9564f4d4773d239e',
+    'gem-miner/README.md': 'b92d5730c7e40b8c3c78b1c359335d5a7dbeca2fb715128892302187bc316de8',
     'gem-miner/config.json': '28525b6540d93d56e935aeb40ceb4ea23f9ec525b4b77019a5615731593bcffc',
     'gem-miner/model.safetensors': 'daca45796c5ecb0d767de6f8864dbcf04abb61ab3474b430e8a3b4c961a6aece',
     'global-topk/README.md': 'fbb7b6f2368578ae32c35d5aa4c9b046f8e2df6d5bdf404f926559cfdacf8290',

@@ -109,8 +109,10 @@ def cmd_info(args: argparse.Namespace) -> int:
              if art.architecture else "unknown (no config.json; pass --model to verify)"),
             ("seed", str(info["seed"])),
             ("method", info["method"]),
-            ("k", f"{info['k']} (fraction of weights kept "
-                  f"{'in the whole network' if info['method'] == 'global-topk' else 'per layer'})"),
+            ("k", f"{info['k']} (fraction of weights kept " + {
+                "global-topk": "in the whole network)",
+                "gem-miner": "in the whole network, at most: the density is learned)",
+            }.get(info["method"], "per layer)")),
             *([("structure", f"{info['structure']} (N of every M consecutive input weights)")]
               if "structure" in info else []),
             ("weight init", info["weight_init"]),

@@ -159,11 +159,12 @@ def gem_miner_update(model: nn.Module, num_updates: int, schedule: Schedule | No
 
 
 def global_density_update(model: nn.Module, num_updates: int, schedule: Schedule | None = None) -> None:
-    """Global top-k's density schedule (``--density-epochs``): at each epoch boundary, the next epoch's density."""
-    done = schedule.epoch_boundary(num_updates) if schedule is not None else None
+    """Global top-k's density schedule (``--density-epochs``): after every update, the density of the epoch the next
+    step is in (from the update count, so a resumed run is back on the schedule after its first update)."""
     cfg = model.popup_config
-    if cfg.density_epochs and done is not None:
-        set_global_density(model, global_density(cfg.k, done, cfg.density_epochs))
+    if cfg.density_epochs and schedule is not None and schedule.updates_per_epoch:
+        epoch = num_updates // schedule.updates_per_epoch
+        set_global_density(model, global_density(cfg.k, epoch, cfg.density_epochs))
 
 
 def artifact_file(path: str | os.PathLike) -> Path:

@@ -87,7 +87,8 @@ def set_global_density(model: nn.Module, density: float) -> None:
     """Make a global top-k ``model`` keep ``density`` of its weights (its group's k; the artifact records k)."""
     groups = {id(mask.group): mask.group for mask in popup_masks(model).values() if mask.group is not None}
     for group in groups.values():
-        group.set_k(density)
+        if group.k != density:
+            group.set_k(density)
 
 
 def freeze_lowest(masks: list[PopupMask], rate: float) -> int:
