@@ -404,7 +404,9 @@ def _unknown_model(message: str) -> str:
     name = name.group(1) if name else ""
     pool = list_models("popup_*") if name.startswith("popup_") or not is_model(name.removeprefix("popup_")) else []
     close = difflib.get_close_matches(name, pool or list_models(), n=4, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else f"; popup models: {', '.join(list_models('popup_*'))}"
+    # every timm model has its popup_ name in the registry: too many to print, so name the rule instead
+    hint = f"; did you mean {', '.join(close)}?" if close else \
+        "; a popup model is popup_<a timm model name>, e.g. popup_resnet50 (timm.list_models('popup_*'))"
     return f"unknown model {name!r}{hint}"
 
 

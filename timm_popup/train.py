@@ -204,7 +204,7 @@ def scaled_lr(recipe: Recipe, global_batch: int) -> float:
 def check_model_name(name: str) -> str:
     """``name`` if it is a registered popup_* model; else a :class:`TrainError` suggesting close names."""
     base = timm.models.split_model_name_tag(name)[0]
-    # is_model registers popup_<any timm model> on first lookup (timm.list_models lists only those used so far)
+    # popup_<any timm model> is in timm's registry (timm_popup.models.popup_any), a tag split off first
     if base.startswith("popup_") and timm.is_model(base):
         return base
     if timm.is_model(f"popup_{base}"):
