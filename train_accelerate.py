@@ -394,6 +394,8 @@ def _main(args: argparse.Namespace, argv: Sequence[str], run_scope: contextlib.E
             return _fail(e, status=1)
         recovery.epoch_ended(saved)  # a signal during the epoch's evaluation or checkpoint: stop here
 
+    preemption.release()  # trained: a signal now ends the run as it would any program
+
     # 7. Every process must hold the same result; then write the artifact (and push it).
     final = bare
     digest = train.mask_digest(final)

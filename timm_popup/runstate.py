@@ -477,6 +477,10 @@ class Preemption:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """The signals act as before again (after training: the artifact's write and push stay interruptible)."""
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous.clear()
