@@ -309,8 +309,9 @@ def _main(args: argparse.Namespace, argv: Sequence[str], run_scope: contextlib.E
     recovery = runstate.Recovery(accelerator, output_dir, model=bare, every=args.checkpointing_steps,
                                  keep_last=args.keep_checkpoints, preemption=preemption, command=command)
 
-    # 5. Resume: model, optimizer and update count from the checkpoint; data order and augmentation are a
-    # function of (seed, epoch), so the run continues exactly where the checkpoint left it.
+    # 5. Resume: model, optimizer and update count from the checkpoint (a recovery checkpoint also gives the place
+    # inside the epoch); data order and augmentation are a function of (seed, epoch, example), so the run continues
+    # exactly where the checkpoint left it.
     start_epoch, num_updates, train_time, metrics, progress = 0, 0, 0.0, {}, None
     if resume_from is not None:
         try:
@@ -326,8 +327,8 @@ def _main(args: argparse.Namespace, argv: Sequence[str], run_scope: contextlib.E
             scheduler.step_update(num_updates)
         inside = "" if progress is None else f", then step {progress.step} of epoch {start_epoch + 1}"
         if progress is not None and ds.streaming:
-            inside += (" (the stream is read again up to there, nothing decoded: its shuffle buffer can be refilled "
-                       "exactly no other way)")
+            inside += (" (the stream is read again up to there, decoding nothing: the only exact way to refill its "
+                       "shuffle buffer)")
         say(f"resumed from {resume_from} (epoch {start_epoch} done, {num_updates} updates{inside})")
     log = train.MetricsLog(output_dir, keep_epochs=start_epoch) if accelerator.is_main_process else None
     card_recipe = _card_recipe(run, recipe, lr=lr, global_batch=global_batch, args=args)
@@ -374,6 +375,9 @@ def _main(args: argparse.Namespace, argv: Sequence[str], run_scope: contextlib.E
             where = (f"the last checkpoint, {kept[-1]}, is kept: continue from it with --resume latest" if kept
                      else "no epoch had finished, so there is no checkpoint yet")
             return _fail(f"{e}; {where}")
+        except train.WriteError as e:  # a recovery checkpoint could not be written
+            accelerator.end_training()
+            return _fail(e, status=1)
         train_time += train_stats["time_s"]
         row = dict(epoch=epoch + 1, lr=lr_used, train_loss=train_stats["loss"],
                    train_top1=train_stats["top1"], val_loss=metrics["loss"], val_top1=metrics["top1"],

@@ -116,10 +116,11 @@ def kills(args: argparse.Namespace, work: Path) -> None:
           f"--checkpointing-steps {args.checkpointing_steps}", flush=True)
     rng = random.Random(args.seed)
     out, total, n = work / "interrupted", 0.0, 0
-    print("kill  signal   at (s)  resumed from  left at  redone  wall (s)  lost (s)  start (s)")
+    print("kill  signal   at (s)  resumed from  left at  ~redone  wall (s)  lost (s)  start (s)")
     while True:
         sig = (signal.SIGTERM, signal.SIGKILL)[n % 2] if n < args.kills else None
-        attempt = launch(every, out, kill_after=rng.uniform(0.05, 0.95) * train_wall if sig else None,
+        remaining = (updates - newest_updates(out)) * per_update  # kill somewhere in what is left to train
+        attempt = launch(every, out, kill_after=rng.uniform(0.05, 0.95) * remaining if sig else None,
                          sig=sig or signal.SIGTERM)
         total += attempt["wall"]
         if attempt["done"]:
@@ -131,7 +132,7 @@ def kills(args: argparse.Namespace, work: Path) -> None:
         reached = attempt["before"] + max(0.0, (attempt["killed"] - attempt["start"]) / per_update)
         redone = max(0, round(reached) - attempt["after"])
         print(f"{n:>4}  {signal.Signals(sig).name:<7} {attempt['killed']:>7.1f}  {attempt['before']:>12}  "
-              f"{attempt['after']:>7}  {redone:>6}  {attempt['wall']:>8.1f}  {lost:>8.1f}  {attempt['start']:>9.1f}",
+              f"{attempt['after']:>7}  {redone:>7}  {attempt['wall']:>8.1f}  {lost:>8.1f}  {attempt['start']:>9.1f}",
               flush=True)
     same = digest(out) == digest(work / "reference")
     print(f"final mask: {digest(out)[:16]} interrupted {n} times, {digest(work / 'reference')[:16]} uninterrupted: "

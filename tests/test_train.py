@@ -306,21 +306,26 @@ def preempt_reference(data, tmp_path_factory):
 
 
 def _interrupt(args: list[str], out: Path, sig: signal.Signals, when: str, *, processes: int = 1,
-               env: dict | None = None) -> str:
-    """Launch a run and send ``sig`` to its whole process tree (as a scheduler does) once ``out/when`` exists."""
+               pause: str | None = None) -> str:
+    """Launch a run and send ``sig`` to its whole process tree (as a scheduler does) once ``out/when`` exists; with
+    ``pause``, the run stops inside the write of that checkpoint until signalled (``when`` is then ignored)."""
+    marker = out.parent / f"{out.name}-writing"
+    env = _env(TIMM_POPUP_PAUSE_IN_CHECKPOINT=f"{pause}={marker}") if pause else _env()
+    when = marker if pause else out / when
     proc = subprocess.Popen(_launch_cmd([*args, "--output-dir", str(out), "--resume", "latest"], processes), cwd=ROOT,
-                            env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + TIMEOUT
     try:
-        while not (out / when).exists() and proc.poll() is None and time.monotonic() < deadline:
+        while not when.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
         os.killpg(proc.pid, sig)
+        marker.unlink(missing_ok=True)  # the paused write goes on (unless killed)
         log = proc.communicate(timeout=TIMEOUT)[0].decode()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert (out / when).exists(), log[-4000:]
+    assert when.exists() or pause, log[-4000:]
     assert not (out / "model.safetensors").exists(), "the run finished before it could be stopped"
     return log
 
@@ -336,12 +341,14 @@ def _same_run(out: Path, reference: Path) -> None:
 
 def test_sigterm_then_sigkill_mid_epoch_resume_to_the_same_bytes(preempt_reference, data, tmp_path):
     out, args = tmp_path / "run", [*PREEMPT_ARGS, "--dataset", str(data), "--workers", "2"]
-    # SIGTERM (to the launcher and the run, as a scheduler sends it): the step finishes, a checkpoint, one line
-    log = _interrupt(args, out, signal.SIGTERM, "checkpoints/step_00000002")
-    stopped = re.search(r"stopped by SIGTERM after step (\d) of epoch 1; saved (\S+); resume with: accelerate launch "
+    # SIGTERM (to the launcher and the run, as a scheduler sends it) while step_00000002 is written: that write
+    # completes, the processes agree at the next update, write a checkpoint there and say so in one line
+    log = _interrupt(args, out, signal.SIGTERM, "", pause="step_00000002")
+    stopped = re.search(r"stopped by SIGTERM after step (3) of epoch 1; saved (\S+); resume with: accelerate launch "
                         r"\S*train_accelerate\.py (.*) --resume latest \(exit status 75\)", log)
     assert stopped, log[-4000:]
-    assert train.list_checkpoints(out)[-1] == Path(stopped[2]) and "--output-dir" in stopped[3]
+    assert [p.name for p in train.list_checkpoints(out)] == ["step_00000002", "step_00000003"]
+    assert Path(stopped[2]).name == "step_00000003" and "--output-dir" in stopped[3]
     # resumed inside epoch 1, then SIGKILL after a recovery checkpoint in epoch 2
     log = _interrupt(args, out, signal.SIGKILL, "checkpoints/step_00000008")
     assert f"resumed from {stopped[2]} (epoch 0 done, {stopped[1]} updates, then step {stopped[1]} of epoch 1)" in log
@@ -354,9 +361,7 @@ def test_sigterm_then_sigkill_mid_epoch_resume_to_the_same_bytes(preempt_referen
 
 def test_sigkill_inside_a_checkpoint_write_leaves_the_one_before_usable(preempt_reference, data, tmp_path):
     out, args = tmp_path / "run", [*PREEMPT_ARGS, "--dataset", str(data)]
-    marker = tmp_path / "writing"  # the run pauses inside the write of step_00000004, its tensors on disk
-    _interrupt(args, out, signal.SIGKILL, "../writing",
-               env=_env(TIMM_POPUP_PAUSE_IN_CHECKPOINT=f"step_00000004={marker}"))
+    _interrupt(args, out, signal.SIGKILL, "", pause="step_00000004")  # its tensors on disk, not yet complete
     partial = out / "checkpoints" / ".tmp-step_00000004"
     assert (partial / "model.safetensors").is_file() and not (out / "checkpoints" / "step_00000004").exists()
     assert train.find_checkpoint("latest", out).name == "step_00000002"
@@ -368,8 +373,9 @@ def test_sigkill_inside_a_checkpoint_write_leaves_the_one_before_usable(preempt_
 def test_two_processes_stop_together_and_resume_to_the_same_bytes(preempt_reference, data, tmp_path):
     out, args = tmp_path / "run", [*PREEMPT_ARGS, "--dataset", str(data), "--workers", "2", "--checkpointing-steps",
                                    "1"]
-    log = _interrupt(args, out, signal.SIGTERM, "checkpoints/step_00000001", processes=2)
-    assert re.search(r"resume with: accelerate launch --multi_gpu --num_processes 2 \S*train_accelerate.py", log), log
+    log = _interrupt(args, out, signal.SIGTERM, "", processes=2, pause="step_00000001")
+    assert re.search(r"stopped by SIGTERM after step 2 of epoch 1; saved \S+step_00000002; resume with: accelerate "
+                     r"launch --multi_gpu --num_processes 2 \S*train_accelerate.py", log), log[-4000:]
     newest = train.list_checkpoints(out)[-1]
     assert {p.name for p in newest.glob("progress_*.json")} == {"progress_0.json", "progress_1.json"}
     log = _launch([*args, "--output-dir", str(out), "--resume", "latest"], processes=2)
@@ -401,7 +407,7 @@ def test_a_stream_resumes_mid_epoch_where_it_was(in_process, capsys, data, tmp_p
     assert stopped and 3 <= int(stopped[1]) < 6, stopped
     assert in_process([*args, "--output-dir", str(out), "--resume", "latest"]) == 0
     said = capsys.readouterr().out
-    assert f"then step {stopped[1]} of epoch 1 (the stream is read again up to there, nothing decoded" in said
+    assert f"then step {stopped[1]} of epoch 1 (the stream is read again up to there, decoding nothing" in said
     _same_run(out, reference)
 
 

@@ -66,7 +66,7 @@ _STATE_VERSION = 1
 _STRUCTURAL = ("model", "method", "k", "weight_init", "seed", "num_classes", "input_size", "model_kwargs")
 _SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 # Tests pause a checkpoint write here ("NAME=MARKER": after the checkpoint NAME's tensors are written, before it is
-# complete, touch MARKER and wait), so that a kill lands inside the write.
+# complete, create MARKER and wait until it is removed), so that a signal lands at a known point: inside the write.
 _PAUSE_ENV = "TIMM_POPUP_PAUSE_IN_CHECKPOINT"
 
 
@@ -347,7 +347,9 @@ def _pause_for_tests(name: str) -> None:
     wanted, _, marker = os.environ.get(_PAUSE_ENV, "").partition("=")
     if wanted == name and marker:
         Path(marker).touch()
-        time.sleep(600)
+        deadline = time.monotonic() + 600
+        while Path(marker).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 def _all_processes_ok(accelerator: Accelerator, error: BaseException | None) -> bool:
@@ -489,8 +491,8 @@ class Preemption:
         if self.signal is None:
             self.signal = signal.Signals(number).name
         else:
-            print(f"{signal.Signals(number).name}: already stopping, a recovery checkpoint is being written "
-                  "(SIGKILL ends the run at once; the previous checkpoint stays usable)", file=sys.stderr, flush=True)
+            print(f"{signal.Signals(number).name}: already stopping after this step's recovery checkpoint (SIGKILL "
+                  "ends the run at once; the previous checkpoint stays usable)", file=sys.stderr, flush=True)
 
 
 class Recovery:
