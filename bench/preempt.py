@@ -13,10 +13,11 @@ the time lost (wall time minus the progress it kept, at the uninterrupted run's 
 lose about the process start and a step; SIGKILL at most the start and ``--checkpointing-steps`` updates. At the end:
 the final mask file's sha256 against the uninterrupted run's.
 
-Cost (``--cost``): the same run with no recovery checkpoint inside an epoch, and with one every
-``--checkpointing-steps`` updates, rounds interleaved; printed: the training time of each (the epochs' own time, which
-includes the saves), the cost of one save, and what the default (one save per 10 minutes of training) costs: one
-save's time over 600 s.
+Cost (``--cost``): the same run with no recovery checkpoint inside an epoch, and with one after every update
+(``--cost-every``; so many saves that their cost stands far above the noise), rounds interleaved; printed: the
+training time of each (the epochs' own time, which includes the saves), the cost of one save, what one every
+``--checkpointing-steps`` updates costs, and what the default (one save per 10 minutes of training) costs: one save's
+time over 600 s.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ from pathlib import Path
 from machine import check_idle
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN = ["--model", "popup_conv2", "--dataset", "fashion-mnist", "--train-samples", "12800", "--val-samples", "2000",
-       "--epochs", "2", "--batch-size", "128", "--log-every", "1000"]
+RUN = ["--model", "popup_conv2", "--dataset", "fashion-mnist", "--val-samples", "2000", "--epochs", "2",
+       "--batch-size", "128", "--log-every", "1000"]
 EPOCHS = 2
 TRAINING_STARTS = "augmentation: "  # the last line the script prints before its first step
 
@@ -106,7 +107,7 @@ def digest(out: Path) -> str:
 
 
 def kills(args: argparse.Namespace, work: Path) -> None:
-    every = ["--checkpointing-steps", str(args.checkpointing_steps)]
+    every = ["--checkpointing-steps", str(args.checkpointing_steps), "--train-samples", str(args.train_samples)]
     reference = launch(every, work / "reference")
     updates = newest_updates(work / "reference")
     train_wall = reference["wall"] - reference["start"]
@@ -143,8 +144,10 @@ def kills(args: argparse.Namespace, work: Path) -> None:
 
 
 def cost(args: argparse.Namespace, work: Path) -> None:
-    settings = {"none": ["--checkpointing-steps", str(10**9)],
-                f"every {args.checkpointing_steps}": ["--checkpointing-steps", str(args.checkpointing_steps)]}
+    # one save per update magnifies the saves' cost far above the run-to-run noise of the training time
+    samples = ["--train-samples", str(args.train_samples)]
+    settings = {"none": ["--checkpointing-steps", str(10**9), *samples],
+                f"every {args.cost_every}": ["--checkpointing-steps", str(args.cost_every), *samples]}
     times: dict[str, list[float]] = {name: [] for name in settings}
     saves = 0
     for _ in range(args.rounds):
@@ -153,15 +156,18 @@ def cost(args: argparse.Namespace, work: Path) -> None:
             shutil.rmtree(out, ignore_errors=True)
             launch(extra, out)
             times[name].append(training_time(out))
-            updates, every = newest_updates(out), args.checkpointing_steps
+            updates, every = newest_updates(out), args.cost_every
             per_epoch = updates // EPOCHS
             # a recovery save follows every N-th update, except an epoch's last (its epoch checkpoint follows)
             saves = sum(1 for u in range(1, updates + 1) if u % every == 0 and u % per_epoch != 0)
-    without, with_ = statistics.median(times["none"]), statistics.median(times[f"every {args.checkpointing_steps}"])
+    without, with_ = statistics.median(times["none"]), statistics.median(times[f"every {args.cost_every}"])
     per_save = (with_ - without) / saves if saves else float("nan")
+    per_update = without / updates
     print(f"training time (median of {args.rounds}): {without:.2f} s without recovery checkpoints, {with_:.2f} s with "
-          f"one every {args.checkpointing_steps} updates ({saves} saves, {100 * (with_ / without - 1):+.1f}%): "
-          f"{per_save * 1000:.0f} ms per save")
+          f"one every {args.cost_every} update(s) ({saves} saves, {100 * (with_ / without - 1):+.1f}%): "
+          f"{per_save * 1000:.0f} ms per save, {per_update * 1000:.0f} ms per update")
+    share = per_save / (args.checkpointing_steps * per_update)
+    print(f"--checkpointing-steps {args.checkpointing_steps}: {100 * share:.2f}% of training time")
     print(f"default (a save after every 10 minutes of training): {100 * per_save / 600:.3f}% of training time "
           f"for this model; a save of S seconds costs S/6 % (under 2% while a save takes under 12 s)")
 
@@ -173,8 +179,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill times")
     parser.add_argument("--cost", action="store_true", help="measure what recovery checkpoints cost instead")
     parser.add_argument("--rounds", type=int, default=3, help="--cost: rounds of each setting")
+    parser.add_argument("--cost-every", type=int, default=1, help="--cost: the recovery interval timed (updates)")
     parser.add_argument("--keep", default=None, metavar="DIR", help="work in DIR and keep it (default: a temp dir)")
     parser.add_argument("--allow-busy", action="store_true", help="run on a busy machine (figures not to be quoted)")
+    parser.add_argument("--train-samples", type=int, default=12800, help="Fashion-MNIST training images")
     args = parser.parse_args()
     check_idle(args.allow_busy)
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="preempt-"))
