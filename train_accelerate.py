@@ -13,6 +13,7 @@ README.md card) to --output-dir and optionally push it to the Hub. The logic liv
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -155,7 +156,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--resume", default=None, metavar="PATH|latest",
                    help="continue from a checkpoint dir, a run's output dir, or the latest one in --output-dir")
     g.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds checkpoints")
-    g.add_argument("--keep-checkpoints", type=int, default=2, help="keep the last N epoch checkpoints")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="keep the last N epoch checkpoints (and the last "
+                                                                   "N recovery checkpoints after them)")
+    g.add_argument("--checkpointing-steps", type=int, default=None, metavar="N",
+                   help="a recovery checkpoint every N optimizer updates inside an epoch (default: after every 10 "
+                        "minutes of training); SIGTERM, SIGUSR1 and SIGINT write one and exit with status 75")
     g.add_argument("--push-to-hub", default=None, metavar="ORG/NAME", help="upload the artifact to this Hub repo")
     g.add_argument("--hub-private", action="store_true", help="create the Hub repo private")
     g.add_argument("--cpu", action="store_true", help="run on CPU even if an accelerator is present")
@@ -185,6 +190,19 @@ def _fail(message: object, status: int = 2) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    from timm_popup import runstate
+
+    # the output directory's lock and the signal handlers live as long as the run (timm_popup.runstate)
+    with contextlib.ExitStack() as run_scope:
+        try:
+            return _main(args, sys.argv if argv is None else ["train_accelerate.py", *argv], run_scope)
+        except runstate.Preempted as stop:
+            if os.environ.get("RANK", "0") == "0":
+                print(stop.line, flush=True)
+            return runstate.EXIT_PREEMPTED
+
+
+def _main(args: argparse.Namespace, argv: Sequence[str], run_scope: contextlib.ExitStack) -> int:
     started = time.perf_counter()
 
     import timm.data
@@ -194,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from timm.loss import SoftTargetCrossEntropy
     from torch import nn
 
-    from timm_popup import train
+    from timm_popup import runstate, train
     from timm_popup.data import DataError
     from timm_popup.methods import get_method
 
@@ -223,10 +241,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.structure is not None:
             args.model_kwargs = {**args.model_kwargs, "structure": train.check_structure(args.structure, method)}
         for flag, least in (("workers", 0), ("train_samples", 1), ("val_samples", 1), ("keep_checkpoints", 1),
-                            ("log_every", 1)):
+                            ("log_every", 1), ("checkpointing_steps", 1)):
             if getattr(args, flag) is not None and getattr(args, flag) < least:
                 raise train.TrainError(f"--{flag.replace('_', '-')} must be at least {least}")
         output_dir = train.prepare_output_dir(args.output_dir or f"output/{model_name}-{method.name}")
+        if os.environ.get("RANK", "0") == "0":  # one run per directory: its main process holds the lock
+            run_scope.enter_context(runstate.hold_output_dir(output_dir))
+        preemption = run_scope.enter_context(runstate.Preemption())
         resume_from = train.find_checkpoint(args.resume, output_dir)
         if resume_from is not None:
             train.check_checkpoint(resume_from)
@@ -318,13 +339,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     after_update = (functools.partial(method.after_update, bare,
                                       schedule=Schedule(recipe.epochs, updates_per_epoch))
                     if method.after_update else None)
+    launched = accelerator.num_processes > 1 or "ACCELERATE_MIXED_PRECISION" in os.environ
+    command = runstate.resume_command(argv, num_processes=accelerator.num_processes, launched=launched)
+    recovery = runstate.Recovery(accelerator, output_dir, model=bare, every=args.checkpointing_steps,
+                                 keep_last=args.keep_checkpoints, preemption=preemption, command=command)
 
-    # 5. Resume: model, optimizer and update count from the checkpoint; data order and augmentation are a
-    # function of (seed, epoch), so the run continues exactly where the checkpoint left it.
-    start_epoch, num_updates, train_time, metrics = 0, 0, 0.0, {}
+    # 5. Resume: model, optimizer and update count from the checkpoint (a recovery checkpoint also gives the place
+    # inside the epoch); data order and augmentation are a function of (seed, epoch, example), so the run continues
+    # exactly where the checkpoint left it.
+    start_epoch, num_updates, train_time, metrics, progress = 0, 0, 0.0, {}, None
     if resume_from is not None:
         try:
             state = train.load_checkpoint(accelerator, resume_from)
+            # a recovery checkpoint: the place inside the epoch, its metric sums, this process's buffers
+            progress = runstate.resume_progress(accelerator, resume_from, state, bare)
         except ValueError as e:
             return _fail(e)
         start_epoch, num_updates = state["epoch"], state["num_updates"]
@@ -332,7 +360,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if scheduler is not None:
             scheduler.step(start_epoch)
             scheduler.step_update(num_updates)
-        say(f"resumed from {resume_from} (epoch {start_epoch} done, {num_updates} updates)")
+        inside = "" if progress is None else f", then step {progress.step} of epoch {start_epoch + 1}"
+        if progress is not None and ds.streaming:
+            inside += (" (the stream is read again up to there, decoding nothing: the only exact way to refill its "
+                       "shuffle buffer)")
+        say(f"resumed from {resume_from} (epoch {start_epoch} done, {num_updates} updates{inside})")
     log = train.MetricsLog(output_dir, keep_epochs=start_epoch) if accelerator.is_main_process else None
     card_recipe = _card_recipe(run, recipe, lr=lr, global_batch=global_batch, args=args)
     accelerator.init_trackers("tensorboard", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
@@ -354,15 +386,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # 6. Train, evaluate, log and checkpoint every epoch.
     for epoch in range(start_epoch, recipe.epochs):
-        lr_used = optimizer.param_groups[0]["lr"]
-        train.seed_epoch(args.seed, epoch)
+        resuming = progress if progress is not None and progress.epoch == epoch else None
+        lr_used = resuming.lr if resuming else optimizer.param_groups[0]["lr"]
+        if resuming is None:  # a resumed epoch goes on with the generator states its checkpoint saved
+            train.seed_epoch(args.seed, epoch)
         train.set_loader_epoch(train_loader, args.seed, epoch)
+        recovery.epoch_started(epoch, lr_used, dict(num_updates=num_updates, run=run, metrics=metrics,
+                                                    train_time_s=train_time))
+        loader = runstate.position_loader(accelerator, train_loader, resuming.step if resuming else 0,
+                                          recipe.batch_size)
         try:
             train_stats, num_updates = train.train_one_epoch(
-                model, train_loader, optimizer, loss_fn, accelerator, epoch=epoch, num_updates=num_updates,
+                model, loader, optimizer, loss_fn, accelerator, epoch=epoch, num_updates=num_updates,
                 scheduler=scheduler, clip_grad=recipe.clip_grad, total_steps=steps, mixup_fn=mixup_fn,
                 lockstep=ds.streaming and accelerator.num_processes > 1, log_every=args.log_every,
-                desc=f"epoch {epoch + 1}/{recipe.epochs}", after_update=after_update)
+                desc=f"epoch {epoch + 1}/{recipe.epochs}", after_update=after_update, resume=resuming,
+                at_update=recovery.after_update)
             train.sync_batchnorm_stats(model, accelerator)
             metrics = train.evaluate(bare, val_loader, device=accelerator.device, accelerator=accelerator)
         except (DataError, train.TrainError) as e:  # an unreadable image, a diverged loss: one line, checkpoints kept
@@ -371,6 +410,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             where = (f"the last checkpoint, {kept[-1]}, is kept: continue from it with --resume latest" if kept
                      else "no epoch had finished, so there is no checkpoint yet")
             return _fail(f"{e}; {where}")
+        except train.WriteError as e:  # a recovery checkpoint could not be written
+            accelerator.end_training()
+            return _fail(e, status=1)
         train_time += train_stats["time_s"]
         row = dict(epoch=epoch + 1, lr=lr_used, train_loss=train_stats["loss"],
                    train_top1=train_stats["top1"], val_loss=metrics["loss"], val_top1=metrics["top1"],
@@ -383,12 +425,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"val loss {row['val_loss']:.4f} top1 {row['val_top1']:.2f} top5 {row['val_top5']:.2f} | "
             f"lr {row['lr']:.4g} | {row['img_per_s']:.0f} img/s | {row['epoch_time_s']:.1f}s")
         try:
-            train.save_checkpoint(accelerator, output_dir, epoch=epoch + 1, keep_last=args.keep_checkpoints,
-                                  state=dict(num_updates=num_updates, run=run, metrics=metrics,
-                                             train_time_s=train_time))
+            saved = train.save_checkpoint(accelerator, output_dir, epoch=epoch + 1, keep_last=args.keep_checkpoints,
+                                          state=dict(num_updates=num_updates, run=run, metrics=metrics,
+                                                     train_time_s=train_time))
         except train.WriteError as e:
             accelerator.end_training()
             return _fail(e, status=1)
+        recovery.epoch_ended(saved)  # a signal during the epoch's evaluation or checkpoint: stop here
+
+    preemption.release()  # trained: a signal now ends the run as it would any program
 
     # 7. Every process must hold the same result; then write the artifact (and push it).
     final = bare

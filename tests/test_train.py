@@ -21,6 +21,7 @@ import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -34,7 +35,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import timm_popup  # noqa: E402
-from timm_popup import train  # noqa: E402
+from timm_popup import runstate, train  # noqa: E402
 from timm_popup.data import DataError, load_image_dataset  # noqa: E402
 from timm_popup.methods import get_method, load_dense  # noqa: E402
 
@@ -282,6 +283,150 @@ def test_killed_run_resumes_to_the_same_mask(main_run, data, tmp_path):
     # every epoch logged exactly once, with the same numbers as the uninterrupted run
     keys = ("epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5")
     assert [{k: r[k] for k in keys} for r in _rows(out)] == [{k: r[k] for k in keys} for r in _rows(reference)]
+
+
+# ------------------------------------------------------------------- preemption, recovery checkpoints, one run per dir
+
+
+# augmented (the draws must repeat too), a recovery checkpoint every 2 updates, 6 updates per epoch on one process
+PREEMPT_ARGS = [*TINY, "--epochs", "2", "--hflip", "0.5", "--pad-crop", "4", "--checkpointing-steps", "2",
+                "--seed", "3", "--cpu"]
+
+
+@pytest.fixture(scope="module")
+def preempt_reference(data, tmp_path_factory):
+    """The uninterrupted runs the interrupted ones must end equal to: one process, and two (another global batch)."""
+    runs = {}
+    for processes in (1, 2):
+        out = tmp_path_factory.mktemp("preempt") / f"reference-{processes}"
+        _launch([*PREEMPT_ARGS, "--dataset", str(data), "--output-dir", str(out)], processes=processes)
+        assert not train.list_checkpoints(out)[-1].name.startswith("step_")  # recovery ones end with their epoch
+        runs[processes] = out
+    return runs
+
+
+def _interrupt(args: list[str], out: Path, sig: signal.Signals, when: str, *, processes: int = 1,
+               pause: str | None = None) -> str:
+    """Launch a run and send ``sig`` to its whole process tree (as a scheduler does) once ``out/when`` exists; with
+    ``pause``, the run stops inside the write of that checkpoint until signalled (``when`` is then ignored)."""
+    marker = out.parent / f"{out.name}-writing"
+    env = _env(TIMM_POPUP_PAUSE_IN_CHECKPOINT=f"{pause}={marker}") if pause else _env()
+    when = marker if pause else out / when
+    proc = subprocess.Popen(_launch_cmd([*args, "--output-dir", str(out), "--resume", "latest"], processes), cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while not when.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        os.killpg(proc.pid, sig)
+        marker.unlink(missing_ok=True)  # the paused write goes on (unless killed)
+        log = proc.communicate(timeout=TIMEOUT)[0].decode()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert when.exists() or pause, log[-4000:]
+    assert not (out / "model.safetensors").exists(), "the run finished before it could be stopped"
+    return log
+
+
+def _same_run(out: Path, reference: Path) -> None:
+    """The artifact's mask file byte for byte, and every epoch's logged numbers, equal the uninterrupted run's."""
+    assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+    keys = ("epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5")
+    assert [{k: r[k] for k in keys} for r in _rows(out)] == [{k: r[k] for k in keys} for r in _rows(reference)]
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert not (out / runstate.LOCK_FILE).exists()
+
+
+def test_sigterm_then_sigkill_mid_epoch_resume_to_the_same_bytes(preempt_reference, data, tmp_path):
+    out, args = tmp_path / "run", [*PREEMPT_ARGS, "--dataset", str(data), "--workers", "2"]
+    # SIGTERM (to the launcher and the run, as a scheduler sends it) while step_00000002 is written: that write
+    # completes, the processes agree at the next update, write a checkpoint there and say so in one line
+    log = _interrupt(args, out, signal.SIGTERM, "", pause="step_00000002")
+    stopped = re.search(r"stopped by SIGTERM after step (3) of epoch 1; saved (\S+); resume with: accelerate launch "
+                        r"\S*train_accelerate\.py (.*) --resume latest \(exit status 75\)", log)
+    assert stopped, log[-4000:]
+    assert [p.name for p in train.list_checkpoints(out)] == ["step_00000002", "step_00000003"]
+    assert Path(stopped[2]).name == "step_00000003" and "--output-dir" in stopped[3]
+    # resumed inside epoch 1, then SIGKILL after a recovery checkpoint in epoch 2
+    log = _interrupt(args, out, signal.SIGKILL, "checkpoints/step_00000008")
+    assert f"resumed from {stopped[2]} (epoch 0 done, {stopped[1]} updates, then step {stopped[1]} of epoch 1)" in log
+    newest = train.list_checkpoints(out)[-1]
+    assert newest.name.startswith("step_")
+    log = _launch([*args, "--output-dir", str(out), "--resume", "latest"])
+    assert f"resumed from {newest}" in log and "of epoch 2)" in log
+    _same_run(out, preempt_reference[1])  # with 2 workers where the reference had none: the draws are per example
+
+
+def test_sigkill_inside_a_checkpoint_write_leaves_the_one_before_usable(preempt_reference, data, tmp_path):
+    out, args = tmp_path / "run", [*PREEMPT_ARGS, "--dataset", str(data)]
+    _interrupt(args, out, signal.SIGKILL, "", pause="step_00000004")  # its tensors on disk, not yet complete
+    partial = out / "checkpoints" / ".tmp-step_00000004"
+    assert (partial / "model.safetensors").is_file() and not (out / "checkpoints" / "step_00000004").exists()
+    assert train.find_checkpoint("latest", out).name == "step_00000002"
+    log = _launch([*args, "--output-dir", str(out), "--resume", "latest"])
+    assert f"resumed from {out / 'checkpoints' / 'step_00000002'}" in log
+    _same_run(out, preempt_reference[1])
+
+
+def test_two_processes_stop_together_and_resume_to_the_same_bytes(preempt_reference, data, tmp_path):
+    out, args = tmp_path / "run", [*PREEMPT_ARGS, "--dataset", str(data), "--workers", "2", "--checkpointing-steps",
+                                   "1"]
+    log = _interrupt(args, out, signal.SIGTERM, "", processes=2, pause="step_00000001")
+    assert re.search(r"stopped by SIGTERM after step 2 of epoch 1; saved \S+step_00000002; resume with: accelerate "
+                     r"launch --multi_gpu --num_processes 2 \S*train_accelerate.py", log), log[-4000:]
+    newest = train.list_checkpoints(out)[-1]
+    assert {p.name for p in newest.glob("progress_*.json")} == {"progress_0.json", "progress_1.json"}
+    log = _launch([*args, "--output-dir", str(out), "--resume", "latest"], processes=2)
+    assert f"resumed from {newest}" in log
+    _same_run(out, preempt_reference[2])
+
+
+def _signal_when(path: Path, sig: signal.Signals) -> threading.Thread:
+    """Send ``sig`` to this process (an in-process run) once ``path`` exists."""
+    def watch() -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        os.kill(os.getpid(), sig)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_stream_resumes_mid_epoch_where_it_was(in_process, capsys, data, tmp_path):
+    args = [*PREEMPT_ARGS, "--dataset", str(data), "--streaming", "--workers", "2", "--checkpointing-steps", "1"]
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    assert in_process([*args, "--output-dir", str(reference)]) == 0
+    watcher = _signal_when(out / "checkpoints" / "step_00000003", signal.SIGUSR1)  # SLURM's --signal
+    assert in_process([*args, "--output-dir", str(out)]) == runstate.EXIT_PREEMPTED
+    watcher.join()
+    stopped = re.search(r"stopped by SIGUSR1 after step (\d) of epoch 1; saved (\S+);", capsys.readouterr().out)
+    assert stopped and 3 <= int(stopped[1]) < 6, stopped
+    assert in_process([*args, "--output-dir", str(out), "--resume", "latest"]) == 0
+    said = capsys.readouterr().out
+    assert f"then step {stopped[1]} of epoch 1 (the stream is read again up to there, decoding nothing" in said
+    _same_run(out, reference)
+
+
+def test_one_run_per_output_directory(in_process, capsys, data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    args = [*TINY, "--dataset", str(data), "--output-dir", str(out), "--resume", str(tmp_path / "none")]
+    with runstate.hold_output_dir(out, notify=lambda line: None):
+        assert in_process(args) == 2
+    err = _errors(capsys)
+    assert len(err) == 1 and f"another run is using {out}: the run of pid {os.getpid()} on {socket.gethostname()} " \
+        f"since 20" in err[0] and "choose another --output-dir" in err[0], err
+    # the lock of a run that died (its file is left; the kernel's lock went with the process) is taken over
+    (out / runstate.LOCK_FILE).write_text('{"host": "node7", "pid": 4242, "since": "2026-01-01T00:00:00+00:00"}')
+    assert in_process(args) == 2  # past the lock: the --resume path is what fails
+    said = capsys.readouterr()
+    assert f"took over {out / runstate.LOCK_FILE} from the run of pid 4242 on node7 since " \
+        "2026-01-01T00:00:00+00:00, which is no longer running" in said.out
+    assert "does not exist" in said.err and not (out / runstate.LOCK_FILE).exists()
 
 
 # ------------------------------------------------------------------------------------- two processes, bf16

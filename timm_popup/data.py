@@ -11,12 +11,16 @@ converts Debian's ``dataset-fashion-mnist`` idx files into a ``save_to_disk`` da
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
+import hashlib
 import inspect
 import io
 import logging
 import os
+import random
 import shutil
+import signal
 import struct
 import sys
 import tempfile
@@ -896,30 +900,127 @@ def _map_label(label: int, label_map: Sequence[int] | None) -> int:
     return label if label_map is None or label < 0 else label_map[label]
 
 
+def _example_seed(seed: int, epoch: int, *key: int) -> int:
+    """The seed of one example's augmentation: a function of (seed, epoch, where the example is), nothing else."""
+    digest = hashlib.blake2b(repr((seed, epoch, *key)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _seed_draws(value: int) -> None:
+    # the three generators timm's and torchvision's transforms draw from; CUDA's is left alone
+    random.seed(value)
+    np.random.seed(value % 2**32)
+    torch.default_generator.manual_seed(value)
+
+
+@contextlib.contextmanager
+def _restored_draws(restore: bool) -> Iterator[None]:
+    """Put the process's generators back afterwards (in the training process itself, where dropout and mixup draw
+    from them too); a loader worker has no other use for them."""
+    if not restore:
+        yield
+        return
+    state = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+    try:
+        yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+        torch.default_generator.set_state(state[2])
+
+
+class _SeededImages(torch.utils.data.Dataset):
+    """A map-style split whose example ``i`` in epoch ``e`` is augmented with draws seeded by (seed, e, i).
+
+    So an example's augmentation does not depend on which worker transforms it, how many came before it or whether
+    the first batches of the epoch were skipped: a run resumed mid-epoch (``skip_first_batches``) draws what the
+    uninterrupted run drew, with any number of workers, and no worker's generator state needs saving.
+    """
+
+    def __init__(self, rows: datasets.Dataset, image_column: str, label_column: str, transform: Callable,
+                 label_map: Sequence[int] | None, decoder: datasets.Image, seed: int) -> None:
+        self.rows, self.transform, self.label_map, self.decoder, self.seed = rows, transform, label_map, decoder, seed
+        self.image_column, self.label_column, self.epoch = image_column, label_column, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        batch = self.rows[list(indices)]
+        out = []
+        with _restored_draws(torch.utils.data.get_worker_info() is None):
+            for index, value, label in zip(indices, batch[self.image_column], batch[self.label_column], strict=True):
+                _seed_draws(_example_seed(self.seed, self.epoch, int(index)))
+                out.append({"image": self.transform(_to_pil(value, self.decoder)),
+                            "label": _map_label(int(label), self.label_map)})
+        return out
+
+
+_SKIPPED = {"image": None, "label": -1}
+
+
 class _StreamingImages(torch.utils.data.IterableDataset):
     """Transforms a streamed ``datasets.IterableDataset`` example by example.
 
     Iterating the wrapped dataset inside each DataLoader worker lets ``datasets`` give every worker its own shards;
-    ``set_epoch`` is forwarded so Accelerate's per-epoch call reshuffles the stream (seed + epoch).
+    ``set_epoch`` is forwarded so Accelerate's per-epoch call reshuffles the stream (seed + epoch). With ``seed``,
+    example ``j`` of worker ``w`` of shard ``shard`` is augmented with draws seeded by (seed, epoch, shard, w, j).
+    ``resume_at(batches, batch_size)`` makes the next pass start after the first ``batches`` batches this process
+    read: every worker reads its part of them again (the stream, and its shuffle buffer, have no other way to reach
+    that position exactly) but decodes nothing, and yields an empty batch in place of each (``_collate``), so the
+    workers take turns exactly as before. Exact when the workers' parts of the stream last at least that far.
     """
 
     def __init__(self, stream: datasets.IterableDataset, image_column: str, label_column: str,
                  transform: Callable, label_map: Sequence[int] | None = None,
-                 decoder: datasets.Image | None = None) -> None:
+                 decoder: datasets.Image | None = None, seed: int | None = None, shard: int = 0) -> None:
         super().__init__()
         self.stream, self.transform, self.label_map, self.decoder = stream, transform, label_map, decoder
         self.image_column, self.label_column = image_column, label_column
+        self.seed, self.shard, self.epoch, self.skip, self.batch_size = seed, shard, 0, 0, 1
 
     def set_epoch(self, epoch: int) -> None:
         self.stream.set_epoch(epoch)
+        self.epoch, self.skip = epoch, 0
+
+    def resume_at(self, batches: int, batch_size: int) -> None:
+        self.skip, self.batch_size = batches, batch_size
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for example in self.stream:
-            yield {"image": self.transform(_to_pil(example[self.image_column], self.decoder)),
-                   "label": _map_label(int(example[self.label_column]), self.label_map)}
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # datasets gives worker w the shards w, w + workers, ...: with fewer shards than workers some get none, and
+        # the DataLoader takes batches in turn from the others
+        active = max(1, min(workers, self.stream.num_shards))
+        skipped = len(range(worker, self.skip, active)) * self.batch_size
+        for j, example in enumerate(self.stream):
+            if j < skipped:
+                yield _SKIPPED
+                continue
+            with _restored_draws(info is None):
+                if self.seed is not None:
+                    _seed_draws(_example_seed(self.seed, self.epoch, self.shard, worker, j))
+                image = self.transform(_to_pil(example[self.image_column], self.decoder))
+            yield {"image": image, "label": _map_label(int(example[self.label_column]), self.label_map)}
+
+
+def _leave_stopping_to_the_trainer(worker_id: int) -> None:
+    """A DataLoader worker ignores SIGTERM, SIGUSR1 and SIGINT: schedulers and launchers signal a whole process tree,
+    and the training process, which stops on them after a checkpoint, ends its workers itself (they also end when
+    it dies)."""
+    for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def _collate(rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+    if rows[0]["image"] is None:  # a batch skipped on resume: nothing to train on, only its place in the turn
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
     images = torch.stack([r["image"] for r in rows]).float()
     labels = torch.tensor([r["label"] for r in rows], dtype=torch.long)
     return images, labels
@@ -928,7 +1029,7 @@ def _collate(rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
 def create_loader(ds: ImageDataset, split: str, transform: Callable, *, batch_size: int, shuffle: bool,
                   num_workers: int = 0, seed: int = 0, drop_last: bool = False, shuffle_buffer: int = 10_000,
                   pin_memory: bool = False, num_shards: int = 1, shard_index: int = 0,
-                  label_map: Sequence[int] | None = None) -> torch.utils.data.DataLoader:
+                  label_map: Sequence[int] | None = None, seeded_draws: bool = False) -> torch.utils.data.DataLoader:
     """DataLoader over one split yielding ``(images float32 [B, C, H, W], labels int64 [B])``.
 
     Map-style splits decode and transform lazily via ``with_transform`` and shuffle with a ``torch.Generator`` seeded
@@ -940,13 +1041,18 @@ def create_loader(ds: ImageDataset, split: str, transform: Callable, *, batch_si
     ``num_shards`` / ``shard_index`` keep one process's part of the split (contiguous rows of a map-style split; for a
     stream, whole shards when they divide evenly, else every ``num_shards``-th example), so that each of several
     processes reads and decodes only its own images. ``label_map[i]`` replaces label ``i`` (see :func:`label_mapping`).
+
+    ``seeded_draws`` (training): each example's augmentation draws from generators seeded by (``seed``, the epoch
+    ``set_epoch`` gave, the example's index or place in the stream), whichever worker or process transforms it, so a
+    run resumed mid-epoch draws exactly what the uninterrupted one drew.
     """
     split_ds, decoder = _undecoded(ds.splits[_check_split(ds, split)], ds.image_column)
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index {shard_index} is outside 0..{num_shards - 1}")
     generator = torch.Generator().manual_seed(seed)
     common = dict(batch_size=batch_size, num_workers=num_workers, collate_fn=_collate, drop_last=drop_last,
-                  generator=generator, pin_memory=pin_memory)
+                  generator=generator, pin_memory=pin_memory,
+                  worker_init_fn=_leave_stopping_to_the_trainer if num_workers else None)
     if isinstance(split_ds, datasets.IterableDataset):
         if num_shards > 1:
             from datasets.distributed import split_dataset_by_node
@@ -956,9 +1062,15 @@ def create_loader(ds: ImageDataset, split: str, transform: Callable, *, batch_si
         if shuffle:
             stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer)
         return torch.utils.data.DataLoader(
-            _StreamingImages(stream, ds.image_column, ds.label_column, transform, label_map, decoder), **common)
+            _StreamingImages(stream, ds.image_column, ds.label_column, transform, label_map, decoder,
+                             seed=seed if seeded_draws else None, shard=shard_index), **common)
     if num_shards > 1:
         split_ds = split_ds.shard(num_shards=num_shards, index=shard_index, contiguous=True)
+    if seeded_draws:
+        rows = split_ds.select_columns([ds.image_column, ds.label_column])
+        return torch.utils.data.DataLoader(
+            _SeededImages(rows, ds.image_column, ds.label_column, transform, label_map, decoder, seed),
+            shuffle=shuffle, **common)
     mapped = split_ds.with_transform(_BatchTransform(ds.image_column, ds.label_column, transform, label_map,
                                                      decoder), columns=[ds.image_column, ds.label_column])
     return torch.utils.data.DataLoader(mapped, shuffle=shuffle, **common)

@@ -1,13 +1,15 @@
-"""What ``train_accelerate.py`` is made of: recipes, checks, model / optimizer / schedule, the epoch loops,
-checkpoints and the per-epoch log.
+"""What ``train_accelerate.py`` is made of: recipes, checks, model / optimizer / schedule, the epoch loops and the
+per-epoch log. Checkpoints, recovery, signals and the output directory's lock are ``timm_popup.runstate``'s (its
+names used here are importable from this module too).
 
 Every function takes explicit arguments (no global ``args``), so tests and other scripts can call them; only the
 script parses argv. Errors a user can fix are :class:`TrainError` (a ``ValueError`` with a one-line message), raised
 before any training starts.
 
-Determinism: the data order and the augmentation of epoch ``e`` are a function of (seed, e, process index) alone
-(:func:`seed_epoch`, :func:`set_loader_epoch`), so a run resumed from a checkpoint continues exactly as the
-uninterrupted run would have, and ends with the same mask.
+Determinism: the data order of epoch ``e`` is a function of (seed, e) and each example's augmentation of (seed, e,
+the example) alone (:func:`seed_epoch`, :func:`set_loader_epoch`, ``create_loader(seeded_draws=True)``), so a run
+resumed from a checkpoint, at an epoch's end or inside it, continues exactly as the uninterrupted run would have,
+and ends with the same mask.
 """
 
 from __future__ import annotations
@@ -19,10 +21,7 @@ import hashlib
 import json
 import math
 import os
-import pickle
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,8 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import safetensors
-import safetensors.torch
 import timm
 import timm.data
 import timm.optim
@@ -67,6 +64,24 @@ from .layers import MASK_MODES, METHOD_MODES, check_score_init
 from .maskfile import pack_mask
 from .methods import Method, MethodOptions, artifact_file, frozen_weights
 from .native import parse_structure
+from .runstate import (
+    CHECKPOINTS_DIR,
+    TRAINER_STATE,
+    EpochProgress,
+    TrainError,
+    WriteError,
+    check_checkpoint,
+    check_fresh_output_dir,
+    check_resume_compatible,
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    prepare_output_dir,
+    read_trainer_state,
+    save_checkpoint,
+    use_portable_checkpoints,
+    write_error_cause,
+)
 
 __all__ = [
     "TrainError", "Recipe", "RECIPES", "default_recipe", "resolve_recipe", "scaled_lr", "check_model_name",
@@ -81,20 +96,7 @@ __all__ = [
     "count_weights", "TRAINER_STATE", "CHECKPOINTS_DIR", "METRICS_CSV", "METRICS_JSONL",
 ]
 
-TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: its presence marks a complete one
-CHECKPOINTS_DIR = "checkpoints"
 METRICS_CSV, METRICS_JSONL = "metrics.csv", "metrics.jsonl"
-_CKPT_PREFIX, _TMP_PREFIX = "epoch_", ".tmp-epoch_"
-_STATE_VERSION = 1
-# Settings a checkpoint cannot be resumed under another value of (the state would not fit, or mean nothing).
-_STRUCTURAL = ("model", "method", "k", "weight_init", "seed", "num_classes", "input_size", "model_kwargs")
-
-
-class TrainError(ValueError):
-    """A problem with the run's settings that the user can fix; the message is one line."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))
 
 
 # ------------------------------------------------------------------------------------------------------------ recipes
@@ -376,87 +378,6 @@ def compile_plugin(backend: str | None, mode: str | None = None) -> TorchDynamoP
     return TorchDynamoPlugin(backend=backend, mode=mode)
 
 
-def prepare_output_dir(path: str | os.PathLike) -> Path:
-    """Create ``path`` if needed and prove it writable (so a run never trains for hours and then fails to save)."""
-    directory = Path(path).expanduser()
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise TrainError(f"cannot write to output directory {directory}: {e.strerror or e}; "
-                         "choose a writable --output-dir") from e
-    return directory
-
-
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints (``epoch_NNNN`` holding ``trainer_state.json``) under ``output_dir``, oldest first."""
-    root = Path(output_dir) / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.name.startswith(_CKPT_PREFIX) and p.name[len(_CKPT_PREFIX):].isdigit()
-             and (p / TRAINER_STATE).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(_CKPT_PREFIX):]))
-
-
-def find_checkpoint(resume: str | None, output_dir: Path) -> Path | None:
-    """The checkpoint ``--resume`` names: ``None`` (fresh run), ``latest`` (the newest in ``output_dir``, or a
-    fresh run when there is none yet, so a preemptible job can always pass it), a checkpoint directory, or a
-    run's output directory (its newest checkpoint)."""
-    if resume is None:
-        return None
-    if resume == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
-    path = Path(resume).expanduser()
-    if (path / TRAINER_STATE).is_file():
-        return path
-    found = list_checkpoints(path)
-    if found:
-        return found[-1]
-    what = "does not exist" if not path.exists() else "holds no checkpoint"
-    raise TrainError(f"--resume {resume}: {what} (no {TRAINER_STATE}, no {CHECKPOINTS_DIR}/{_CKPT_PREFIX}*); pass "
-                     "a checkpoint directory, a run's --output-dir, or 'latest'")
-
-
-def check_fresh_output_dir(output_dir: Path, *, overwrite: bool) -> None:
-    """A fresh run must not mix with another run's checkpoints and log in ``output_dir``."""
-    old = list_checkpoints(output_dir)
-    if not old:
-        return
-    if not overwrite:
-        raise TrainError(f"{output_dir} already holds checkpoints of a run (newest: {old[-1].name}); pass "
-                         "--resume latest to continue it, --overwrite to start over, or another --output-dir")
-    shutil.rmtree(output_dir / CHECKPOINTS_DIR)
-
-
-def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    """The JSON state of a checkpoint (epoch, update count, run settings, last metrics)."""
-    try:
-        state = json.loads((checkpoint / TRAINER_STATE).read_text())
-    except (OSError, ValueError) as e:
-        raise TrainError(f"cannot read {checkpoint / TRAINER_STATE}: {e}") from e
-    if state.get("version", 0) > _STATE_VERSION:
-        raise TrainError(f"{checkpoint} was written by a newer timm-popup (state version {state['version']})")
-    return state
-
-
-def check_resume_compatible(state: Mapping[str, Any], run: Mapping[str, Any]) -> list[str]:
-    """Raise if the checkpoint's run differs from this one in a setting its state depends on; return notes on
-    other differences (e.g. another --epochs changes the schedule from that point on)."""
-    saved = state.get("run", {})
-    for key in _STRUCTURAL:
-        if key in saved and _jsonable(saved[key]) != _jsonable(run.get(key)):
-            raise TrainError(f"the checkpoint was made with {key}={saved[key]!r} but this run has "
-                             f"{key}={run.get(key)!r}; resume with the same setting or start a new --output-dir")
-    return [f"{key}: checkpoint {saved[key]!r} -> now {run.get(key)!r}" for key in sorted(saved)
-            if key not in _STRUCTURAL and _jsonable(saved[key]) != _jsonable(run.get(key))]
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value))
-
-
 # ---------------------------------------------------------------------------------------------------------- data
 
 
@@ -635,7 +556,7 @@ def build_loaders(ds: ImageDataset, data_config: Mapping[str, Any], *, batch_siz
     shards = dict(num_shards=num_processes, shard_index=process_index)
     train_loader = create_loader(ds, ds.train_split, train_tf, batch_size=batch_size, shuffle=True,
                                  num_workers=workers, seed=seed, drop_last=True, pin_memory=pin_memory,
-                                 **(shards if ds.streaming else {}))
+                                 seeded_draws=True, **(shards if ds.streaming else {}))
     val_loader = create_loader(ds, ds.eval_split, eval_tf, batch_size=batch_size, shuffle=False, num_workers=workers,
                                seed=seed, pin_memory=pin_memory, **shards)
     rows = ds.num_rows.get(ds.train_split)
@@ -763,6 +684,8 @@ def _batches(loader: Iterable, accelerator: Accelerator, lockstep: bool) -> Iter
     it = iter(loader)
     while True:
         batch = next(it, None)
+        if batch is not None and batch[0].numel() == 0:  # a stream's batch skipped on resume (data.py)
+            continue
         if lockstep:
             have = torch.tensor([0 if batch is None else 1], device=accelerator.device)
             torch.distributed.all_reduce(have, op=torch.distributed.ReduceOp.MIN)
@@ -777,20 +700,31 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
                     accelerator: Accelerator, *, epoch: int, num_updates: int, scheduler: Scheduler | None = None,
                     clip_grad: float | None = None, total_steps: int | None = None, lockstep: bool = False,
                     log_every: int = 10, desc: str | None = None, progress: bool = True,
-                    mixup_fn: Callable | None = None, after_update: Callable[[int], None] | None = None
+                    mixup_fn: Callable | None = None, after_update: Callable[[int], None] | None = None,
+                    resume: EpochProgress | None = None,
+                    at_update: Callable[[int, int, int | None, Callable[[], EpochProgress]], None] | None = None
                     ) -> tuple[dict[str, float], int]:
     """One pass over ``loader``; returns the epoch's mean train loss / top-1 (over all processes), images/s and
     the new optimizer-update count. The progress bar (loss, accuracy, lr, images/s) is on the main process.
     ``mixup_fn`` (timm's ``Mixup``) mixes each batch and makes soft targets (``loss_fn`` must take them); top-1
     then counts the class with the largest share of each mixed target. ``after_update`` (the method's hook, e.g.
-    IteRand's re-draws) is called with the update count after every optimizer update."""
+    IteRand's re-draws) is called with the update count after every optimizer update.
+
+    ``resume`` continues the epoch where a recovery checkpoint left it (``loader`` already past its first
+    ``resume.step`` batches: ``runstate.position_loader``), with its metric sums; ``at_update`` (``runstate.Recovery``)
+    is called after every optimizer update with (batches read, update count, ``total_steps``, a function making this
+    process's :class:`EpochProgress`)."""
     model.train()
     losses, top1 = AverageMeter(), AverageMeter()  # fed device tensors: no host sync per step
     world = accelerator.num_processes
-    start, seen = time.perf_counter(), 0
-    bar = tqdm(total=total_steps, desc=desc or f"epoch {epoch + 1}", unit="batch", leave=False, dynamic_ncols=True,
-               disable=not (progress and accelerator.is_main_process), file=sys.stderr)
-    for step, (images, targets) in enumerate(_batches(loader, accelerator, lockstep), 1):
+    start, seen, first = time.perf_counter(), 0, 1
+    if resume is not None:
+        for meter, total in ((losses, resume.loss_sum), (top1, resume.top1_sum)):  # float32 sums, as saved
+            meter.sum, meter.count = torch.tensor(total, dtype=torch.float32, device=accelerator.device), resume.count
+        start, first = start - resume.time_s, resume.step + 1
+    bar = tqdm(total=total_steps, initial=first - 1, desc=desc or f"epoch {epoch + 1}", unit="batch", leave=False,
+               dynamic_ncols=True, disable=not (progress and accelerator.is_main_process), file=sys.stderr)
+    for step, (images, targets) in enumerate(_batches(loader, accelerator, lockstep), first):
         images = images.to(accelerator.device, non_blocking=True)
         targets = targets.to(accelerator.device, non_blocking=True)
         if mixup_fn is not None:
@@ -814,6 +748,10 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         hard = targets.argmax(-1) if targets.ndim > 1 else targets
         top1.update(accuracy(output.detach(), hard, topk=(1,))[0], n)
         seen += n
+        if at_update is not None and accelerator.sync_gradients:
+            at_update(step, num_updates, total_steps, lambda step=step, updates=num_updates: EpochProgress(
+                epoch=epoch, step=step, num_updates=updates, loss_sum=float(losses.sum), top1_sum=float(top1.sum),
+                count=losses.count, time_s=time.perf_counter() - start))
         bar.update()
         if step % log_every == 0 and not bar.disable:
             rate = seen * world / (time.perf_counter() - start)
@@ -884,140 +822,6 @@ def mask_digest(model: nn.Module) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
-
-
-def use_portable_checkpoints(accelerator: Accelerator) -> None:
-    """Save and load the model's state without DDP's ``module.`` prefix, so a checkpoint resumes under any
-    number of processes. Loading goes through safetensors (no pickle)."""
-
-    def save_hook(models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
-        for i, model in enumerate(models):
-            weights[i] = _bare(accelerator, model).state_dict()
-
-    def load_hook(models: list[nn.Module], input_dir: str) -> None:
-        for i, model in enumerate(models):
-            path = Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
-            _load_model_state(_bare(accelerator, model), safetensors.torch.load_file(str(path)))
-        models.clear()  # loaded: Accelerate skips them
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-def _bare(accelerator: Accelerator, model: nn.Module) -> nn.Module:
-    """The model without its DDP and torch.compile wrappers (whose state dict keys carry ``_orig_mod.``)."""
-    return accelerator.unwrap_model(model, keep_torch_compile=False)
-
-
-def _load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """``model.load_state_dict(state)``, strict but for the names Accelerate's safetensors save leaves out: of a
-    tensor reachable under several names (a module shared by several blocks, as in CoaT) it writes one
-    (``clean_state_dict_for_safetensors``), and loading that one fills the tensor under all its names."""
-    current = model.state_dict()
-    loaded = {current[name].untyped_storage().data_ptr() for name in state if name in current}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [name for name in missing if not (current[name].numel() and
-                                                current[name].untyped_storage().data_ptr() in loaded)]
-    if missing or unexpected:
-        raise RuntimeError(f"the checkpoint does not fit the model: missing {missing[:3]}, unexpected "
-                           f"{unexpected[:3]}")
-
-
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, *, epoch: int, state: Mapping[str, Any],
-                    keep_last: int) -> Path:
-    """``accelerator.save_state`` into ``checkpoints/epoch_NNNN`` atomically: written to a temp directory that
-    gets ``trainer_state.json`` last and is then renamed; older checkpoints beyond ``keep_last`` are deleted.
-    A run killed at any moment leaves either the previous checkpoint or the new one complete."""
-    root = output_dir / CHECKPOINTS_DIR
-    final, tmp = root / f"{_CKPT_PREFIX}{epoch:04d}", root / f"{_TMP_PREFIX}{epoch:04d}"
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(f"{_TMP_PREFIX}*"):  # left by a killed run
-            shutil.rmtree(stale, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    error: BaseException | None = None
-    try:
-        accelerator.save_state(str(tmp))  # each process writes its own part (the main one: model and optimizer)
-    except (OSError, RuntimeError) as e:  # safetensors reports a full disk as a RuntimeError
-        error = e
-    if _all_processes_ok(accelerator, error) and accelerator.is_main_process:
-        try:
-            payload = dict(state, version=_STATE_VERSION, epoch=epoch)
-            with open(tmp / TRAINER_STATE, "w") as f:
-                json.dump(payload, f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            if final.exists():  # this epoch was redone after a crash: the new state replaces it
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-        except OSError as e:
-            error = e
-    if not _all_processes_ok(accelerator, error):  # every process stops, none waits for the others forever
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        previous = list_checkpoints(output_dir)
-        kept = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
-        cause = write_error_cause(error) if error is not None else "another process could not write its part"
-        raise WriteError(f"cannot write the checkpoint {final}: {cause}{kept}") from error
-    if accelerator.is_main_process:
-        for old in list_checkpoints(output_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def _all_processes_ok(accelerator: Accelerator, error: BaseException | None) -> bool:
-    """Whether no process failed (a collective: every process must call it, in the same order)."""
-    if accelerator.num_processes == 1:
-        return error is None
-    from accelerate.utils import gather_object
-
-    return all(gather_object([error is None]))
-
-
-class WriteError(OSError):
-    """A file the run must write could not be written (full disk, read-only file system); one line."""
-
-
-def write_error_cause(e: BaseException) -> str:
-    """The cause of a failed write in a few words: the OS's reason (``No space left on device``) where known."""
-    while e is not None:
-        if isinstance(e, OSError) and e.strerror:
-            return e.strerror + (f" ({e.filename})" if e.filename else "")
-        e = e.__cause__ or e.__context__
-    return "the write failed"
-
-
-def _damaged(checkpoint: Path, what: str, e: BaseException) -> TrainError:
-    run_dir = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS_DIR else checkpoint.parent
-    older = [c for c in list_checkpoints(run_dir) if c != checkpoint and c.name < checkpoint.name]
-    then = (f"delete it (rm -r {checkpoint}) to resume from the one before, {older[-1].name}, or pass --overwrite "
-            "to start over" if older else "delete it and start over with --overwrite")
-    return TrainError(f"the checkpoint {checkpoint} {what} ({' '.join(str(e).split())[:500]}), e.g. cut short by a "
-                      f"full disk or an interrupted copy: {then}")
-
-
-def check_checkpoint(checkpoint: Path) -> None:
-    """A :class:`TrainError` when a tensor file of ``checkpoint`` is truncated or corrupt: its header is read
-    (``safetensors.safe_open`` checks that the file covers every tensor it declares), before any data is loaded."""
-    for file in sorted(checkpoint.glob("*.safetensors")):
-        try:
-            with safetensors.safe_open(str(file), framework="pt"):
-                pass
-        except (OSError, safetensors.SafetensorError) as e:
-            raise _damaged(checkpoint, f"is damaged: {file.name} cannot be read", e) from e
-
-
-def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> dict[str, Any]:
-    """Restore model, optimizer and RNG states from ``checkpoint`` (pickle-free for the model; the optimizer and
-    RNG files load with ``weights_only=True``); returns its trainer state. A file that cannot be read is a
-    :class:`TrainError` that names it and what to do."""
-    state = read_trainer_state(checkpoint)
-    try:
-        accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, safetensors.SafetensorError) as e:
-        raise _damaged(checkpoint, "cannot be loaded", e) from e
-    return state
 
 
 class MetricsLog:
