@@ -336,9 +336,8 @@ def _main(args: argparse.Namespace, argv: Sequence[str], run_scope: contextlib.E
     # the model itself, without its DDP and torch.compile wrappers: what the method's per-update hook (IteRand's
     # re-draws) acts on, what is evaluated (eager: the same masks) and saved
     bare = accelerator.unwrap_model(model, keep_torch_compile=False)
-    after_update = (functools.partial(method.after_update, bare,
-                                      schedule=Schedule(recipe.epochs, updates_per_epoch))
-                    if method.after_update else None)
+    schedule = Schedule(recipe.epochs, updates_per_epoch)
+    after_update = functools.partial(method.after_update, bare, schedule=schedule) if method.after_update else None
     launched = accelerator.num_processes > 1 or "ACCELERATE_MIXED_PRECISION" in os.environ
     command = runstate.resume_command(argv, num_processes=accelerator.num_processes, launched=launched)
     recovery = runstate.Recovery(accelerator, output_dir, model=bare, every=args.checkpointing_steps,
@@ -356,6 +355,8 @@ def _main(args: argparse.Namespace, argv: Sequence[str], run_scope: contextlib.E
         except ValueError as e:
             return _fail(e)
         start_epoch, num_updates = state["epoch"], state["num_updates"]
+        if method.on_resume is not None:  # e.g. global-topk's scheduled density, at the update count reached
+            method.on_resume(bare, num_updates, schedule=schedule)
         train_time, metrics = state.get("train_time_s", 0.0), state.get("metrics", {})
         if scheduler is not None:
             scheduler.step(start_epoch)

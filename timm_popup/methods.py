@@ -95,6 +95,9 @@ class Method:
     init_artifact: str = "unused"  # --init-artifact: "unused", "optional" or "required"
     # (model, updates so far, Schedule or None), after each update
     after_update: Callable[..., None] | None = None
+    # (model, updates so far, Schedule or None), once a checkpoint is loaded: what ``after_update`` set that is a
+    # function of the update count alone and not in the checkpoint (global-topk's scheduled density)
+    on_resume: Callable[..., None] | None = None
 
 
 def _edge_popup(model: nn.Module, *, init_artifact: Path | None = None, options: MethodOptions | None = None
@@ -160,7 +163,7 @@ def gem_miner_update(model: nn.Module, num_updates: int, schedule: Schedule | No
 
 def global_density_update(model: nn.Module, num_updates: int, schedule: Schedule | None = None) -> None:
     """Global top-k's density schedule (``--density-epochs``): after every update, the density of the epoch the next
-    step is in (from the update count, so a resumed run is back on the schedule after its first update)."""
+    step is in, a function of the update count alone (so a resumed run sets it again before its first step)."""
     cfg = model.popup_config
     if cfg.density_epochs and schedule is not None and schedule.updates_per_epoch:
         epoch = num_updates // schedule.updates_per_epoch
@@ -425,7 +428,8 @@ METHODS: dict[str, Method] = {
     "global-topk": Method(
         name="global-topk", summary="learn one top-k mask over the whole network (free density per tensor)",
         learns_weights=False, uses_k=True, weight_init=None, prepare=_mask_method("global-topk"),
-        save=save_pretrained, push=_push_mask, after_update=global_density_update),
+        save=save_pretrained, push=_push_mask, after_update=global_density_update,
+        on_resume=global_density_update),
     "biprop": Method(
         name="biprop", summary="learn a top-k mask over N_k weights binarised to +-alpha per tensor (MPT-1/32)",
         learns_weights=False, uses_k=True, weight_init="kaiming_normal", prepare=_mask_method("biprop"),
