@@ -129,9 +129,10 @@ def kills(args: argparse.Namespace, work: Path) -> None:
         n += 1
         kept = attempt["after"] - attempt["before"]
         lost = attempt["wall"] - kept * per_update
-        # updates the killed process had made beyond the checkpoint it left (at the uninterrupted pace)
+        # SIGTERM: none (its checkpoint is written after the step it stopped at); SIGKILL: the updates it had made
+        # beyond the checkpoint it left, estimated at the uninterrupted pace
         reached = attempt["before"] + max(0.0, (attempt["killed"] - attempt["start"]) / per_update)
-        redone = max(0, round(reached) - attempt["after"])
+        redone = 0 if sig == signal.SIGTERM else max(0, round(reached) - attempt["after"])
         print(f"{n:>4}  {signal.Signals(sig).name:<7} {attempt['killed']:>7.1f}  {attempt['before']:>12}  "
               f"{attempt['after']:>7}  {redone:>7}  {attempt['wall']:>8.1f}  {lost:>8.1f}  {attempt['start']:>9.1f}",
               flush=True)
