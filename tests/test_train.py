@@ -1009,3 +1009,18 @@ def test_a_write_fault_is_one_line_and_keeps_the_previous_checkpoint(in_process,
     assert len(err) == 1 and f"cannot write the artifact to {out}: Read-only file system" in err[0], err
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp file left
     assert train.list_checkpoints(out)
+
+
+def test_a_scheduled_global_density_resumes_on_its_schedule(in_process, capsys, data, tmp_path):
+    """global-topk with --density-epochs: the density of the epoch a run resumes in is set before its first step
+    (it is a function of the update count, not in the checkpoint), so the artifact is the uninterrupted run's."""
+    args = [*PREEMPT_ARGS, "--dataset", str(data), "--method", "global-topk", "--k", "0.2", "--density-epochs", "2",
+            "--checkpointing-steps", "1"]
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    assert in_process([*args, "--output-dir", str(reference)]) == 0
+    watcher = _signal_when(out / "checkpoints" / "step_00000008", signal.SIGUSR1)  # inside epoch 2 (6 steps each)
+    assert in_process([*args, "--output-dir", str(out)]) == runstate.EXIT_PREEMPTED
+    watcher.join()
+    assert re.search(r"stopped by SIGUSR1 after step \d of epoch 2", capsys.readouterr().out)
+    assert in_process([*args, "--output-dir", str(out), "--resume", "latest"]) == 0
+    _same_run(out, reference)
