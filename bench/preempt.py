@@ -111,7 +111,9 @@ def kills(args: argparse.Namespace, work: Path) -> None:
     reference = launch(every, work / "reference")
     updates = newest_updates(work / "reference")
     train_wall = reference["wall"] - reference["start"]
-    per_update = train_wall / updates
+    # the epochs' own time: the wall time after training starts also holds the evaluation and the artifact's write,
+    # and kill times drawn over it land after the last update too
+    per_update = training_time(work / "reference") / updates
     print(f"uninterrupted: {reference['wall']:.1f} s wall ({reference['start']:.1f} s process start, "
           f"{train_wall:.1f} s training and evaluation, {updates} updates: {per_update * 1000:.0f} ms each); "
           f"--checkpointing-steps {args.checkpointing_steps}", flush=True)
@@ -119,8 +121,9 @@ def kills(args: argparse.Namespace, work: Path) -> None:
     out, total, n = work / "interrupted", 0.0, 0
     print("kill  signal   at (s)  resumed from  left at  ~redone  wall (s)  lost (s)  start (s)")
     while True:
-        sig = (signal.SIGTERM, signal.SIGKILL)[n % 2] if n < args.kills else None
-        remaining = (updates - newest_updates(out)) * per_update  # kill somewhere in what is left to train
+        left = updates - newest_updates(out)
+        sig = (signal.SIGTERM, signal.SIGKILL)[n % 2] if n < args.kills and left > 0 else None
+        remaining = left * per_update  # kill somewhere in what is left to train
         attempt = launch(every, out, kill_after=rng.uniform(0.05, 0.95) * remaining if sig else None,
                          sig=sig or signal.SIGTERM)
         total += attempt["wall"]

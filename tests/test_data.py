@@ -497,3 +497,27 @@ def test_images_decode_with_their_features_mode_and_a_bad_one_names_what_it_is(t
     loader = create_loader(ds, "train", lambda img: torch.zeros(1), batch_size=2, shuffle=False)
     with pytest.raises(UnreadableImageError, match=r"cannot read image an image stored in the dataset \(no file"):
         next(iter(loader))
+
+
+def test_a_worker_outlives_a_schedulers_sigterm_and_ends_on_its_trainers(disk_dict):
+    """A scheduler's SIGTERM to the whole process tree leaves the workers running (the trainer stops after its
+    checkpoint and ends them itself); the trainer's own SIGTERM ends one: multiprocessing terminates the workers of a
+    loader nobody closed that way at interpreter exit and then waits for them, which an ignored SIGTERM hung."""
+    import multiprocessing
+    import signal
+    import subprocess
+
+    loader = create_loader(load_image_dataset(disk_dict), "train", build_transforms(
+        TIMM_CFG, is_training=False, cifar_style=False), batch_size=2, shuffle=False, num_workers=1)
+    before = {p.pid for p in multiprocessing.active_children()}
+    batches = iter(loader)
+    next(batches)
+    (worker,) = [p for p in multiprocessing.active_children() if p.pid not in before]
+    subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # sent by another process, as a scheduler does
+    worker.join(timeout=2)
+    assert worker.is_alive()
+    next(batches)  # and it still serves its loader
+    os.kill(worker.pid, signal.SIGTERM)  # sent by its trainer
+    worker.join(timeout=60)
+    assert not worker.is_alive() and worker.exitcode == 0
+    del batches

@@ -24,6 +24,7 @@ import signal
 import struct
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -1011,11 +1012,26 @@ class _StreamingImages(torch.utils.data.IterableDataset):
 
 
 def _leave_stopping_to_the_trainer(worker_id: int) -> None:
-    """A DataLoader worker ignores SIGTERM, SIGUSR1 and SIGINT: schedulers and launchers signal a whole process tree,
-    and the training process, which stops on them after a checkpoint, ends its workers itself (they also end when
-    it dies)."""
-    for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
+    """A DataLoader worker ignores SIGTERM, SIGUSR1 and SIGINT from anyone but the training process: schedulers and
+    launchers signal a whole process tree, and the training process, which stops on them after a checkpoint, ends its
+    workers itself (they also end when it dies). Its own SIGTERM still ends a worker: multiprocessing terminates the
+    workers of a loader nobody closed that way when the interpreter exits, then waits for them (an ignored SIGTERM
+    hung that exit). Where the sender cannot be told (no ``sigwaitinfo``), SIGTERM is ignored from everyone."""
+    for name in ("SIGUSR1", "SIGINT"):
         signal.signal(getattr(signal, name), signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return
+    trainer = os.getppid()
+    # blocked here, in every thread started after, and taken by one thread that reads who sent it
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != trainer:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=wait, name="sigterm-from-trainer", daemon=True).start()
 
 
 def _collate(rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
