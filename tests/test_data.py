@@ -499,25 +499,30 @@ def test_images_decode_with_their_features_mode_and_a_bad_one_names_what_it_is(t
         next(iter(loader))
 
 
-def test_a_worker_outlives_a_schedulers_sigterm_and_ends_on_its_trainers(disk_dict):
-    """A scheduler's SIGTERM to the whole process tree leaves the workers running (the trainer stops after its
-    checkpoint and ends them itself); the trainer's own SIGTERM ends one: multiprocessing terminates the workers of a
-    loader nobody closed that way at interpreter exit and then waits for them, which an ignored SIGTERM hung."""
-    import multiprocessing
-    import signal
-    import subprocess
+_LEFT_OPEN = """
+import multiprocessing, subprocess, sys, time
+from timm_popup.data import build_transforms, create_loader, load_image_dataset
+loader = create_loader(load_image_dataset(sys.argv[1]), "train", build_transforms(
+    {cfg}, is_training=False, cifar_style=False), batch_size=2, shuffle=False, num_workers=1)
+batches = iter(loader)  # never closed: an error can leave a loader so
+next(batches)
+(worker,) = multiprocessing.active_children()
+subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # a scheduler's SIGTERM to the process tree
+worker.join(timeout=2)
+assert worker.is_alive(), "a worker died of a scheduler's SIGTERM"
+next(batches)  # and it still serves its loader
+print(worker.pid, flush=True)
+"""
 
-    loader = create_loader(load_image_dataset(disk_dict), "train", build_transforms(
-        TIMM_CFG, is_training=False, cifar_style=False), batch_size=2, shuffle=False, num_workers=1)
-    before = {p.pid for p in multiprocessing.active_children()}
-    batches = iter(loader)
-    next(batches)
-    (worker,) = [p for p in multiprocessing.active_children() if p.pid not in before]
-    subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # sent by another process, as a scheduler does
-    worker.join(timeout=2)
-    assert worker.is_alive()
-    next(batches)  # and it still serves its loader
-    os.kill(worker.pid, signal.SIGTERM)  # sent by its trainer
-    worker.join(timeout=60)
-    assert not worker.is_alive() and worker.exitcode == 0
-    del batches
+
+def test_workers_outlive_a_schedulers_sigterm_and_never_hang_the_exit(disk_dict):
+    """A scheduler's SIGTERM to the whole process tree leaves the workers running (the trainer stops after its
+    checkpoint and ends them itself); a process that exits with a loader left open still exits (multiprocessing ends
+    daemonic children with SIGTERM and waits for them, which hung the exit after the whole test suite had passed)."""
+    import subprocess
+    import sys
+
+    code = _LEFT_OPEN.format(cfg=repr(TIMM_CFG))
+    proc = subprocess.run([sys.executable, "-c", code, str(disk_dict)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not Path(f"/proc/{proc.stdout.split()[0]}").exists()  # and the worker is gone

@@ -11,12 +11,14 @@ converts Debian's ``dataset-fashion-mnist`` idx files into a ``save_to_disk`` da
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import gzip
 import hashlib
 import inspect
 import io
 import logging
+import multiprocessing
 import os
 import random
 import shutil
@@ -24,7 +26,6 @@ import signal
 import struct
 import sys
 import tempfile
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -1012,26 +1013,26 @@ class _StreamingImages(torch.utils.data.IterableDataset):
 
 
 def _leave_stopping_to_the_trainer(worker_id: int) -> None:
-    """A DataLoader worker ignores SIGTERM, SIGUSR1 and SIGINT from anyone but the training process: schedulers and
-    launchers signal a whole process tree, and the training process, which stops on them after a checkpoint, ends its
-    workers itself (they also end when it dies). Its own SIGTERM still ends a worker: multiprocessing terminates the
-    workers of a loader nobody closed that way when the interpreter exits, then waits for them (an ignored SIGTERM
-    hung that exit). Where the sender cannot be told (no ``sigwaitinfo``), SIGTERM is ignored from everyone."""
-    for name in ("SIGUSR1", "SIGINT"):
+    """A DataLoader worker ignores SIGTERM, SIGUSR1 and SIGINT: schedulers and launchers signal a whole process tree,
+    and the training process, which stops on them after a checkpoint, ends its workers itself (they also end when
+    it dies). The disposition is the process's, so no thread of the worker is left to die of it (torch starts
+    threads before ``worker_init_fn`` runs, so a signal mask set here would not cover them)."""
+    for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
         signal.signal(getattr(signal, name), signal.SIG_IGN)
-    if not hasattr(signal, "sigwaitinfo"):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        return
-    trainer = os.getppid()
-    # blocked here, in every thread started after, and taken by one thread that reads who sent it
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
-    def wait() -> None:
-        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != trainer:
-            pass
-        os._exit(0)
 
-    threading.Thread(target=wait, name="sigterm-from-trainer", daemon=True).start()
+def _end_workers_at_exit() -> None:
+    """Kill this process's DataLoader workers that are still alive. multiprocessing ends daemonic children at exit
+    with SIGTERM and then waits for them: workers that ignore SIGTERM (a loader nobody closed, e.g. after an error)
+    would hang the exit. Registered after multiprocessing's own exit function, so it runs before it."""
+    for child in multiprocessing.active_children():
+        try:
+            worker = Path(f"/proc/{child.pid}/comm").read_text().strip() == "pt_data_worker"
+        except OSError:
+            worker = child.daemon  # no /proc: every daemonic child (the workers are)
+        if worker:
+            child.kill()
+            child.join(timeout=5)
 
 
 def _collate(rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1066,6 +1067,9 @@ def create_loader(ds: ImageDataset, split: str, transform: Callable, *, batch_si
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index {shard_index} is outside 0..{num_shards - 1}")
     generator = torch.Generator().manual_seed(seed)
+    if num_workers:
+        atexit.unregister(_end_workers_at_exit)  # once per process, whatever the number of loaders
+        atexit.register(_end_workers_at_exit)
     common = dict(batch_size=batch_size, num_workers=num_workers, collate_fn=_collate, drop_last=drop_last,
                   generator=generator, pin_memory=pin_memory,
                   worker_init_fn=_leave_stopping_to_the_trainer if num_workers else None)
