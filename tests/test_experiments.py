@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import datasets
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from timm_popup.experiments import Cell, _series, grid, main, read_results
+from timm_popup.experiments import SUITES, Cell, _series, grid, main, read_results, run_grid, suite_cells, suite_table
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 400
@@ -94,3 +95,75 @@ def test_interrupted_grid_resumes_without_rerunning_finished_cells(tmp_path):
     png = out / "accuracy_vs_k.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(png) in second.stdout
     assert [json.loads(line)["cell"] for line in (out / "results.jsonl").read_text().splitlines()].count(finished) == 1
+
+
+_FAKE_TRAIN = '''
+import json, os, sys, time
+from pathlib import Path
+out = Path(sys.argv[sys.argv.index("--output-dir") + 1])
+seed = int(sys.argv[sys.argv.index("--seed") + 1])
+out.mkdir(parents=True, exist_ok=True)
+start = time.time()
+if seed == int(os.environ.get("FAIL_SEED", "-1")):
+    sys.exit("this cell fails")
+time.sleep(1.0)
+(out / "model.safetensors").write_bytes(b"x" * (100 + seed))
+(out / "metrics.jsonl").write_text(json.dumps(dict(epoch=1, val_top1=50.0 + seed, val_top5=90.0, val_loss=1.0,
+                                                   start=start, end=time.time())) + "\\n")
+'''
+
+
+def _fake_script(tmp_path: Path) -> Path:
+    script = tmp_path / "fake_train.py"
+    script.write_text(_FAKE_TRAIN)
+    return script
+
+
+def test_jobs_run_cells_at_once_and_a_failure_keeps_the_finished_ones(tmp_path, monkeypatch):
+    script = _fake_script(tmp_path)
+    cells = grid(["popup_conv2"], ks=[0.5], seeds=[0, 1, 2, 3])
+    results = run_grid(cells, tmp_path / "ok", train_script=script, jobs=2, log=open(os.devnull, "w"))
+    assert sorted(results) == sorted(c.id for c in cells)
+    assert [results[c.id]["artifact_bytes"] for c in cells] == [100, 101, 102, 103]
+    spans = [json.loads((tmp_path / "ok" / "runs" / c.id / "metrics.jsonl").read_text()) for c in cells[:2]]
+    assert spans[0]["start"] < spans[1]["end"] and spans[1]["start"] < spans[0]["end"]  # the first two overlapped
+    assert len(read_results(tmp_path / "ok")) == 4
+
+    monkeypatch.setenv("FAIL_SEED", "0")
+    with pytest.raises(RuntimeError, match="popup_conv2-edge-popup-k0.5-s0 failed"):
+        run_grid(cells, tmp_path / "bad", train_script=script, jobs=2, log=open(os.devnull, "w"))
+    # seed 1 ran beside the failing cell and is kept; nothing started after the failure
+    assert list(read_results(tmp_path / "bad")) == ["popup_conv2-edge-popup-k0.5-s1"]
+    assert not (tmp_path / "bad" / "runs" / cells[3].id).exists()
+
+
+def test_suites_expand_to_their_rows_and_share_the_default_cells():
+    options, structure = (suite_cells(SUITES[name]) for name in ("options", "structure"))
+    for cells in (options, structure):
+        assert len({c.id for c in cells}) == len(cells)
+    by_variant = defaultdict(list)
+    for c in options:
+        by_variant[c.variant].append(c)
+    assert {c.model for c in by_variant["learn-norm"]} == {"popup_resnet18"}  # Conv4 has no norms
+    assert {c.k for c in by_variant["global-topk-density"]} == {0.05}
+    constant = next(c for c in by_variant["supermask-constant"] if c.k == 0.05)
+    assert constant.train_args()[-2:] == ["--score-init-constant", "-2.9444"]  # logit(0.05): starts at k
+    resnet = next(c for c in by_variant["scale-fan"] if c.model == "popup_resnet18")
+    assert resnet.train_args()[-3:] == ["--img-size", "28", "--scale-fan"]
+    assert resnet.id.endswith("-s0-scale-fan") and by_variant[None][0].id.endswith("-s0")
+    shared = {c.id for c in options} & {c.id for c in structure}
+    assert shared == {c.id for c in by_variant[None] if c.k == 0.5}  # run once for both tables
+    assert [c.seed for c in options[:3]] == [0, 0, 0] and options[-1].seed == 2  # seed by seed
+
+
+def test_suite_table_gives_means_differences_and_sizes():
+    suite = SUITES["structure"]
+    rows = [dict(model="popup_conv4", variant=None, k=0.5, top1=t, artifact_bytes=2048, wall_s=1.0)
+            for t in (70.0, 72.0)]
+    rows += [dict(model="popup_conv4", variant="nm2-4", k=0.5, top1=t, artifact_bytes=1024, wall_s=1.0)
+             for t in (69.0, 70.0)]
+    table = suite_table(suite, rows)
+    assert "| --k 0.5 (unstructured) | 71.00 +- 1.41 | 2.0 |" in table
+    assert "| --structure 2:4 | 69.50 +- 0.71 (-1.50) | 1.0 |" in table
+    assert "| --structure 2:4 |  |  |" in table  # a model without runs yet: empty cells, not an error
+    assert "4 runs" in table

@@ -17,6 +17,13 @@ edge-popup versus supermask (Fig. 6); mean +- std over seeds.
 mask-learning method of ``timm_popup.methods`` on Fashion-MNIST at one budget (``COMPARE_*`` below: Conv4 and
 a ResNet-18 at small width, k in {0.05, 0.1, 0.3, 0.5}, 2 seeds, the same data, epochs, batch and recipe for
 all), written as ``comparison.md`` (mean +- std top-1 per method, model and k) and ``slt_comparison.png``.
+
+    python -m timm_popup.experiments suite options|structure [--out results/variants_fmnist] [--jobs 2]
+
+runs a suite: rows of variants (a method and its flags, ``SUITES`` below) against the paper's default on the
+same models, k and seeds, written as ``OUT/SUITE.md`` (mean +- std top-1, the difference to the default, the
+artifact size). ``options``: the paper code's and the follow-ups' options; ``structure``: 2:4 masks against
+unstructured k = 0.5. Both share one directory, so their common default cells run once.
 """
 
 from __future__ import annotations
@@ -30,9 +37,11 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,11 +49,11 @@ from typing import Any
 from ._io import atomic_write
 
 __all__ = ["Cell", "grid", "run_grid", "read_results", "write_table", "plot_results", "compare_cells",
-           "comparison_table", "plot_comparison", "main"]
+           "comparison_table", "plot_comparison", "Variant", "Suite", "SUITES", "suite_cells", "suite_table", "main"]
 
 RESULTS_JSONL, RESULTS_CSV = "results.jsonl", "results.csv"
 _TABLE_FIELDS = ["cell", "model", "method", "k", "width", "weight_init", "seed", "top1", "best_top1", "top5",
-                 "loss", "epochs", "train_time_s", "wall_s"]
+                 "loss", "epochs", "train_time_s", "wall_s", "variant", "artifact_bytes"]  # new columns last
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,8 @@ class Cell:
     weight_init: str | None = None
     seed: int = 0
     options: tuple[str, ...] = ()  # the method's own flags (e.g. iterand's --redraw-every), not part of the id
+    variant: str | None = None  # a suite's name for what ``options`` change (part of the id: the same cell
+    # with other options is another run)
 
     @property
     def id(self) -> str:
@@ -65,7 +76,7 @@ class Cell:
         parts += [f"k{self.k:g}"] if self.k is not None else []
         parts += [f"w{self.width:g}"] if self.width is not None else []
         parts += [self.weight_init] if self.weight_init else []
-        return "-".join([*parts, f"s{self.seed}"])
+        return "-".join([*parts, f"s{self.seed}", *([self.variant] if self.variant else [])])
 
     def train_args(self) -> list[str]:
         args = ["--model", self.model, "--method", self.method, "--seed", str(self.seed)]
@@ -170,6 +181,123 @@ def plot_comparison(out: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -
     return path
 
 
+# Suites: variants (rows) against the paper's default on the same models, k and seeds.
+@dataclass(frozen=True)
+class Variant:
+    """One row of a suite: a method and its flags. ``{logit_k}`` in a flag is the logit of the cell's k."""
+
+    name: str  # the row's slug, part of each cell's id; "" is the suite's baseline
+    label: str  # what the table shows: the flags a user types
+    method: str = "edge-popup"
+    options: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()  # only these models (empty: every model of the suite)
+    ks: tuple[float, ...] = ()  # only these k (empty: every k of the suite)
+
+
+@dataclass(frozen=True)
+class Suite:
+    """Variants on models (each with the flags it needs) x k x seeds, with one budget for all (``train_args``)."""
+
+    title: str
+    models: Mapping[str, tuple[float | None, tuple[str, ...]]]  # model -> (width, its flags)
+    ks: tuple[float, ...]
+    seeds: tuple[int, ...]
+    variants: tuple[Variant, ...]
+    notes: tuple[str, ...] = ()  # what the table's reader needs: why a row is missing somewhere
+
+
+SUITE_OUT = "results/variants_fmnist"
+SUITE_WEIGHT_INIT = "signed_constant"  # the paper's U_k, unscaled: --scale-fan is one of the rows
+# COMPARE's budget; the cifar recipe for every model (timm's ResNet-18 at 28 px would get the imagenet one)
+SUITE_TRAIN_ARGS = (*COMPARE_TRAIN_ARGS, "--recipe", "cifar")
+SUITE_THREADS = 1
+_BASELINE = Variant("", "edge-popup (the paper's default)")
+_CONV4 = {"popup_conv4": (0.5, ())}
+_RESNET18 = {"popup_resnet18": (None, ("--img-size", "28"))}  # timm's ImageNet ResNet-18 on 28 px images
+SUITES: dict[str, Suite] = {
+    "options": Suite(
+        "The paper code's options and the follow-ups' against the paper's default", {**_CONV4, **_RESNET18},
+        ks=(0.05, 0.5), seeds=(0, 1, 2), variants=(
+            _BASELINE,
+            Variant("learn-norm", "--learn-norm", options=("--learn-norm",), models=tuple(_RESNET18)),
+            Variant("learn-bias", "--learn-bias", options=("--learn-bias",), models=tuple(_RESNET18)),
+            Variant("fan-out", "--init-mode fan_out", options=("--init-mode", "fan_out")),
+            Variant("linear", "--nonlinearity linear", options=("--nonlinearity", "linear")),
+            Variant("scale-fan", "--scale-fan", options=("--scale-fan",)),
+            Variant("score-uniform", "--score-init uniform", options=("--score-init", "uniform")),
+            Variant("gem-miner", "--method gem-miner --freeze-every 1", "gem-miner", ("--freeze-every", "1")),
+            Variant("supermask", "--method supermask", "supermask"),
+            Variant("supermask-constant", "--method supermask --score-init-constant logit(k)", "supermask",
+                    ("--score-init-constant", "{logit_k}")),
+            Variant("global-topk", "--method global-topk", "global-topk"),
+            Variant("global-topk-density", "--method global-topk --density-epochs 1", "global-topk",
+                    ("--density-epochs", "1"), ks=(0.05,)),
+        ), notes=(
+            "popup_conv4 has no norms and no biases: --learn-norm / --learn-bias run on the ResNet only.",
+            "--density-epochs changes nothing at k >= 0.5 (biprop's schedule starts at 0.5): run at k = 0.05 only.",
+            "Gem-Miner freezes once, at the end of epoch 1 of 2 (--freeze-every 1).",
+        )),
+    "structure": Suite(
+        "2:4 structured masks against unstructured k = 0.5",
+        {**_CONV4, **_RESNET18, "popup_vit_tiny_patch16_224": (None, ("--model-kwargs", "patch_size=4",
+                                                                      "--img-size", "28"))},
+        ks=(0.5,), seeds=(0, 1, 2), variants=(
+            Variant("", "--k 0.5 (unstructured)"),
+            Variant("nm2-4", "--structure 2:4", options=("--structure", "2:4")),
+        )),
+}
+
+
+def suite_cells(suite: Suite) -> list[Cell]:
+    """The suite's cells, seed by seed (a sweep stopped early has every row on its first seeds)."""
+    cells = []
+    for seed, variant, (model, (width, flags)), k in itertools.product(
+            suite.seeds, suite.variants, suite.models.items(), suite.ks):
+        if (variant.models and model not in variant.models) or (variant.ks and k not in variant.ks):
+            continue
+        logit_k = f"{math.log(k / (1 - k)):.4f}" if 0 < k < 1 else "0"
+        options = tuple(o.format(logit_k=logit_k) for o in variant.options)
+        cells.append(Cell(model, variant.method, k if _uses_k(variant.method) else None, width, SUITE_WEIGHT_INIT,
+                          seed, (*flags, *options), variant.name or None))
+    return cells
+
+
+def suite_table(suite: Suite, rows: Iterable[Mapping[str, Any]]) -> str:
+    """Markdown: per model, a row per variant, per k its top-1 (mean +- std over seeds), the difference to the
+    baseline's mean and the mean artifact size."""
+    by_cell: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by_cell[(r["model"], r.get("variant") or "", r["k"])].append(r)
+    lines = [f"**{suite.title}** (top-1 %, mean +- std over seeds {', '.join(map(str, suite.seeds))}; "
+             "in brackets the difference to the first row; artifact in KiB)", ""]
+    for model, (width, flags) in suite.models.items():
+        shown = " ".join([model, *([f"width {width:g}"] if width else []), *flags])
+        lines += [f"*{shown}*", "", "| variant | " + " | ".join(f"k={k:g} | KiB" for k in suite.ks) + " |",
+                  "|---|" + "---|---|" * len(suite.ks)]
+        base = {k: by_cell.get((model, suite.variants[0].name, k)) for k in suite.ks}
+        for variant in suite.variants:
+            if variant.models and model not in variant.models:
+                continue
+            cells = []
+            for k in suite.ks:
+                runs = by_cell.get((model, variant.name, k))
+                if not runs:
+                    cells += ["", ""]
+                    continue
+                mean, std = _mean_std([r["top1"] for r in runs])
+                text = f"{mean:.2f} +- {std:.2f}"
+                if variant is not suite.variants[0] and base[k]:
+                    text += f" ({mean - _mean_std([r['top1'] for r in base[k]])[0]:+.2f})"
+                sizes = [r["artifact_bytes"] for r in runs if r.get("artifact_bytes")]
+                cells += [text, f"{sum(sizes) / len(sizes) / 1024:.1f}" if sizes else ""]
+            lines.append(f"| {variant.label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    walls = [r["wall_s"] for r in rows if r.get("wall_s")]
+    lines.append(f"{len(walls)} runs, {sum(walls) / 60:.1f} minutes of run wall time in all.")
+    lines += [f"- {note}" for note in suite.notes]
+    return "\n".join(lines) + "\n"
+
+
 def _uses_k(method: str) -> bool:
     """Whether ``--k`` means anything to a method (dense learns no mask): a k axis collapses for the others."""
     from .methods import METHODS
@@ -207,8 +335,10 @@ def _final_metrics(run_dir: Path) -> dict[str, Any]:
     if not rows:
         raise RuntimeError(f"{run_dir} finished without a logged epoch")
     last = rows[-1]
+    artifact = run_dir / "model.safetensors"
     return dict(top1=last["val_top1"], best_top1=max(r["val_top1"] for r in rows), top5=last["val_top5"],
-                loss=last["val_loss"], epochs=last["epoch"], train_time_s=last.get("train_time_s"))
+                loss=last["val_loss"], epochs=last["epoch"], train_time_s=last.get("train_time_s"),
+                artifact_bytes=artifact.stat().st_size if artifact.is_file() else None)
 
 
 def default_train_script() -> Path:
@@ -218,39 +348,60 @@ def default_train_script() -> Path:
 
 def run_grid(cells: Iterable[Cell], out: str | os.PathLike, train_args: Sequence[str] = (), *,
              train_script: str | os.PathLike | None = None, launcher: Sequence[str] = (),
-             log: Any = sys.stderr, threads: int | None = None) -> dict[str, dict[str, Any]]:
+             log: Any = sys.stderr, threads: int | None = None, jobs: int = 1) -> dict[str, dict[str, Any]]:
     """Run every cell not yet in ``out/results.jsonl``; returns all results. Resumable at any point. ``threads``
-    pins each run's compute threads (results depend on the summation order, so on the thread count)."""
+    pins each run's compute threads (results depend on the summation order, so on the thread count); ``jobs``
+    runs that many cells at once (each its own process; with ``threads`` 1, one per core)."""
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     script = Path(train_script) if train_script else default_train_script()
     if not script.is_file():
         raise FileNotFoundError(f"training script {script} not found: pass --train-script path/to/train_accelerate.py")
+    if jobs < 1:
+        raise ValueError(f"jobs {jobs}: run at least one cell at a time")
     cells = list(cells)
     done = read_results(out)
-    for i, cell in enumerate(cells, 1):
-        if cell.id in done:
-            print(f"[{i}/{len(cells)}] {cell.id}: done, skipped", file=log, flush=True)
-            continue
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
+
+    stop = threading.Event()  # set by a failed cell: the others start no more runs
+
+    def run(i: int, cell: Cell) -> dict[str, Any] | None:
+        if stop.is_set():
+            return None
         run_dir = out / "runs" / cell.id
         resumed = (run_dir / "checkpoints").is_dir()
         cmd = [*(launcher or [sys.executable]), str(script), *cell.train_args(), *train_args,
                "--output-dir", str(run_dir), "--resume", "latest"]  # starts fresh when there is no checkpoint
         print(f"[{i}/{len(cells)}] {cell.id}: {'resuming' if resumed else 'running'}", file=log, flush=True)
         start = time.perf_counter()
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "sweep.log").write_text(proc.stdout)
         if proc.returncode != 0:
+            stop.set()
             tail = "\n".join(proc.stdout.strip().splitlines()[-5:])
             raise RuntimeError(f"cell {cell.id} failed (exit {proc.returncode}); log: {run_dir / 'sweep.log'}\n{tail}")
         wall = round(time.perf_counter() - start, 1)
-        row = dict(cell=cell.id, **asdict(cell), **_final_metrics(run_dir), wall_s=wall)
-        with open(out / RESULTS_JSONL, "a") as f:  # one line per finished cell, appended whole
-            f.write(json.dumps(row) + "\n")
-        done[cell.id] = row
-        write_table(done.values(), out / RESULTS_CSV)
+        return dict(cell=cell.id, **asdict(cell), **_final_metrics(run_dir), wall_s=wall)
+
+    todo: dict[str, tuple[int, Cell]] = {}
+    for i, cell in enumerate(cells, 1):
+        if cell.id in done:
+            print(f"[{i}/{len(cells)}] {cell.id}: done, skipped", file=log, flush=True)
+        else:
+            todo.setdefault(cell.id, (i, cell))
+    errors = []
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for future in as_completed([pool.submit(run, i, cell) for i, cell in todo.values()]):
+            if future.exception() is not None:
+                errors.append(future.exception())
+            elif (row := future.result()) is not None:  # recorded as it finishes: a killed sweep keeps it
+                with open(out / RESULTS_JSONL, "a") as f:  # one line per finished cell, appended whole
+                    f.write(json.dumps(row) + "\n")
+                done[row["cell"]] = row
+                write_table(done.values(), out / RESULTS_CSV)
+    if errors:
+        raise errors[0]
     return done
 
 
@@ -378,6 +529,11 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     compare.add_argument("--model", nargs="+", default=list(COMPARE_MODELS), choices=list(COMPARE_MODELS))
     compare.add_argument("--method", nargs="+", default=list(COMPARE_METHODS), choices=list(COMPARE_METHODS))
     compare.add_argument("--train-script", default=None, help="path to train_accelerate.py (default: the checkout's)")
+    suite = sub.add_parser("suite", help="a suite of variants against the paper's default (resumable)")
+    suite.add_argument("name", choices=list(SUITES))
+    suite.add_argument("--out", default=SUITE_OUT, help=f"sweep directory (default {SUITE_OUT})")
+    suite.add_argument("--jobs", type=int, default=1, help="runs at once, each on one compute thread (default 1)")
+    suite.add_argument("--train-script", default=None, help="path to train_accelerate.py (default: the checkout's)")
     plot = sub.add_parser("plot", help="(re)draw the table and plots of a sweep directory")
     plot.add_argument("out")
     args = parser.parse_args(argv)
@@ -413,6 +569,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         atomic_write(Path(args.out) / "comparison.md", lambda tmp: Path(tmp).write_text(table))
         print(table)
         print(plot_comparison(args.out, rows))
+        return 0
+    if args.command == "suite":
+        chosen = SUITES[args.name]
+        cells = suite_cells(chosen)
+        print(f"suite {args.name}: {len(cells)} runs into {args.out} (resumable)", file=sys.stderr)
+        try:
+            results = run_grid(cells, args.out, [*SUITE_TRAIN_ARGS, *train_args], train_script=args.train_script,
+                               threads=SUITE_THREADS, jobs=args.jobs)
+        except (RuntimeError, FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        write_table(results.values(), Path(args.out) / RESULTS_CSV)
+        table = suite_table(chosen, [results[c.id] for c in cells])
+        atomic_write(Path(args.out) / f"{args.name}.md", lambda tmp: Path(tmp).write_text(table))
+        print(table)
         return 0
     rows = list(read_results(args.out).values())
     if args.command == "plot":
