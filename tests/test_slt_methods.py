@@ -22,7 +22,7 @@ from test_methods import TINY, _evaluate, _rows, data, run  # noqa: F401  (modul
 
 import timm_popup
 from timm_popup.export import export_plain
-from timm_popup.layers import MaskGroup, num_kept
+from timm_popup.layers import MAX_SLOTS, MaskGroup, num_kept
 from timm_popup.maskfile import checksum
 from timm_popup.masks import MaskError, artifact_info, filter_state_dict
 from timm_popup.methods import MethodOptions, get_method, make_mask_method
@@ -221,6 +221,13 @@ def test_method_options_belong_to_their_method():
     with pytest.raises(TrainError, match="outside"):
         check_method_options(get_method("iterand"), redraw_rate=1.5)
     assert math.isclose(MethodOptions().redraw_rate, 0.1)
+    # a file holds at most MAX_SLOTS candidates: a larger run is refused before it trains, not after it saves
+    assert check_method_options(get_method("slot-machine"), slots=MAX_SLOTS).slots == MAX_SLOTS
+    with pytest.raises(TrainError, match=f"--slots {MAX_SLOTS + 1}: .* 2 to {MAX_SLOTS} values"):
+        check_method_options(get_method("slot-machine"), slots=MAX_SLOTS + 1)
+    mask = next(iter(timm_popup.popup_masks(timm.create_model("popup_test_resnet", num_classes=2)).values()))
+    with pytest.raises(ValueError, match=f"2 to {MAX_SLOTS} candidate values"):
+        mask.set_slots(MAX_SLOTS + 1)
 
 
 def test_convert_takes_the_method_as_an_option():

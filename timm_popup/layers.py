@@ -57,7 +57,7 @@ from .init import check_k, check_weight_init, fans, is_scaled, random_uniform, r
 
 __all__ = ["PopupMask", "SCORE_INITS", "DEFAULT_SCORE_INIT", "check_score_init", "MaskGroup", "MaskMode",
            "MASK_MODES", "MODES", "NMStructure", "use_structure", "METHOD_MODES", "use_method", "density_rescale",
-           "binary_alpha", "binarized", "num_kept", "topk_mask", "fused_masked_weight",
+           "binary_alpha", "binarized", "num_kept", "topk_mask", "fused_masked_weight", "MAX_SLOTS",
            "mask_tensor", "unmask_tensor", "popup_masks"]
 
 #: the mask mode of every training method that learns a mask (``timm_popup.methods``; an artifact records the method)
@@ -68,6 +68,8 @@ METHOD_MODES = {"edge-popup": "topk", "supermask": "sample", "global-topk": "glo
 #: "unif"), or ``constant=C`` (the paper code's ``--score-init-constant C``, for the sampled supermask)
 SCORE_INITS = ("kaiming_uniform", "uniform", "constant=C")
 DEFAULT_SCORE_INIT = "kaiming_uniform"
+#: the most candidate values per weight of a slot machine (the paper's largest K is 64); a file holds at most this
+MAX_SLOTS = 1024
 
 
 def check_score_init(score_init: str) -> str:
@@ -549,8 +551,8 @@ class PopupMask(nn.Module):
 
     def set_slots(self, slots: int) -> None:
         """Switch to slot machines with ``slots`` seeded candidates per weight and fresh scores, one per candidate."""
-        if slots < 2:
-            raise ValueError(f"slot machines need at least 2 candidate values per weight, not {slots}")
+        if not 2 <= slots <= MAX_SLOTS:
+            raise ValueError(f"slot machines choose among 2 to {MAX_SLOTS} candidate values per weight, not {slots}")
         # candidate 0 is the tensor's own draw (what the artifact fingerprints), j > 0 the stream "#slot<j>"
         candidates = [self.weight] + [self.draw(f"#slot{j}").to(self.weight.device) for j in range(1, slots)]
         self.register_buffer("candidates", torch.stack(candidates), persistent=False)

@@ -79,7 +79,7 @@ import torch
 
 from ._io import atomic_write
 from .init import check_weight_init
-from .layers import METHOD_MODES, num_kept
+from .layers import MAX_SLOTS, METHOD_MODES, num_kept
 from .native import nm_applies, nm_groups, nm_ungroup, parse_structure
 from .reference import GENERATOR_VERSION
 
@@ -381,8 +381,6 @@ def check_format(sd: dict[str, torch.Tensor]) -> None:
 # here, field by field, before anything is unpacked or built (the payload length each shape implies bounds every
 # later allocation by a small multiple of the file). A new field is one entry in HEADER_FIELDS or TENSOR_FIELDS.
 
-#: the most candidate values per weight a slot-machine file may hold (the paper's largest K is 64)
-MAX_SLOTS = 1024
 _MAX_TEXT = 64  # bytes of a text field (a method or distribution name)
 _MAX_NDIM = 8
 _NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .init import fans
-from .layers import DEFAULT_SCORE_INIT, PopupMask, popup_masks, use_method
+from .layers import DEFAULT_SCORE_INIT, MAX_SLOTS, PopupMask, popup_masks, use_method
 
 __all__ = ["MethodOptions", "make_mask_method", "global_density", "set_global_density", "freeze_lowest"]
 
@@ -30,8 +30,8 @@ class MethodOptions:
     density_epochs: int = 0  # global-topk: epochs over which the density reaches k (biprop's prune_rate_epoch)
 
     def __post_init__(self) -> None:
-        if self.slots < 2:
-            raise ValueError(f"--slots {self.slots}: a slot machine chooses among at least 2 values per weight")
+        if not 2 <= self.slots <= MAX_SLOTS:  # a file holds at most MAX_SLOTS: a larger run could not be loaded
+            raise ValueError(f"--slots {self.slots}: a slot machine chooses among 2 to {MAX_SLOTS} values per weight")
         if self.redraw_every < 1:
             raise ValueError(f"--redraw-every {self.redraw_every}: re-draw every N >= 1 optimizer updates")
         if not 0.0 < self.redraw_rate <= 1.0:
