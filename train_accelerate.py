@@ -314,6 +314,9 @@ def _main(args: argparse.Namespace, argv: Sequence[str], run_scope: contextlib.E
             ds, data_config, batch_size=recipe.batch_size, workers=workers, seed=args.seed,
             num_processes=accelerator.num_processes, process_index=accelerator.process_index,
             pin_memory=accelerator.device.type == "cuda", augmentation=augmentation)
+        # a supermask's BatchNorm statistics are re-estimated under its eval mask before each evaluation
+        calibration = (train.build_calibration_loader(ds, data_config, batch_size=recipe.batch_size, workers=workers,
+                                                      seed=args.seed) if train.needs_norm_calibration(model) else None)
     except ValueError as e:  # TrainError, DataError, MaskError: one-line messages
         return _fail(e)
 
@@ -403,6 +406,8 @@ def _main(args: argparse.Namespace, argv: Sequence[str], run_scope: contextlib.E
                 lockstep=ds.streaming and accelerator.num_processes > 1, log_every=args.log_every,
                 desc=f"epoch {epoch + 1}/{recipe.epochs}", after_update=after_update, resume=resuming,
                 at_update=recovery.after_update)
+            if calibration is not None:
+                train.recalibrate_norms(bare, calibration, device=accelerator.device)
             train.sync_batchnorm_stats(model, accelerator)
             metrics = train.evaluate(bare, val_loader, device=accelerator.device, accelerator=accelerator)
         except (DataError, train.TrainError) as e:  # an unreadable image, a diverged loss: one line, checkpoints kept

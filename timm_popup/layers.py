@@ -227,6 +227,9 @@ class MaskMode:
     learns_weight: bool = False
     #: why the mode cannot keep an N:M structure (:class:`NMStructure`); empty where it can
     unstructured_because: str = ""
+    #: training forwards draw other masks than ``select``: norms' running statistics gathered in training do not
+    #: describe the eval network (the trainer re-estimates them under the eval masks)
+    samples: bool = False
 
     def select(self, m: PopupMask) -> torch.Tensor:
         raise NotImplementedError
@@ -265,7 +268,7 @@ class Sample(MaskMode):
     """Zhou et al.'s supermask: training samples ``mask ~ Bernoulli(sigmoid(scores))``; the deterministic mask is
     ``sigmoid(scores) > 0.5``, written ``scores > 0`` so that sigmoid's rounding near 0.5 cannot flip it."""
 
-    name = "sample"
+    name, samples = "sample", True
     unstructured_because = "supermask samples each weight on its own (Bernoulli); it keeps no top-k to group"
 
     def select(self, m: PopupMask) -> torch.Tensor:
