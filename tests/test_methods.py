@@ -290,3 +290,16 @@ def test_a_supermask_run_writes_the_statistics_of_its_eval_mask(run, data, tmp_p
     assert train.recalibrate_norms(model, loader) == 96  # the whole (small) train split, in order
     for m, (mean, var) in zip(norms, written, strict=True):  # re-estimating changes nothing: it was done
         assert torch.allclose(m.running_mean, mean, atol=1e-5) and torch.allclose(m.running_var, var, rtol=1e-4)
+
+
+def test_mask_drift_script_measures_how_far_training_moved_a_mask(found, tmp_path):
+    spec = importlib.util.spec_from_file_location("mask_drift", ROOT / "scripts" / "mask_drift.py")
+    drift = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(drift)
+    moved = drift.kept_from_the_start(str(found))
+    assert 50.0 < moved < 100.0  # one epoch reorders some scores, far from all
+    untrained = tmp_path / "untrained"
+    model = timm.create_model(f"local-dir:{found}", pretrained=False)  # the seeded initial scores
+    get_method("edge-popup").save(model, untrained, metrics={"top1": 0.0, "top5": 0.0}, dataset="shapes",
+                                  recipe={"lr": 0.1})
+    assert drift.kept_from_the_start(str(untrained)) == 100.0
