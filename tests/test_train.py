@@ -1024,3 +1024,19 @@ def test_a_scheduled_global_density_resumes_on_its_schedule(in_process, capsys, 
     assert re.search(r"stopped by SIGUSR1 after step \d of epoch 2", capsys.readouterr().out)
     assert in_process([*args, "--output-dir", str(out), "--resume", "latest"]) == 0
     _same_run(out, reference)
+
+
+def test_a_supermask_with_batchnorm_resumes_to_the_same_bytes(in_process, capsys, data, tmp_path):
+    """A supermask's norm statistics are re-estimated under its eval mask after each epoch: stopped inside epoch 2 and
+    resumed, the run still ends with the uninterrupted run's bytes (statistics included) and logged numbers."""
+    tiny = PREEMPT_ARGS[PREEMPT_ARGS.index("--batch-size"):]  # the preemption recipe on a network with BatchNorm
+    args = ["--model", "popup_test_resnet", "--img-size", "32", *tiny, "--dataset", str(data), "--method", "supermask",
+            "--checkpointing-steps", "1"]
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    assert in_process([*args, "--output-dir", str(reference)]) == 0
+    watcher = _signal_when(out / "checkpoints" / "step_00000008", signal.SIGUSR1)  # inside epoch 2 (6 steps each)
+    assert in_process([*args, "--output-dir", str(out)]) == runstate.EXIT_PREEMPTED
+    watcher.join()
+    assert re.search(r"stopped by SIGUSR1 after step \d of epoch 2", capsys.readouterr().out)
+    assert in_process([*args, "--output-dir", str(out), "--resume", "latest"]) == 0
+    _same_run(out, reference)
