@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -122,8 +123,11 @@ def _fake_script(tmp_path: Path) -> Path:
 def test_jobs_run_cells_at_once_and_a_failure_keeps_the_finished_ones(tmp_path, monkeypatch):
     script = _fake_script(tmp_path)
     cells = grid(["popup_conv2"], ks=[0.5], seeds=[0, 1, 2, 3])
-    results = run_grid(cells, tmp_path / "ok", train_script=script, jobs=2, log=open(os.devnull, "w"))
+    log = io.StringIO()
+    results = run_grid(cells, tmp_path / "ok", train_script=script, jobs=2, log=log)
     assert sorted(results) == sorted(c.id for c in cells)
+    # each cell's result has its own line, under its own number (its start line ends before it finishes)
+    assert f"[4/4] {cells[3].id}: top-1 53.00% in " in log.getvalue()
     assert [results[c.id]["artifact_bytes"] for c in cells] == [100, 101, 102, 103]
     spans = [json.loads((tmp_path / "ok" / "runs" / c.id / "metrics.jsonl").read_text()) for c in cells[:2]]
     assert spans[0]["start"] < spans[1]["end"] and spans[1]["start"] < spans[0]["end"]  # the first two overlapped
@@ -153,6 +157,9 @@ def test_suites_expand_to_their_rows_and_share_the_default_cells():
     assert resnet.id.endswith("-s0-scale-fan") and by_variant[None][0].id.endswith("-s0")
     shared = {c.id for c in options} & {c.id for c in structure}
     assert shared == {c.id for c in by_variant[None] if c.k == 0.5}  # run once for both tables
+    longer = suite_cells(SUITES["gem-miner"])  # another budget (--epochs 6): other cells, never a shared id
+    assert not {c.id for c in longer} & {c.id for c in options} and SUITES["gem-miner"].train_args[-2:] == (
+        "--epochs", "6")
     assert [c.seed for c in options[:3]] == [0, 0, 0] and options[-1].seed == 2  # seed by seed
 
 

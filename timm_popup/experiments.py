@@ -18,12 +18,13 @@ mask-learning method of ``timm_popup.methods`` on Fashion-MNIST at one budget (`
 a ResNet-18 at small width, k in {0.05, 0.1, 0.3, 0.5}, 2 seeds, the same data, epochs, batch and recipe for
 all), written as ``comparison.md`` (mean +- std top-1 per method, model and k) and ``slt_comparison.png``.
 
-    python -m timm_popup.experiments suite options|structure [--out results/variants_fmnist] [--jobs 2]
+    python -m timm_popup.experiments suite options|structure|gem-miner [--out results/variants_fmnist] [--jobs 2]
 
 runs a suite: rows of variants (a method and its flags, ``SUITES`` below) against the paper's default on the
 same models, k and seeds, written as ``OUT/SUITE.md`` (mean +- std top-1, the difference to the default, the
 artifact size). ``options``: the paper code's and the follow-ups' options; ``structure``: 2:4 masks against
-unstructured k = 0.5. Both share one directory, so their common default cells run once.
+unstructured k = 0.5; ``gem-miner``: Gem-Miner against edge-popup over 6 epochs. They share one directory, so
+common cells run once.
 """
 
 from __future__ import annotations
@@ -204,6 +205,7 @@ class Suite:
     seeds: tuple[int, ...]
     variants: tuple[Variant, ...]
     notes: tuple[str, ...] = ()  # what the table's reader needs: why a row is missing somewhere
+    train_args: tuple[str, ...] = ()  # the suite's own budget, after SUITE_TRAIN_ARGS (so it overrides them)
 
 
 SUITE_OUT = "results/variants_fmnist"
@@ -245,6 +247,14 @@ SUITES: dict[str, Suite] = {
             Variant("", "--k 0.5 (unstructured)"),
             Variant("nm2-4", "--structure 2:4", options=("--structure", "2:4")),
         )),
+    # Gem-Miner is made for many freezing events: 6 epochs give it 5 (the options suite's 2 epochs give it one)
+    "gem-miner": Suite(
+        "Gem-Miner against edge-popup over 6 epochs", {**_CONV4, **_RESNET18}, ks=(0.05, 0.5), seeds=(0, 1, 2),
+        variants=(
+            Variant("ep6", "edge-popup"),
+            Variant("gem-miner-ep6", "--method gem-miner --freeze-every 1", "gem-miner", ("--freeze-every", "1")),
+        ), notes=("6 epochs (--epochs 6): Gem-Miner freezes at the end of epochs 1 to 5.",),
+        train_args=("--epochs", "6")),
 }
 
 
@@ -392,10 +402,14 @@ def run_grid(cells: Iterable[Cell], out: str | os.PathLike, train_args: Sequence
             todo.setdefault(cell.id, (i, cell))
     errors = []
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for future in as_completed([pool.submit(run, i, cell) for i, cell in todo.values()]):
+        futures = {pool.submit(run, i, cell): i for i, cell in todo.values()}
+        for future in as_completed(futures):
             if future.exception() is not None:
                 errors.append(future.exception())
             elif (row := future.result()) is not None:  # recorded as it finishes: a killed sweep keeps it
+                # several cells run at once, so the line that started one no longer ends with its result
+                print(f"[{futures[future]}/{len(cells)}] {row['cell']}: top-1 {row['top1']:.2f}% in {row['wall_s']} s",
+                      file=log, flush=True)
                 with open(out / RESULTS_JSONL, "a") as f:  # one line per finished cell, appended whole
                     f.write(json.dumps(row) + "\n")
                 done[row["cell"]] = row
@@ -575,8 +589,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cells = suite_cells(chosen)
         print(f"suite {args.name}: {len(cells)} runs into {args.out} (resumable)", file=sys.stderr)
         try:
-            results = run_grid(cells, args.out, [*SUITE_TRAIN_ARGS, *train_args], train_script=args.train_script,
-                               threads=SUITE_THREADS, jobs=args.jobs)
+            results = run_grid(cells, args.out, [*SUITE_TRAIN_ARGS, *chosen.train_args, *train_args],
+                               train_script=args.train_script, threads=SUITE_THREADS, jobs=args.jobs)
         except (RuntimeError, FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
