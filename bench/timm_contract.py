@@ -12,7 +12,10 @@ the checks that tools built on timm rely on:
 * ``fx_bwd``: the traced graph in training mode, backward: every trainable parameter gets a gradient (popup: the
   scores are the only trainable tensors, by design);
 * ``jit``: ``torch.jit.script`` (``set_scriptable(True)``), one forward (popup: equal to the eager model's output);
-* ``fx_jit``: the fx graph scripted, one forward.
+* ``fx_jit``: the fx graph scripted, one forward;
+* ``onnx``: ONNX export as timm's ``onnx_export.py`` does it (``exportable=True``, dynamic batch, ``onnx.checker``)
+  at the TorchScript size: for plain, timm's own export of the plain model; for popup, ``timm-popup export --onnx``'s
+  function, which also runs the file with ONNX Runtime and needs the popup model's top-1 on 8 images.
 
 The summary counts, per check, the families that pass with the popup model and with the plain one; a check that
 fails for popup where it passes for plain is a regression.
@@ -22,6 +25,7 @@ Usage::
     python bench/timm_contract.py --jobs 2 --threads 1 --markdown results/timm_contract/summary.md \\
         --json results/timm_contract/results.json
     python bench/timm_contract.py --families vision_transformer,resnet
+    python bench/timm_contract.py --checks onnx --jobs 2 --markdown results/timm_contract/onnx.md
 """
 
 from __future__ import annotations
@@ -43,11 +47,12 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-CHECKS = ("features", "getter", "fx_fwd", "fx_bwd", "jit", "fx_jit")
+CHECKS = ("features", "getter", "fx_fwd", "fx_bwd", "jit", "fx_jit", "onnx")
 CHECK_TITLES = {
     "features": "`features_only=True`", "getter": "`features_only=True, feature_cls='getter'`",
     "fx_fwd": "torchvision fx feature extraction, forward", "fx_bwd": "torchvision fx feature extraction, backward",
     "jit": "`torch.jit.script`", "fx_jit": "fx trace, then `torch.jit.script`",
+    "onnx": "ONNX export as timm's `onnx_export.py` (popup: ONNX Runtime gives its top-1)",
 }
 TAG = "@@timm_contract@@ "
 # timm's test sizes (tests/test_models.py): features at <= 96 px, fx and TorchScript at <= 128 px
@@ -210,19 +215,36 @@ def run_contract(name: str, kwargs: dict[str, Any] | None = None, *, popup: bool
             return f"scripted popup output differs from eager, max |diff| {(got - expected).abs().max().item():.3g}"
         return None
 
+    def onnx() -> str | None:
+        import tempfile
+
+        from timm_popup.onnx_export import OnnxError, export_onnx, plain_exports
+
+        model = create(exportable=True).eval()
+        size = input_size(model, TARGET_JIT_SIZE, sizes.get("jit"))
+        if not popup:
+            return plain_exports(name, kwargs, input_size=size)
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                export_onnx(model, Path(tmp) / "model.onnx", input_size=size)
+            except OnnxError as e:
+                return str(e)
+        return None
+
     run("features", lambda: features("features"))
     run("getter", lambda: features("getter", feature_cls="getter"))
     run("fx_fwd", fx_fwd)
     run("fx_bwd", fx_bwd)
     run("jit", lambda: jit(False))
     run("fx_jit", lambda: jit(True))
+    run("onnx", onnx)
     return out
 
 
 # --------------------------------------------------------------------------------------------- driver
 
 
-def _child(model: str, kwargs: dict[str, Any], threads: int) -> int:
+def _child(model: str, kwargs: dict[str, Any], threads: int, checks: Sequence[str] = CHECKS) -> int:
     import torch
 
     warnings.filterwarnings("ignore")
@@ -233,15 +255,17 @@ def _child(model: str, kwargs: dict[str, Any], threads: int) -> int:
         torch._C._jit_set_profiling_mode(False)
     import timm_popup  # noqa: F401  registers popup_<name>
 
-    plain = run_contract(model, kwargs, popup=False)
+    plain = run_contract(model, kwargs, popup=False, checks=checks)
     print(TAG + json.dumps(dict(side="plain", result=plain)), flush=True)
-    popup = run_contract(model, kwargs, popup=True, reference=plain["info"])
+    popup = run_contract(model, kwargs, popup=True, reference=plain["info"], checks=checks)
     print(TAG + json.dumps(dict(side="popup", result=popup)), flush=True)
     return 0
 
 
-def run_family(family: str, model: str, *, timeout: float, threads: int) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", model, "--threads", str(threads)]
+def run_family(family: str, model: str, *, timeout: float, threads: int,
+               checks: Sequence[str] = CHECKS) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", model, "--threads", str(threads),
+           "--checks", ",".join(checks)]
     row: dict[str, Any] = dict(family=family, model=model, plain={}, popup={}, error="")
     t0 = time.time()
     try:
@@ -266,10 +290,10 @@ def _ok(row: dict[str, Any], side: str, check: str) -> bool | None:
     return None if result is None else bool(result["ok"])
 
 
-def summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def summary(rows: Sequence[dict[str, Any]], checks: Sequence[str] = CHECKS) -> list[dict[str, Any]]:
     """Per check: families passing with popup, with plain, and popup failures where plain passes."""
     out = []
-    for check in CHECKS:
+    for check in checks:
         plain = [r["family"] for r in rows if _ok(r, "plain", check)]
         popup = [r["family"] for r in rows if _ok(r, "popup", check)]
         out.append(dict(check=check, plain=len(plain), popup=len(popup), families=len(rows),
@@ -278,7 +302,7 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def format_markdown(rows: Sequence[dict[str, Any]], wall: float | None = None, jobs: int = 1,
-                    threads: int = 1) -> str:
+                    threads: int = 1, checks: Sequence[str] = CHECKS) -> str:
     import timm
     import torch
 
@@ -287,19 +311,19 @@ def format_markdown(rows: Sequence[dict[str, Any]], wall: float | None = None, j
              + (f", {wall / 60:.1f} min with {jobs} job(s) x {threads} thread(s)" if wall else "") + ").", "",
              "| timm test | popup_ models pass | plain timm pass | popup fails where plain passes |",
              "|---|--:|--:|---|"]
-    for s in summary(rows):
+    for s in summary(rows, checks):
         regress = ", ".join(s["regressions"]) or "none"
         lines.append(f"| {CHECK_TITLES[s['check']]} | {s['popup']}/{s['families']} | {s['plain']}/{s['families']} "
                      f"| {regress} |")
-    lines += ["", "| family | model | " + " | ".join(CHECKS) + " | plain fails (reason) |",
-              "|---|---|" + "|".join(":-:" for _ in CHECKS) + "|---|"]
+    lines += ["", "| family | model | " + " | ".join(checks) + " | plain fails (reason) |",
+              "|---|---|" + "|".join(":-:" for _ in checks) + "|---|"]
     for r in rows:
         cells = []
-        for c in CHECKS:
+        for c in checks:
             p, q = _ok(r, "popup", c), _ok(r, "plain", c)
             cells.append({(True, True): "pass", (False, False): "both fail", (True, False): "popup only",
                           (False, True): "**FAIL**"}.get((p, q), "-"))
-        why = "; ".join(f"{c}: {r['plain'][c]['reason']}" for c in CHECKS
+        why = "; ".join(f"{c}: {r['plain'][c]['reason']}" for c in checks
                         if _ok(r, "plain", c) is False)[:240].replace("|", "\\|")
         lines.append(f"| {r['family']} | `{r['model']}` | " + " | ".join(cells) + f" | {r['error'] or why} |")
     return "\n".join(lines) + "\n"
@@ -311,12 +335,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900, help="seconds per family (default 900)")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per family (default 1)")
+    parser.add_argument("--checks", default=",".join(CHECKS),
+                        help=f"comma-separated, of {', '.join(CHECKS)} (default: all)")
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--one", metavar="MODEL", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    checks = [c.strip() for c in args.checks.split(",") if c.strip()]
+    if not checks or set(checks) - set(CHECKS):
+        parser.error(f"--checks {args.checks}: choose among {', '.join(CHECKS)}")
     if args.one:
-        return _child(args.one, {}, args.threads)
+        return _child(args.one, {}, args.threads, checks)
 
     cov = _coverage()
     families = cov.select_models()["families"]
@@ -327,8 +356,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.time()
 
     def one(family: str) -> dict[str, Any]:
-        row = run_family(family, families[family]["model"], timeout=args.timeout, threads=args.threads)
-        bad = [c for c in CHECKS if _ok(row, "plain", c) and not _ok(row, "popup", c)]
+        row = run_family(family, families[family]["model"], timeout=args.timeout, threads=args.threads,
+                         checks=checks)
+        bad = [c for c in checks if _ok(row, "plain", c) and not _ok(row, "popup", c)]
         status = row["error"] or ("REGRESSION " + ", ".join(bad) if bad else "ok")
         print(f"[{time.time() - t0:6.0f} s] {family:28s} {row['model']:36s} {row['seconds']:5.0f} s  {status}",
               flush=True)
@@ -338,18 +368,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = list(pool.map(one, wanted))
     wall = time.time() - t0
     print()
-    for s in summary(rows):
+    for s in summary(rows, checks):
         print(f"{s['check']:9s} popup {s['popup']:3d}/{s['families']}  plain {s['plain']:3d}/{s['families']}  "
               f"popup fails where plain passes: {', '.join(s['regressions']) or 'none'}")
     print(f"wall {wall:.0f} s ({args.jobs} job(s), {args.threads} thread(s) each); load average "
           + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(format_markdown(rows, wall, args.jobs, args.threads))
+        args.markdown.write_text(format_markdown(rows, wall, args.jobs, args.threads, checks))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
-    return 0 if not any(s["regressions"] for s in summary(rows)) else 1
+    return 0 if not any(s["regressions"] for s in summary(rows, checks)) else 1
 
 
 if __name__ == "__main__":

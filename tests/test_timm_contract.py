@@ -237,3 +237,21 @@ def test_weight_learning_methods_train_a_frozen_token_and_save_it_dense() -> Non
     reloaded.load_state_dict(state)
     with torch.no_grad():
         assert torch.equal(reloaded(x), trained(x))
+
+
+def test_onnx_check_exports_plain_and_popup_and_reports_what_fails() -> None:
+    """The sweep's onnx column: timm's export of the plain model against ours (checked with ONNX Runtime)."""
+    pytest.importorskip("onnxruntime")
+    sizes = _sizes("test_resnet")
+    for popup in (False, True):
+        result = contract.run_contract("test_resnet", {}, popup=popup, sizes=sizes, checks=("onnx",))
+        assert result["onnx"] == dict(ok=True, reason="") and set(result) == {"info", "onnx"}
+    # a ViT resampling its position embedding (antialiased bicubic, no ONNX operator) fails on both sides, each with
+    # its one-line reason
+    vit = dict(img_size=32, dynamic_img_size=True)
+    plain, popup = (contract.run_contract("test_vit", vit, popup=p, sizes=dict(jit=(3, 48, 48)), checks=("onnx",))[
+        "onnx"] for p in (False, True))
+    assert not plain["ok"] and not popup["ok"] and "\n" not in plain["reason"] + popup["reason"]
+    assert "_upsample_bicubic2d_aa" in plain["reason"] and "timm cannot export the plain test_vit" in popup["reason"]
+    rows = [dict(family="resnet", model="test_resnet", plain=dict(onnx=dict(ok=True)), popup=dict(onnx=plain))]
+    assert contract.summary(rows, ("onnx",))[0]["regressions"] == ["resnet"]  # popup fails where plain passes
