@@ -383,6 +383,22 @@ def test_two_processes_stop_together_and_resume_to_the_same_bytes(preempt_refere
     _same_run(out, preempt_reference[2])
 
 
+def test_two_processes_accumulating_on_batchnorm_resume_mid_epoch_to_the_same_bytes(data, tmp_path):
+    """--grad-accum 2 on a BatchNorm network, 2 processes: an update spans two batches per process (and the norms'
+    running statistics move on each); stopped inside epoch 2 and resumed, the run ends with the uninterrupted one's
+    bytes and logged numbers."""
+    tiny = PREEMPT_ARGS[PREEMPT_ARGS.index("--batch-size"):]
+    args = ["--model", "popup_test_resnet", "--img-size", "32", *tiny, "--batch-size", "8", "--grad-accum", "2",
+            "--dataset", str(data), "--checkpointing-steps", "1"]  # 6 batches per process, 3 updates per epoch
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    _launch([*args, "--output-dir", str(reference)], processes=2)
+    log = _interrupt(args, out, signal.SIGTERM, "", processes=2, pause="step_00000004")
+    assert re.search(r"stopped by SIGTERM after step 4 of epoch 2; saved \S+step_00000005;", log), log[-4000:]
+    log = _launch([*args, "--output-dir", str(out), "--resume", "latest"], processes=2)
+    assert "(epoch 1 done, 5 updates, then step 4 of epoch 2)" in log, log[-4000:]
+    _same_run(out, reference)
+
+
 def _signal_when(path: Path, sig: signal.Signals) -> threading.Thread:
     """Send ``sig`` to this process (an in-process run) once ``path`` exists."""
     def watch() -> None:
