@@ -2,8 +2,9 @@
 
     python bench/step_time.py [--steps 10] [--rounds 3]
 
-Rows: dense (weights trained), popup (ours: the fused selection + masking of ``timm_popup.native``), and
-reference rows with the mask chosen by the paper's full sort (Algorithm 1) and by torch.kthvalue. Each row's
+Rows: dense (weights trained), popup (ours: the fused selection + masking of ``timm_popup.native``), popup with a
+2:4 structure (``structure="2:4"``: the keyed N:M selection, PyTorch ops), and reference rows with the mask chosen by
+the paper's full sort (Algorithm 1) and by torch.kthvalue. Each row's
 timing is interleaved with the others
 in rounds, on the current device, and reported as the median step time and its ratio to dense.
 """
@@ -62,15 +63,16 @@ def step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callabl
     return step
 
 
-def bench_case(title: str, dense: torch.nn.Module, popup: torch.nn.Module, batch: int, size: int,
-               steps: int, rounds: int, device: torch.device) -> None:
+def bench_case(title: str, dense: torch.nn.Module, popup: torch.nn.Module, structured: torch.nn.Module, batch: int,
+               size: int, steps: int, rounds: int, device: torch.device) -> None:
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    dense, popup = dense.to(device).train(), popup.to(device).train()
+    dense, popup, structured = (m.to(device).train() for m in (dense, popup, structured))
     ours = layers.fused_masked_weight
     rows = {
         "dense": (dense, ours),
         "popup (ours)": (popup, ours),
+        "popup 2:4 (ours)": (structured, ours),
         "popup, full sort (paper)": (popup, with_selection(sort_mask)),
         "popup, kthvalue": (popup, with_selection(kthvalue_mask)),
     }
@@ -104,13 +106,16 @@ def main() -> None:
     check_idle(args.allow_busy)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
+    def popup(name: str, **kwargs: object) -> tuple[torch.nn.Module, torch.nn.Module]:
+        return timm.create_model(name, **kwargs), timm.create_model(name, structure="2:4", **kwargs)
+
     bench_case("resnet18 vs popup_resnet18", timm.create_model("resnet18", num_classes=10),
-               timm.create_model("popup_resnet18", num_classes=10), 64, 32, args.steps, args.rounds, device)
-    bench_case("Conv4 vs popup_conv4", ConvNet(stages=(64, 128)), timm.create_model("popup_conv4"),
+               *popup("popup_resnet18", num_classes=10), 64, 32, args.steps, args.rounds, device)
+    bench_case("Conv4 vs popup_conv4", ConvNet(stages=(64, 128)), *popup("popup_conv4"),
                128, 32, args.steps, args.rounds, device)
     if device.type == "cuda":
         bench_case("resnet50 vs popup_resnet50", timm.create_model("resnet50", num_classes=10),
-                   timm.create_model("popup_resnet50", num_classes=10), 64, 224, args.steps, args.rounds, device)
+                   *popup("popup_resnet50", num_classes=10), 64, 224, args.steps, args.rounds, device)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,22 @@ def test_nm_mask_keeps_n_of_every_group_as_the_per_group_reference_with_ties(sha
         assert (native.nm_groups(mask, m).sum(dim=1) == n).all()
 
 
+@pytest.mark.parametrize("shape,n,m", [((6, 8), 2, 4), ((5, 12, 3, 3), 2, 4), ((4, 9, 2), 1, 3), ((2, 64), 5, 32),
+                                       ((64, 64, 3, 3), 2, 4)])  # the last: above the kernels' parallel threshold
+def test_nm_c_kernel_is_bit_identical_to_the_keyed_path(shape, n, m):
+    """The eager CPU path (one C pass) against weight * the keyed mask, bit for bit: ties, -0.0 and a NaN score (ranked
+    above every number, as its key is), and a dropped negative weight is -0.0 as weight * 0 is."""
+    if not native.available():
+        pytest.skip("no C compiler: the keyed path is the only one")
+    for seed in range(3):
+        for scores in (_tied_scores(shape, seed), torch.randn(shape, generator=torch.Generator().manual_seed(seed))):
+            scores.view(-1)[seed] = float("nan") if seed == 2 else scores.view(-1)[seed]
+            weight = torch.randn(shape, generator=torch.Generator().manual_seed(10 + seed))
+            assert native.nm_fusable(scores, weight)
+            got = native.nm_masked_weight(scores, weight, n, m)
+            assert torch.equal(got.view(torch.int32), (weight * reference_nm_mask(scores, n, m)).view(torch.int32))
+
+
 def test_nm_mask_compiled_without_graph_break_is_the_eager_one():
     """torch.compile traces the keyed selection as plain device ops (what a CUDA run executes): same mask."""
     scores = _tied_scores((8, 16, 3, 3), 5)

@@ -261,7 +261,7 @@ class TopK(MaskMode):
     def train_forward(self, m: PopupMask) -> torch.Tensor:
         if m.structure is None:  # edge-popup's hot path: selection and masked weight in one fused call
             return fused_masked_weight(m.scores, m.weight, m.k, m._selection)
-        return self.apply(m, m.structure.select(m.scores))
+        return m.structure.masked_weight(m.scores, m.weight)
 
 
 class Sample(MaskMode):
@@ -425,6 +425,12 @@ class NMStructure:
 
     def select(self, scores: torch.Tensor) -> torch.Tensor:
         return native.nm_mask(scores, self.n, self.m)
+
+    def masked_weight(self, scores: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """A training forward's ``weight * select(scores)`` with edge-popup's straight-through gradient."""
+        if native.nm_fusable(scores, weight):  # eager on the CPU kernels: selection and masked weight in one pass
+            return native.nm_masked_weight(scores, weight, self.n, self.m)
+        return _StraightThrough.apply(scores, weight, self.select(scores))
 
 
 #: every mode of :class:`PopupMask`, by its name (``PopupMask.mode``)

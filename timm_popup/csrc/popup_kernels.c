@@ -557,6 +557,38 @@ int popup_select_masked_weight_signs(const float *s, const uint8_t *bits, double
     return select_core(s, n, keep, hint, nt, &o, thr_out, cut_out);
 }
 
+/* N:M: every group of m consecutive entries along dim 1 of a (outer, c, inner) tensor (stride `inner`) keeps its
+ * n largest |s|, ties to the lower index: the order of native.nm_mask's keys (abs_key, then the index), NaN above
+ * every number as there. out = w * kept, so a dropped negative weight is -0.0 as w * 0.0f is. One pass, m <= 32.
+ * One row is the `inner` groups of one (output, group) pair; inlined with a constant m for 2:4-like structures so
+ * that the rank loops unroll. */
+static ALWAYS_INLINE void nm_row(const float *s, const float *w, float *out, int64_t inner, int n, int m) {
+    for (int64_t r = 0; r < inner; r++) {
+        uint32_t key[32];
+        for (int j = 0; j < m; j++) key[j] = abs_key(s[j * inner + r]);
+        for (int j = 0; j < m; j++) {
+            const uint32_t kj = key[j];
+            int ahead = 0;  /* entries of the group ranked before j */
+            for (int q = 0; q < m; q++) ahead += (key[q] > kj) | ((key[q] == kj) & (q < j));
+            out[j * inner + r] = w[j * inner + r] * (float)(ahead < n);
+        }
+    }
+}
+
+void popup_nm_masked_weight(const float *s, const float *w, int64_t outer, int64_t c, int64_t inner, int n, int m,
+                            float *out, int nt) {
+    const int64_t rows = outer * (c / m), len = m * inner;
+    nt = clamp_threads(nt, rows * len);
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+    for (int64_t row = 0; row < rows; row++) {
+        const int64_t b = row * len;
+        if (m == 4)
+            nm_row(s + b, w + b, out + b, inner, n, 4);
+        else
+            nm_row(s + b, w + b, out + b, inner, n, m);
+    }
+}
+
 /* The boolean mask itself (torch.bool is one byte, 0 or 1). */
 void popup_build_mask(const float *s, int64_t n, float thr, int64_t cut, uint8_t *out, int nt) {
     KEEP_LOOP(out[i] = (uint8_t)kf);
