@@ -291,6 +291,9 @@ def test_killed_run_resumes_to_the_same_mask(main_run, data, tmp_path):
 # augmented (the draws must repeat too), a recovery checkpoint every 2 updates, 6 updates per epoch on one process
 PREEMPT_ARGS = [*TINY, "--epochs", "2", "--hflip", "0.5", "--pad-crop", "4", "--checkpointing-steps", "2",
                 "--seed", "3", "--cpu"]
+# the preemption recipe on a network with BatchNorm
+BN_PREEMPT_ARGS = ["--model", "popup_test_resnet", "--img-size", "32",
+                   *PREEMPT_ARGS[PREEMPT_ARGS.index("--batch-size"):]]
 
 
 @pytest.fixture(scope="module")
@@ -387,9 +390,8 @@ def test_two_processes_accumulating_on_batchnorm_resume_mid_epoch_to_the_same_by
     """--grad-accum 2 on a BatchNorm network, 2 processes: an update spans two batches per process (and the norms'
     running statistics move on each); stopped inside epoch 2 and resumed, the run ends with the uninterrupted one's
     bytes and logged numbers."""
-    tiny = PREEMPT_ARGS[PREEMPT_ARGS.index("--batch-size"):]
-    args = ["--model", "popup_test_resnet", "--img-size", "32", *tiny, "--batch-size", "8", "--grad-accum", "2",
-            "--dataset", str(data), "--checkpointing-steps", "1"]  # 6 batches per process, 3 updates per epoch
+    args = [*BN_PREEMPT_ARGS, "--batch-size", "8", "--grad-accum", "2", "--dataset", str(data),
+            "--checkpointing-steps", "1"]  # 6 batches per process, 3 updates per epoch
     reference, out = tmp_path / "reference", tmp_path / "run"
     _launch([*args, "--output-dir", str(reference)], processes=2)
     log = _interrupt(args, out, signal.SIGTERM, "", processes=2, pause="step_00000004")
@@ -1027,32 +1029,29 @@ def test_a_write_fault_is_one_line_and_keeps_the_previous_checkpoint(in_process,
     assert train.list_checkpoints(out)
 
 
+def _stopped_in_epoch_2_resumes_to_the_same_run(in_process, capsys, args: list[str], tmp_path: Path) -> None:
+    """An in-process run of ``args`` (6 steps per epoch, a checkpoint every step) stopped by SIGUSR1 inside epoch 2,
+    then resumed, ends with the uninterrupted run's bytes and logged numbers."""
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    assert in_process([*args, "--output-dir", str(reference)]) == 0
+    watcher = _signal_when(out / "checkpoints" / "step_00000008", signal.SIGUSR1)  # inside epoch 2 (6 steps each)
+    assert in_process([*args, "--output-dir", str(out)]) == runstate.EXIT_PREEMPTED
+    watcher.join()
+    assert re.search(r"stopped by SIGUSR1 after step \d of epoch 2", capsys.readouterr().out)
+    assert in_process([*args, "--output-dir", str(out), "--resume", "latest"]) == 0
+    _same_run(out, reference)
+
+
 def test_a_scheduled_global_density_resumes_on_its_schedule(in_process, capsys, data, tmp_path):
     """global-topk with --density-epochs: the density of the epoch a run resumes in is set before its first step
     (it is a function of the update count, not in the checkpoint), so the artifact is the uninterrupted run's."""
     args = [*PREEMPT_ARGS, "--dataset", str(data), "--method", "global-topk", "--k", "0.2", "--density-epochs", "2",
             "--checkpointing-steps", "1"]
-    reference, out = tmp_path / "reference", tmp_path / "run"
-    assert in_process([*args, "--output-dir", str(reference)]) == 0
-    watcher = _signal_when(out / "checkpoints" / "step_00000008", signal.SIGUSR1)  # inside epoch 2 (6 steps each)
-    assert in_process([*args, "--output-dir", str(out)]) == runstate.EXIT_PREEMPTED
-    watcher.join()
-    assert re.search(r"stopped by SIGUSR1 after step \d of epoch 2", capsys.readouterr().out)
-    assert in_process([*args, "--output-dir", str(out), "--resume", "latest"]) == 0
-    _same_run(out, reference)
+    _stopped_in_epoch_2_resumes_to_the_same_run(in_process, capsys, args, tmp_path)
 
 
 def test_a_supermask_with_batchnorm_resumes_to_the_same_bytes(in_process, capsys, data, tmp_path):
     """A supermask's norm statistics are re-estimated under its eval mask after each epoch: stopped inside epoch 2 and
     resumed, the run still ends with the uninterrupted run's bytes (statistics included) and logged numbers."""
-    tiny = PREEMPT_ARGS[PREEMPT_ARGS.index("--batch-size"):]  # the preemption recipe on a network with BatchNorm
-    args = ["--model", "popup_test_resnet", "--img-size", "32", *tiny, "--dataset", str(data), "--method", "supermask",
-            "--checkpointing-steps", "1"]
-    reference, out = tmp_path / "reference", tmp_path / "run"
-    assert in_process([*args, "--output-dir", str(reference)]) == 0
-    watcher = _signal_when(out / "checkpoints" / "step_00000008", signal.SIGUSR1)  # inside epoch 2 (6 steps each)
-    assert in_process([*args, "--output-dir", str(out)]) == runstate.EXIT_PREEMPTED
-    watcher.join()
-    assert re.search(r"stopped by SIGUSR1 after step \d of epoch 2", capsys.readouterr().out)
-    assert in_process([*args, "--output-dir", str(out), "--resume", "latest"]) == 0
-    _same_run(out, reference)
+    args = [*BN_PREEMPT_ARGS, "--dataset", str(data), "--method", "supermask", "--checkpointing-steps", "1"]
+    _stopped_in_epoch_2_resumes_to_the_same_run(in_process, capsys, args, tmp_path)
