@@ -10,9 +10,10 @@ with a timeout, through:
 * (c) coverage: every weight tensor (>= 2 dims) of the plain model is masked, every other parameter frozen
   by a named policy;
 * (d) k=1: the folded k=1 network equals plain timm loaded with the same weights;
-* (e) save -> load: ``save_pretrained`` then ``pretrained=True`` gives bitwise-equal logits;
-* (export): the k=0.5 network folded and written as ``timm-popup export`` does, loaded by timm's own loader,
-  gives the popup model's logits; and the checkpoint of the weight-learning methods (``save_dense``, here of a
+* (e) save -> load: ``save_pretrained`` then ``timm.create_model("local-dir:DIR", pretrained=True)`` (config.json
+  read and checked, the model rebuilt from it alone) gives bitwise-equal logits;
+* (export): ``timm-popup export DIR OUT`` on that artifact, loaded by plain timm's ``local-dir:`` loader, gives the
+  popup model's logits; and the checkpoint of the weight-learning methods (``save_dense``, here of a
   random subnetwork) reloads with the same logits.
 
 Usage::
@@ -382,34 +383,31 @@ def run_checks(model_name: str, kwargs: dict[str, Any] | None = None, *, family:
     run("b", lambda: check_train_step(popup, x))
     run("c", lambda: check_coverage(popup, plain))
 
-    def overlay(file: Path) -> dict[str, Any]:
-        # timm drops the classifier of a checkpoint whose cfg has another class count: say it has ours
-        extra = {"num_classes": kwargs["num_classes"]} if "num_classes" in kwargs else {}
-        return dict(file=str(file), **extra)
-
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         tmp = Path(tmp)
         logits = _logits(popup, xe)
 
         def e() -> str | None:
+            # as a user loads a found mask: config.json read (and checked) by timm's local-dir: loader, the model
+            # rebuilt from its model_args alone
             timm_popup.save_pretrained(popup, tmp / "artifact")
-            loaded = timm.create_model("popup_" + model_name, pretrained=True, pretrained_cfg_overlay=overlay(
-                tmp / "artifact" / "model.safetensors"), **kwargs)
+            loaded = timm.create_model(f"local-dir:{tmp / 'artifact'}", pretrained=True)
             again = _logits(loaded, xe)
             if torch.equal(logits, again):
                 return None
             return f"reloaded logits differ, max |diff| {(logits - again).abs().max().item():.3g}"
 
         def export() -> str | None:
-            from timm_popup.export import export_plain, save_plain
+            from timm_popup import cli
             from timm_popup.methods import make_dense, make_random_subnet, save_dense
 
-            # what `timm-popup export` does: fold, compare the logits, write timm's files (shared modules too)
-            folded, _ = export_plain(popup, model_name, input_size=shape)
-            save_plain(folded, tmp / "plain")
-            # timm's own loader (pretrained_cfg_overlay file=), as a user of the exported checkpoint would
-            loaded = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay(
-                tmp / "plain" / "model.safetensors"), **kwargs)
+            # `timm-popup export ARTIFACT OUT` (fold, compare the logits, write timm's files, shared modules too),
+            # then plain timm's local-dir: loader, as a user of the exported checkpoint would
+            if not (tmp / "artifact" / "config.json").is_file():
+                timm_popup.save_pretrained(popup, tmp / "artifact")
+            if cli.main(["export", str(tmp / "artifact"), str(tmp / "plain")]) != 0:
+                return "timm-popup export failed (its one line is above)"
+            loaded = timm.create_model(f"local-dir:{tmp / 'plain'}", pretrained=True)
             again = _logits(loaded, xe)
             if not torch.allclose(logits, again, rtol=RTOL, atol=ATOL):
                 return f"plain timm logits differ, max |diff| {(logits - again).abs().max().item():.3g}"

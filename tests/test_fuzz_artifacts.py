@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from timm_popup import MaskError, cli
-from timm_popup.hub import CONFIG_FIELDS, check_config
+from timm_popup.configjson import CONFIG_FIELDS, check_config
 from timm_popup.maskfile import META, check_format, checksum
 from timm_popup.masks import filter_state_dict
 

@@ -13,9 +13,10 @@ import timm
 from timm.models import get_pretrained_cfg_value, is_model
 from torch import nn
 
+from .configjson import check_config
 from .convert import frozen_tensors, popup_masks
 from .export import dense_state_dict
-from .hub import CONFIG_NAME, WEIGHTS_NAME, check_config
+from .hub import CONFIG_NAME, WEIGHTS_NAME
 from .maskfile import META, check_format, read_header, read_mask_file
 
 __all__ = ["Artifact", "ArtifactError", "HUB_PREFIX", "LOCAL_PREFIX", "resolve_artifact", "require_architecture",
@@ -55,7 +56,7 @@ _BAD_CONFIG = "is not valid JSON, so the model it describes cannot be built: wri
 
 
 def _read_config(path: Path, mask_file: Path | None) -> dict[str, Any]:
-    """``config.json``, checked (:func:`timm_popup.hub.check_config`) against the mask file beside it."""
+    """``config.json``, checked (:func:`timm_popup.configjson.check_config`) against the mask file beside it."""
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -155,7 +156,7 @@ def resolve_artifact(spec: str, model: str | None = None) -> Artifact:
 
 def explain_damaged_local_configs() -> None:
     """Make timm's ``local-dir:`` / ``hf-hub:`` config reading check a popup artifact's ``config.json`` first
-    (:func:`timm_popup.hub.check_config`, against the mask file beside it where it is at hand), so an invalid one
+    (:func:`timm_popup.configjson.check_config`, against the mask file beside it where it is at hand), so an invalid one
     is one line naming the field, not a model built from it; and make a damaged one read through ``local-dir:``
     say which file it is and what to do (timm parses it with a bare ``json.load``, so the error names neither; it
     stays a ``json.JSONDecodeError``, a ``ValueError``). timm's two loaders are wrapped once, when timm_popup is
@@ -216,12 +217,14 @@ def build_model(art: Artifact) -> nn.Module:
     if art.directory is not None:
         return timm.create_model(f"local-dir:{art.directory}", pretrained=True).eval()
     kwargs: dict[str, Any] = dict(pretrained_cfg_overlay=dict(file=str(art.mask_file)))
-    classifier = get_pretrained_cfg_value(architecture, "classifier")
-    shape_key = f"{classifier}.weight.mask_shape" if isinstance(classifier, str) else None
+    classifiers = get_pretrained_cfg_value(architecture, "classifier") or ()
     tensors = read_mask_file(art.mask_file)
-    if shape_key in tensors:
+    shape_keys = [f"{name}.weight.mask_shape" for name in ((classifiers,) if isinstance(classifiers, str)
+                                                           else classifiers)]
+    shape_key = next((key for key in shape_keys if key in tensors), None)
+    if shape_key is not None:
         # The loader re-initialises a classifier of another shape (another num_classes) instead of failing;
-        # here the file is all there is, so build the head it was saved with.
+        # here the file is all there is, so build the head it was saved with (every head has one row per class).
         kwargs["num_classes"] = int(tensors[shape_key][0])
     return timm.create_model(architecture, pretrained=True, **kwargs).eval()
 

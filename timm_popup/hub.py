@@ -13,7 +13,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, metadata
 from importlib.resources import files
 from pathlib import Path
@@ -28,27 +28,20 @@ from timm.models._input import get_model_input_config
 from torch import nn
 
 from ._io import atomic_write
+from .configjson import check_config
 from .export import CONFIG_NAME, WEIGHTS_NAME, dense_state_dict
-from .init import check_weight_init
-from .layers import check_score_init
 from .maskfile import (
-    FORMAT_VERSION,
-    META,
-    OLDEST_FORMAT,
     MaskError,
     artifact_info,
-    check_header,
     read_mask_file,
-    valid_name,
     write_mask_file,
 )
 from .masks import mask_state_dict, model_header
-from .native import parse_structure
 from .reference import GENERATOR_VERSION
 
 __all__ = ["save_pretrained", "push_to_hub", "push_artifact", "model_card", "model_stats", "check_push_access",
            "PushError", "format_value", "card_fields", "source_url", "CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME",
-           "ARTIFACT_FILES", "CONFIG_FIELDS", "MAX_CLASSES", "check_config", "is_popup_config"]
+           "ARTIFACT_FILES"]
 
 CARD_NAME = "README.md"
 ARTIFACT_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
@@ -420,195 +413,3 @@ def check_push_access(repo_id: str, *, token: str | None = None, private: bool |
 
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-# -- config.json of an artifact from anyone: every field the loader reads, checked before a model is built ---------
-
-#: the most classes a config.json may ask for where the mask file does not fix the head's size
-MAX_CLASSES = 2**17
-_INT64 = (-(2**63), 2**63 - 1)
-_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos", "random")
-
-ConfigRule = Callable[[Any, dict], "str | None"]
-
-
-def _int_in(lo: int, hi: int) -> ConfigRule:
-    def rule(value: Any, ctx: dict) -> str | None:
-        ok = isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
-        return None if ok else f"is {value!r}, not an integer in [{lo}, {hi}]"
-    return rule
-
-
-def _number_in(lo: float, hi: float, *, open_low: bool = False) -> ConfigRule:
-    def rule(value: Any, ctx: dict) -> str | None:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
-            lo < value if open_low else lo <= value) and value <= hi
-        return None if ok else f"is {value!r}, not a number in {'(' if open_low else '['}{lo}, {hi}]"
-    return rule
-
-
-def _is(kind: type | tuple[type, ...], what: str) -> ConfigRule:
-    return lambda value, ctx: None if isinstance(value, kind) else f"is {value!r}, not {what}"
-
-
-def _one_of(known: tuple[str, ...], what: str) -> ConfigRule:
-    return lambda value, ctx: None if value in known else f"is {value!r}, not a known {what} ({', '.join(known)})"
-
-
-def _all(*rules: ConfigRule) -> ConfigRule:
-    return lambda value, ctx: next((r for r in (rule(value, ctx) for rule in rules) if r), None)
-
-
-def _as_recorded(key: str) -> ConfigRule:
-    """Equal to the mask file's ``__popup__.<key>`` (save_pretrained writes both from one model)."""
-    def rule(value: Any, ctx: dict) -> str | None:
-        header = ctx["header"]
-        if header is None or value == header[key]:
-            return None
-        return f"is {value!r} but the mask file beside it records {key}={header[key]!r}"
-    return rule
-
-
-def _names(value: Any, ctx: dict) -> str | None:
-    ok = isinstance(value, list) and all(isinstance(v, str) and valid_name(v) for v in value)
-    return None if ok else f"is {value!r}, not a list of layer names"
-
-
-def _architecture(value: Any, ctx: dict) -> str | None:
-    from timm.models import is_model
-
-    if not isinstance(value, str) or not value.startswith("popup_") or not is_model(value):
-        return (f"is {value!r}, not a popup architecture, but the artifact holds a timm-popup mask (a popup_* "
-                "model: e.g. popup_resnet18)")
-    return None
-
-
-def _rows(ctx: dict, layer: str, dim: int) -> int | None:
-    """Dimension ``dim`` of the masked weight of ``layer`` (the config's classifier / first conv) in the mask file."""
-    config, shapes = ctx["config"], ctx["shapes"]
-    cfg = config.get("pretrained_cfg")
-    name = cfg.get(layer) if isinstance(cfg, dict) else None
-    shape = shapes.get(f"{name}.weight") if isinstance(name, str) else None
-    return shape[dim] if shape is not None and len(shape) > dim else None
-
-
-def _sized_as(layer: str, dim: int, what: str) -> ConfigRule:
-    def rule(value: Any, ctx: dict) -> str | None:
-        rows = _rows(ctx, layer, dim)
-        if rows is None or value == rows or (layer == "classifier" and value == 0):
-            return None
-        return f"is {value!r} but the mask file's {what} has {rows}"
-    return rule
-
-
-def _canonical(check: Callable[[str], str], what: str) -> ConfigRule:
-    """A name the library writes in exactly this form (``check`` returns its canonical form, or raises)."""
-    def rule(value: Any, ctx: dict) -> str | None:
-        try:
-            ok = isinstance(value, str) and check(value) == value
-        except ValueError:
-            ok = False
-        return None if ok else f"is {value!r}, not a {what} as timm-popup writes it"
-    return rule
-
-
-def _flag(value: Any, ctx: dict) -> str | None:
-    return None if value is True else f"is {value!r}: written only as true (absent: false)"
-
-
-_POPUP_ARG_RULES: dict[str, tuple[bool | None, ConfigRule]] = {
-    "k": (None, _all(_number_in(0, 1, open_low=True), _as_recorded("k"))),
-    "weight_init": (None, _all(_canonical(check_weight_init, "weight distribution"), _as_recorded("weight_init"))),
-    "seed": (None, _all(_int_in(*_INT64), _as_recorded("seed"))),
-    "structure": (None, _all(_canonical(lambda v: "{}:{}".format(*parse_structure(v)), "N:M structure"),
-                             _as_recorded("structure"))),
-    "learn_norm": (None, _all(_flag, _as_recorded("learn_norm"))),
-    "learn_bias": (None, _all(_flag, _as_recorded("learn_bias"))),
-    "score_init": (None, _canonical(check_score_init, "score initialisation")),
-}
-_NUM_CLASSES = _all(_int_in(0, MAX_CLASSES), _sized_as("classifier", 0, "classifier"))
-
-#: each field of an artifact's config.json that loading reads, by its path; (needed, rule): needed True, the
-#: config must hold it; None, it may. A field is checked once the ones above it are (a dict before its keys).
-CONFIG_FIELDS: dict[str, tuple[bool | None, ConfigRule]] = {
-    "architecture": (True, _architecture),
-    "pretrained_cfg": (True, _is(dict, "a mapping")),
-    "model_args": (None, _is(dict, "a mapping of model arguments")),
-    "timm_popup": (None, _is(dict, "a mapping")),
-    "num_classes": (None, _NUM_CLASSES),
-    **{f"model_args.{key}": rule for key, rule in _POPUP_ARG_RULES.items()},
-    "model_args.dense": (None, _names),
-    "model_args.num_classes": (None, _NUM_CLASSES),
-    "model_args.in_chans": (None, _all(_int_in(1, 2**16), _sized_as("first_conv", 1, "first convolution"))),
-    # timm reads exactly this file from the Hub: never a pickled checkpoint
-    "pretrained_cfg.hf_hub_filename": (True, _one_of((WEIGHTS_NAME,), "mask file name")),
-    "pretrained_cfg.num_classes": (None, _NUM_CLASSES),
-    "pretrained_cfg.input_size": (None, lambda v, ctx: None if isinstance(v, list) and len(v) == 3 and not any(
-        _int_in(1, 2**16)(d, ctx) for d in v) else f"is {v!r}, not [channels, height, width]"),
-    "pretrained_cfg.mean": (None, lambda v, ctx: None if isinstance(v, list) and 1 <= len(v) <= 2**16 and not any(
-        _number_in(-1e6, 1e6)(x, ctx) for x in v) else f"is {v!r}, not a list of numbers"),
-    "pretrained_cfg.std": (None, lambda v, ctx: None if isinstance(v, list) and 1 <= len(v) <= 2**16 and not any(
-        _number_in(0, 1e6, open_low=True)(x, ctx) for x in v) else f"is {v!r}, not a list of positive numbers"),
-    "pretrained_cfg.crop_pct": (None, _number_in(0, 4, open_low=True)),
-    "pretrained_cfg.interpolation": (None, _one_of(_INTERPOLATIONS, "interpolation")),
-    "pretrained_cfg.classifier": (None, lambda v, ctx: None if isinstance(v, str) and valid_name(v) else
-                                  f"is {v!r}, not a layer name"),
-    "pretrained_cfg.first_conv": (None, lambda v, ctx: None if isinstance(v, str) and valid_name(v) else
-                                  f"is {v!r}, not a layer name"),
-    "pretrained_cfg.label_names": (None, lambda v, ctx: None if isinstance(v, (list, dict)) and all(
-        isinstance(x, str) for x in (v.values() if isinstance(v, dict) else v)) else f"is {v!r}, not class names"),
-    "timm_popup.format_version": (None, _all(_int_in(OLDEST_FORMAT, FORMAT_VERSION), _as_recorded("format_version"))),
-    "timm_popup.generator_version": (None, _all(_int_in(GENERATOR_VERSION, GENERATOR_VERSION),
-                                                _as_recorded("generator_version"))),
-    "timm_popup.method": (None, _as_recorded("method")),
-    **{f"timm_popup.{key}": rule for key, rule in _POPUP_ARG_RULES.items()},
-    # what the card and `timm-popup info` show
-    "timm_popup.dense_bytes": (None, _int_in(0, 2**62)),
-    "timm_popup.stats": (None, lambda v, ctx: None if isinstance(v, dict) and not any(
-        _int_in(0, 2**62)(x, ctx) for x in v.values()) else f"is {v!r}, not a mapping of counts"),
-    "timm_popup.metrics": (None, lambda v, ctx: None if isinstance(v, dict) and not any(
-        _number_in(-1e30, 1e30)(x, ctx) for x in v.values()) else f"is {v!r}, not a mapping of numbers"),
-    "timm_popup.dataset": (None, _is(str, "a dataset name")),
-    "timm_popup.recipe": (None, _is(dict, "a mapping")),
-}
-
-
-def is_popup_config(config: Any, header: Mapping[str, Any] | None = None) -> bool:
-    """Whether ``config`` (config.json's content) describes a popup artifact: it says so (a ``timm_popup`` entry, a
-    popup_* architecture) or the mask file beside it (``header``, from :func:`timm_popup.maskfile.read_header`) is
-    a timm-popup mask. A plain timm checkpoint's config (an export) is left to timm."""
-    if not isinstance(config, dict):
-        return header is not None and META + "format_version" in header
-    architecture = config.get("architecture")
-    return ("timm_popup" in config or (isinstance(architecture, str) and architecture.startswith("popup_"))
-            or (header is not None and META + "format_version" in header))
-
-
-def check_config(config: Any, header: dict[str, torch.Tensor] | None = None, *, where: str = CONFIG_NAME) -> None:
-    """Raise :class:`MaskError`, naming the field, unless the popup artifact's ``config`` follows
-    :data:`CONFIG_FIELDS` and agrees with its mask file's ``header`` (:func:`timm_popup.maskfile.read_header` or the
-    whole file, itself checked first; None where the mask file is not at hand: the loader compares it later). A
-    config that is not a popup artifact's (:func:`is_popup_config`) is not checked."""
-    if not is_popup_config(config, header):
-        return
-    if not isinstance(config, dict):
-        raise MaskError(f"{where} is invalid: it holds {type(config).__name__}, not a mapping: write the artifact "
-                        "again (timm_popup.save_pretrained) or download it again")
-    values = check_header(header) if header is not None and META + "format_version" in header else None
-    shapes = {key[: -len(".mask_shape")]: tuple(t.tolist()) for key, t in (header or {}).items()
-              if key.endswith(".mask_shape")}
-    ctx = dict(config=config, header=values, shapes=shapes)
-    for path, (needed, rule) in CONFIG_FIELDS.items():
-        parent, _, key = path.rpartition(".")
-        holder = config.get(parent) if parent else config
-        if not isinstance(holder, dict):
-            continue  # its parent is absent (and optional) or already reported
-        if key not in holder:
-            if needed:
-                raise MaskError(f"{where} is invalid: {path} is missing; no timm-popup artifact lacks it: write the "
-                                "artifact again (timm_popup.save_pretrained) or download it again")
-            continue
-        reason = rule(holder[key], ctx)
-        if reason:
-            raise MaskError(f"{where} is invalid: {path} {' '.join(str(reason).split())[:300]}; no timm-popup "
-                            "release writes that (the file is damaged or was altered): do not use this artifact")

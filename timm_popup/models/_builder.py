@@ -121,7 +121,7 @@ def build_popup(
 def _built_from_config(variant: str, kwargs: dict[str, Any]) -> Iterator[None]:
     """A model that an artifact's config.json describes (timm passes its ``model_args`` as ``pretrained_model_args``)
     and that its class cannot build from them: the artifact's fault, one line naming the arguments (the popup
-    ones, num_classes and in_chans were checked before: ``timm_popup.hub.check_config``)."""
+    ones, num_classes and in_chans were checked before: ``timm_popup.configjson.check_config``)."""
     args = kwargs.get("pretrained_model_args")
     try:
         yield
@@ -133,8 +133,8 @@ def _built_from_config(variant: str, kwargs: dict[str, Any]) -> Iterator[None]:
             raise
         reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
         raise MaskError(f"config.json is invalid: its model_args {sorted(args)} (with any argument you passed) do not "
-                        f"build {variant} ({reason}): no timm-popup release writes that; do not use this "
-                        "artifact") from e
+                        f"build {variant} ({reason}): repair them or write the artifact again "
+                        "(timm_popup.save_pretrained)") from e
 
 
 def _local_mask(variant: str, kwargs: dict[str, Any]) -> tuple[Path | None, tuple[str, ...]]:
