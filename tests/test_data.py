@@ -413,7 +413,7 @@ HUB_FASHION_MNIST = ["T - shirt / top", "Trouser", "Pullover", "Dress", "Coat", 
 
 
 def test_fashion_mnist_sources_debian_first_then_the_hub(tmp_path, idx_dir, monkeypatch):
-    import timm_popup.data as data
+    import timm_popup.data.sources as data
 
     folder, _ = idx_dir
     said: list[str] = []

@@ -48,12 +48,12 @@ from .data import (
     Augmentation,
     DataError,
     ImageDataset,
-    _fit_stats,
     add_split_slice,
     build_transforms,
     channel_stats,
     check_held_out,
     create_loader,
+    fit_stats,
     has_class_names,
     is_split_slice,
     open_dataset,
@@ -476,8 +476,8 @@ def input_stats(model_name: str, ds: ImageDataset, input_size: tuple[int, int, i
     if (mean is None or std is None) and max(default.input_size[1:]) <= 32:
         data_mean, data_std = channel_stats(ds, ds.train_split, input_size, seed=seed)
         mean, std = mean or data_mean, std or data_std
-    mean = _fit_stats(mean or default.mean, channels, "mean")
-    std = _fit_stats(std or default.std, channels, "std")
+    mean = fit_stats(mean or default.mean, channels, "mean")
+    std = fit_stats(std or default.std, channels, "std")
     return tuple(mean), tuple(std)
 
 
@@ -589,8 +589,8 @@ def create_model(model_name: str, *, method: Method, num_classes: int, input_siz
     default = timm.models.get_pretrained_cfg(model_name)
     channels, height, width = input_size
     overlay: dict[str, Any] = dict(input_size=(channels, height, width),
-                                   mean=_fit_stats(mean or default.mean, channels, "mean"),
-                                   std=_fit_stats(std or default.std, channels, "std"))
+                                   mean=fit_stats(mean or default.mean, channels, "mean"),
+                                   std=fit_stats(std or default.std, channels, "std"))
     if max(height, width) <= 32:
         overlay["crop_pct"] = 1.0  # small images are fed whole: timm's eval transform then resizes nothing away
     if label_names is not None:

@@ -1,48 +1,38 @@
-"""Image-classification data from Hugging Face ``datasets`` for the training scripts.
-
-``load_image_dataset`` accepts a Hub id, a ``save_to_disk`` directory or an image folder, finds the image and label
-columns and the train/eval splits, and fails at load time (one-line ``DataError``) rather than mid-training.
-``build_transforms`` gives timm's ImageNet pipeline or the paper's CIFAR augmentation, converting images to the
-channel count the model expects; ``create_loader`` turns a split into a seeded ``DataLoader`` of
-``(float images, long labels)``. ``fashion_mnist_to_disk`` (also ``python -m timm_popup.data fashion-mnist OUT``)
-converts Debian's ``dataset-fashion-mnist`` idx files into a ``save_to_disk`` dataset.
-"""
+"""Image-classification datasets from Hugging Face ``datasets``: a Hub id, a ``save_to_disk`` directory or an image
+folder, its image and label columns and train/eval splits found at load time (one-line ``DataError`` rather than
+mid-training), the built-in Fashion-MNIST (Debian's idx files converted once, or the Hub's copy), class names."""
 
 from __future__ import annotations
 
 import argparse
-import atexit
-import contextlib
 import gzip
-import hashlib
-import inspect
 import io
 import logging
-import multiprocessing
 import os
-import random
 import shutil
-import signal
 import struct
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
-import timm.data
 import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from .decode import to_pil, undecoded
+from .errors import DataError, one_line
+from .transforms import ConvertMode, EnsureSize
+
 __all__ = [
-    "DataError", "ImageDataset", "load_image_dataset", "build_transforms", "create_loader", "fashion_mnist_to_disk",
-    "FASHION_MNIST_CLASSES", "FASHION_MNIST_APT_DIR", "BUILTIN_DATASETS", "resolve_dataset", "open_dataset",
-    "default_cache_dir", "peek_image", "channel_stats", "Augmentation", "label_mapping", "has_class_names",
-    "UnreadableImageError", "is_split_slice", "split_rows", "add_split_slice", "check_held_out",
+    "ImageDataset", "load_image_dataset", "check_split", "fashion_mnist_to_disk", "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_APT_DIR", "BUILTIN_DATASETS", "resolve_dataset", "open_dataset", "default_cache_dir", "peek_image",
+    "channel_stats", "label_mapping", "has_class_names", "is_split_slice", "split_rows", "add_split_slice",
+    "check_held_out", "main",
 ]
 
 logger = logging.getLogger(__name__)
@@ -67,31 +57,6 @@ _FASHION_MNIST_FILES = {
 }
 _IDX_IMAGES_MAGIC = 2051
 _IDX_LABELS_MAGIC = 2049
-
-
-class DataError(ValueError):
-    """A dataset problem the user can fix (bad id/path, split or column); the message is one line."""
-
-    def __init__(self, message: str) -> None:
-        # datasets' own messages span lines; the CLI prints ours as a single line.
-        super().__init__(" ".join(str(message).split()))
-
-
-class UnreadableImageError(DataError):
-    """An image of the dataset cannot be decoded (a truncated or corrupt file); the message names it."""
-
-    def __init__(self, message: str) -> None:
-        # An exception raised in a DataLoader worker reaches the main process re-built from the worker's traceback
-        # text (torch's ExceptionWrapper.reraise calls type(text) with "Caught ... Original Traceback ...
-        # <module>.UnreadableImageError: <message>"): keep only the original message.
-        marker = f"{type(self).__name__}: "
-        if "Original Traceback" in message and marker in message:
-            message = message.rsplit(marker, 1)[1]
-        super().__init__(message)
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 @dataclass
@@ -119,7 +84,7 @@ class ImageDataset:
         return len(self.class_names)
 
     def __getitem__(self, split: str) -> Any:
-        return self.splits[_check_split(self, split)]
+        return self.splits[check_split(self, split)]
 
     def describe(self) -> str:
         """One-line summary, for logs."""
@@ -161,8 +126,8 @@ def _hub_error(name: str, exc: BaseException) -> DataError:
     if isinstance(exc, ConnectionError):
         return DataError(
             f"could not load dataset {name!r}: no local directory of that name exists and the Hugging Face Hub "
-            f"cannot be reached ({_one_line(exc)}); check the id and your network/HF_HUB_OFFLINE, or pass a local path")
-    return DataError(f"could not load dataset {name!r}: {_one_line(exc)}")
+            f"cannot be reached ({one_line(exc)}); check the id and your network/HF_HUB_OFFLINE, or pass a local path")
+    return DataError(f"could not load dataset {name!r}: {one_line(exc)}")
 
 
 def _load_local(path: Path, streaming: bool, cache_dir: str | None) -> dict[str, Any]:
@@ -171,7 +136,7 @@ def _load_local(path: Path, streaming: bool, cache_dir: str | None) -> dict[str,
         try:
             loaded = _as_split_dict(datasets.load_from_disk(str(path)))
         except (OSError, ValueError, KeyError) as e:
-            raise DataError(f"{path} looks like a save_to_disk dataset but cannot be read: {_one_line(e)}") from e
+            raise DataError(f"{path} looks like a save_to_disk dataset but cannot be read: {one_line(e)}") from e
         if streaming:
             # Several shards let DataLoader workers split the stream and let shuffling reorder shards.
             loaded = {s: d.to_iterable_dataset(num_shards=max(1, min(len(d), 64))) for s, d in loaded.items()}
@@ -190,7 +155,7 @@ def _load_local(path: Path, streaming: bool, cache_dir: str | None) -> dict[str,
         raise DataError(f"directory {path} holds no images or data files and is not a save_to_disk dataset "
                         f"(no dataset_dict.json / dataset_info.json+state.json); point to the dataset itself") from e
     except (OSError, ValueError) as e:
-        raise DataError(f"could not load local dataset {path}: {_one_line(e)}") from e
+        raise DataError(f"could not load local dataset {path}: {one_line(e)}") from e
 
 
 def _load_hub(name: str, requested: list[str] | None, streaming: bool, cache_dir: str | None) -> dict[str, Any]:
@@ -203,7 +168,7 @@ def _load_hub(name: str, requested: list[str] | None, streaming: bool, cache_dir
         except datasets.exceptions.DatasetNotFoundError as e:
             raise _hub_error(name, e) from e
         except Exception as e:  # any other failure only skips the early check
-            logger.debug("could not list the splits of %s early: %s", name, _one_line(e))
+            logger.debug("could not list the splits of %s early: %s", name, one_line(e))
         else:
             _check_requested(requested, available, name)
     try:
@@ -241,7 +206,7 @@ def split_rows(spec: str, lengths: dict[str, int], source: str) -> list[tuple[st
             raise DataError(f"unknown split in {spec!r} for dataset {source!r}; available splits: "
                             f"{list(lengths)}") from e
         raise DataError(f"split {spec!r} is not a split name or a slice like 'train[:80%]', 'train[80%:]', "
-                        f"'train[:1000]' or 'train+validation' ({_one_line(e)})") from e
+                        f"'train[:1000]' or 'train+validation' ({one_line(e)})") from e
     return [(i.splitname, i.from_, i.to) for i in instructions]
 
 
@@ -309,7 +274,7 @@ def _check_requested(requested: list[str], available: Sequence[str], source: str
             raise DataError(f"unknown split {spec!r} for dataset {source!r}; available splits: {list(available)}")
 
 
-def _check_split(ds: ImageDataset, split: str) -> str:
+def check_split(ds: ImageDataset, split: str) -> str:
     if split not in ds.splits:
         raise DataError(f"unknown split {split!r} for dataset {ds.source!r}; available splits: {list(ds.splits)}")
     return split
@@ -497,14 +462,14 @@ def _num_rows(split: str, split_ds: Any) -> int | None:
 
 def peek_image(ds: ImageDataset, split: str) -> Image.Image:
     """The first image of ``split`` as a PIL image (its size and mode tell a small model what to expect)."""
-    split_ds, decoder = _undecoded(ds.splits[_check_split(ds, split)], ds.image_column)
+    split_ds, decoder = undecoded(ds.splits[check_split(ds, split)], ds.image_column)
     if isinstance(split_ds, datasets.IterableDataset):
         first = next(iter(split_ds.take(1)), None)
     else:
         first = split_ds[0] if len(split_ds) else None
     if first is None:
         raise DataError(f"split {split!r} of dataset {ds.source!r} is empty")
-    return _to_pil(first[ds.image_column], decoder)
+    return to_pil(first[ds.image_column], decoder)
 
 
 def channel_stats(ds: ImageDataset, split: str, input_size: Sequence[int], *, max_images: int = 1000,
@@ -516,7 +481,7 @@ def channel_stats(ds: ImageDataset, split: str, input_size: Sequence[int], *, ma
     the random weights' activations at the scale their distribution assumes; CIFAR's statistics are far off for,
     e.g., Fashion-MNIST.
     """
-    split_ds, decoder = _undecoded(ds.splits[_check_split(ds, split)], ds.image_column)
+    split_ds, decoder = undecoded(ds.splits[check_split(ds, split)], ds.image_column)
     channels, height, width = (int(v) for v in input_size)
     to_tensor = T.Compose([ConvertMode("L" if channels == 1 else "RGB"), EnsureSize((height, width)), T.ToTensor()])
     if isinstance(split_ds, datasets.IterableDataset):
@@ -529,7 +494,7 @@ def channel_stats(ds: ImageDataset, split: str, input_size: Sequence[int], *, ma
     total_sq = torch.zeros(channels, dtype=torch.float64)
     count = 0
     for value in rows:
-        pixels = to_tensor(_to_pil(value, decoder)).to(torch.float64).flatten(1)
+        pixels = to_tensor(to_pil(value, decoder)).to(torch.float64).flatten(1)
         total += pixels.sum(1)
         total_sq += pixels.square().sum(1)
         count += pixels.shape[1]
@@ -601,215 +566,6 @@ def open_dataset(name_or_path: str | os.PathLike, *, split: str | Sequence[str] 
         raise
 
 
-# -------------------------------------------------------------------------------------------------------- transforms
-
-
-Transform = Callable[[Image.Image], torch.Tensor]
-
-
-class ConvertMode:
-    """Convert a PIL image to ``mode`` ('L' or 'RGB') so any dataset feeds a 1- or 3-channel model."""
-
-    def __init__(self, mode: str) -> None:
-        self.mode = mode
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        return img if img.mode == self.mode else img.convert(self.mode)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(mode={self.mode!r})"
-
-
-class EnsureSize:
-    """Resize only images whose size differs from ``(height, width)`` (e.g. 28x28 data into a 32x32 model)."""
-
-    def __init__(self, size: tuple[int, int]) -> None:
-        self.size = size
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        height, width = self.size
-        return img if img.size == (width, height) else img.resize((width, height), Image.Resampling.BILINEAR)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(size={self.size})"
-
-
-def _fit_stats(values: Sequence[float], channels: int, what: str) -> tuple[float, ...]:
-    values = tuple(float(v) for v in values)
-    if len(values) == channels:
-        return values
-    if len(values) == 1:
-        return values * channels
-    if channels == 1:
-        return (sum(values) / len(values),)  # RGB statistics for a grayscale model: the average is the best guess
-    raise DataError(f"data_config {what} has {len(values)} values but the model takes {channels} channels")
-
-
-@dataclass(frozen=True)
-class Augmentation:
-    """Training augmentation, with the meanings of timm ``train.py``'s flags of the same names.
-
-    ``pad_crop`` is the paper's CIFAR crop (``RandomCrop(size, padding=pad_crop)``, small images only); ``scale`` /
-    ``ratio`` set a ``RandomResizedCrop`` (``None``: none for small images, timm's (0.08, 1) for others); ``hflip`` /
-    ``vflip`` are flip probabilities; ``aa`` a timm auto-augment policy (``rand-m9-mstd0.5``, ``augmix-m5``,
-    ``v0``...); ``color_jitter`` the brightness/contrast/saturation factor (0: none); ``reprob`` the random-erasing
-    probability (``remode``, ``recount``); ``mixup`` / ``cutmix`` the Beta(alpha, alpha) of timm's ``Mixup``
-    (0: off), applied per batch by the training loop. ``Augmentation()`` is no augmentation at all.
-    """
-
-    pad_crop: int = 0
-    scale: tuple[float, float] | None = None
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: float = 0.0
-    vflip: float = 0.0
-    aa: str | None = None
-    color_jitter: float = 0.0
-    reprob: float = 0.0
-    remode: str = "pixel"
-    recount: int = 1
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    mixup_mode: str = "batch"
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.pad_crop >= 0, f"--pad-crop must be >= 0 pixels, got {self.pad_crop}"),
-            (self.scale is None or (len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1),
-             f"--scale takes MIN MAX with 0 < MIN <= MAX <= 1, got {self.scale}"),
-            (len(self.ratio) == 2 and 0 < self.ratio[0] <= self.ratio[1],
-             f"--ratio takes MIN MAX with 0 < MIN <= MAX, got {self.ratio}"),
-            (0 <= self.hflip <= 1, f"--hflip is a probability in [0, 1], got {self.hflip}"),
-            (0 <= self.vflip <= 1, f"--vflip is a probability in [0, 1], got {self.vflip}"),
-            (self.color_jitter >= 0, f"--color-jitter must be >= 0, got {self.color_jitter}"),
-            (0 <= self.reprob <= 1, f"--reprob is a probability in [0, 1], got {self.reprob}"),
-            (self.remode in ("const", "rand", "pixel"), f"--remode must be const, rand or pixel, got {self.remode!r}"),
-            (self.recount >= 1, f"--recount must be at least 1, got {self.recount}"),
-            (self.mixup >= 0 and self.cutmix >= 0, "--mixup and --cutmix are Beta alphas, >= 0"),
-            (0 <= self.mixup_prob <= 1 and 0 <= self.mixup_switch_prob <= 1,
-             "--mixup-prob and --mixup-switch-prob are probabilities in [0, 1]"),
-            (self.mixup_mode in ("batch", "pair", "elem"), f"--mixup-mode must be batch, pair or elem, got "
-                                                          f"{self.mixup_mode!r}"),
-            (self.aa is None or self.aa.startswith(("rand", "augmix", "v0", "original", "3a")),
-             f"unknown --aa policy {self.aa!r}; use a timm policy such as rand-m9-mstd0.5, augmix-m5, v0 or original"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise DataError(message)
-
-    @property
-    def uses_mixup(self) -> bool:
-        """Whether the training loop mixes batches (timm's ``Mixup``)."""
-        return self.mixup > 0 or self.cutmix > 0
-
-    @property
-    def jitters(self) -> bool:
-        """Whether colour jitter applies: as in timm, an auto-augment policy (other than 3-Augment) replaces it."""
-        return bool(self.color_jitter) and not (self.aa and "3a" not in self.aa)
-
-    def describe(self) -> str:
-        """What is applied, e.g. ``pad-crop 4, hflip 0.5`` or ``none``; shown at start and in the card."""
-        parts = []
-        if self.pad_crop:
-            parts.append(f"pad-crop {self.pad_crop}")
-        if self.scale is not None:
-            parts.append(f"random-resized-crop scale {_num(self.scale)} ratio {_num(self.ratio)}")
-        parts += [f"{name} {_num(p)}" for name, p in (("hflip", self.hflip), ("vflip", self.vflip)) if p]
-        if self.aa:
-            parts.append(f"aa {self.aa}")
-        if self.jitters:
-            parts.append(f"color-jitter {_num(self.color_jitter)}")
-        if self.reprob:
-            parts.append(f"reprob {_num(self.reprob)} ({self.remode}, x{self.recount})")
-        if self.mixup:
-            parts.append(f"mixup {_num(self.mixup)}")
-        if self.cutmix:
-            parts.append(f"cutmix {_num(self.cutmix)}")
-        if self.uses_mixup and (self.mixup_prob != 1 or self.mixup_mode != "batch"):
-            parts.append(f"mixup-prob {_num(self.mixup_prob)} mode {self.mixup_mode}")
-        return ", ".join(parts) or "none"
-
-
-def _num(value: Any) -> str:
-    if isinstance(value, (tuple, list)):
-        return "(" + ", ".join(_num(v) for v in value) + ")"
-    return f"{value:.4g}"
-
-
-def _auto_augment(policy: str, size: tuple[int, int], mean: tuple[float, ...]) -> Callable:
-    """timm's auto-augment transform for ``policy``, with the parameters timm's own training transform uses."""
-    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
-
-    params: dict[str, Any] = dict(translate_const=int(min(size) * 0.45),
-                                  img_mean=tuple(min(255, round(255 * x)) for x in mean))
-    if policy.startswith("rand"):
-        return rand_augment_transform(policy, params)
-    if policy.startswith("augmix"):
-        return augment_and_mix_transform(policy, dict(params, translate_pct=0.3))
-    return auto_augment_transform(policy, params)
-
-
-def build_transforms(data_config: dict, *, is_training: bool, cifar_style: bool,
-                     augmentation: Augmentation | None = None) -> Transform:
-    """PIL image -> normalized float tensor of shape ``data_config['input_size']``.
-
-    Args:
-        data_config: timm data config, e.g. ``timm.data.resolve_data_config({}, model=model)``; uses
-            ``input_size`` (C, H, W), ``mean``, ``std`` and, for timm transforms, ``interpolation``/``crop_pct``/...
-        is_training: apply ``augmentation`` (eval is always deterministic).
-        cifar_style: for small 32x32/28x28 models: the image as it is (resized only if its size differs), then
-            ``augmentation``'s pad-crop, resized crop, flips, auto-augment, colour jitter, ToTensor + Normalize and
-            random erasing. Otherwise timm's ``create_transform`` with ``augmentation``'s settings (resize + center
-            crop for eval).
-        augmentation: what to apply when training; ``None`` means none (``Augmentation()``).
-
-    Images are converted to 'L' or 'RGB' to match ``input_size[0]`` (1 or 3), so grayscale data trains an RGB model
-    and vice versa.
-    """
-    aug = augmentation or Augmentation()
-    input_size = tuple(data_config.get("input_size", (3, 224, 224)))
-    if len(input_size) != 3:
-        raise DataError(f"data_config input_size must be (channels, height, width), got {input_size}")
-    channels, height, width = (int(v) for v in input_size)
-    modes = {1: "L", 3: "RGB"}
-    if channels not in modes:
-        raise DataError(f"models with {channels} input channels are not supported; expected 1 or 3")
-    mean = _fit_stats(data_config.get("mean", timm.data.IMAGENET_DEFAULT_MEAN), channels, "mean")
-    std = _fit_stats(data_config.get("std", timm.data.IMAGENET_DEFAULT_STD), channels, "std")
-    convert = ConvertMode(modes[channels])
-    if cifar_style:
-        steps: list[Callable] = [convert, EnsureSize((height, width))]
-        tail: list[Callable] = []
-        if is_training:
-            if aug.pad_crop:
-                steps.append(T.RandomCrop((height, width), padding=aug.pad_crop))
-            if aug.scale is not None:
-                steps.append(T.RandomResizedCrop((height, width), scale=aug.scale, ratio=aug.ratio))
-            steps += [flip(p) for flip, p in ((T.RandomHorizontalFlip, aug.hflip), (T.RandomVerticalFlip, aug.vflip))
-                      if p]
-            if aug.aa:
-                steps.append(_auto_augment(aug.aa, (height, width), mean))
-            if aug.jitters:
-                steps.append(T.ColorJitter(*(aug.color_jitter,) * 3))
-            if aug.reprob:
-                from timm.data.random_erasing import RandomErasing
-
-                tail.append(RandomErasing(aug.reprob, mode=aug.remode, max_count=aug.recount, device="cpu"))
-        return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std), *tail])
-    if is_training and aug.pad_crop:
-        raise DataError(f"--pad-crop is the paper's crop for images of at most 32 pixels; this model takes "
-                        f"{height}x{width}: use --scale / --ratio (timm's random resized crop) instead")
-    accepted = inspect.signature(timm.data.create_transform).parameters
-    config = {k: v for k, v in data_config.items() if k in accepted and k != "is_training"}
-    config.update(input_size=(channels, height, width), mean=mean, std=std)
-    if is_training:
-        config.update(scale=aug.scale, ratio=aug.ratio, hflip=aug.hflip, vflip=aug.vflip,
-                      color_jitter=aug.color_jitter or None, auto_augment=aug.aa, re_prob=aug.reprob,
-                      re_mode=aug.remode, re_count=aug.recount)
-    return T.Compose([convert, timm.data.create_transform(**config, is_training=is_training)])
-
-
 # ------------------------------------------------------------------------------------------------------ class names
 
 
@@ -842,258 +598,6 @@ def label_mapping(dataset_names: Sequence[str], model_names: Sequence[str] | Non
                         f"{len(model_names)} classes ({', '.join(repr(n) for n in list(model_names)[:5])}"
                         f"{', ...' if len(model_names) > 5 else ''}); evaluate on the dataset it was trained for")
     return None if mapping == list(range(len(mapping))) else mapping
-
-
-# ----------------------------------------------------------------------------------------------------------- loaders
-
-
-def _undecoded(split_ds: Any, column: str) -> tuple[Any, datasets.Image]:
-    """``split_ds`` with its image ``column`` left undecoded ({"path", "bytes"}), and the feature that decodes it
-    (its mode included), for :func:`_to_pil`: ``datasets`` decodes an Image feature with no word of which file
-    failed (a truncated JPEG says only "image file is truncated"). Only the feature is cast; no data is rewritten."""
-    feature = (split_ds.features or {}).get(column)
-    if isinstance(feature, datasets.Image) and feature.decode:
-        return split_ds.cast_column(column, datasets.Image(mode=feature.mode, decode=False)), feature
-    return split_ds, datasets.Image()
-
-
-def _decode_image(value: dict[str, Any], decoder: datasets.Image) -> Image.Image:
-    """An undecoded ``datasets.Image`` value, opened and its pixels read by ``decoder`` (``datasets``' own: local
-    files, remote paths, embedded bytes); a file that cannot be read is an :class:`UnreadableImageError` naming it."""
-    try:
-        return decoder.decode_example(value)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # what PIL raises on bad files
-        where = value.get("path") or "an image stored in the dataset (no file name recorded)"
-        raise UnreadableImageError(f"cannot read image {where} ({_one_line(e)}): remove or replace it") from e
-
-
-def _to_pil(value: Any, decoder: datasets.Image | None = None) -> Image.Image:
-    if isinstance(value, Image.Image):
-        return value
-    if isinstance(value, dict) and (value.get("bytes") or value.get("path")):  # undecoded datasets.Image value
-        return _decode_image(value, decoder or datasets.Image())
-    if isinstance(value, (str, os.PathLike)):
-        return Image.open(value)
-    arr = np.asarray(value)
-    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
-        arr = arr.transpose(1, 2, 0)  # CHW arrays (pixel_values columns) -> HWC for PIL
-    if arr.ndim == 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    if arr.dtype != np.uint8:
-        scale = 255.0 if np.issubdtype(arr.dtype, np.floating) and arr.max(initial=0) <= 1.0 else 1.0
-        arr = np.clip(arr * scale, 0, 255).astype(np.uint8)
-    return Image.fromarray(arr)
-
-
-class _BatchTransform:
-    """``with_transform`` hook: decode + transform only the two used columns, lazily, per fetched batch."""
-
-    def __init__(self, image_column: str, label_column: str, transform: Callable,
-                 label_map: Sequence[int] | None = None, decoder: datasets.Image | None = None) -> None:
-        self.image_column, self.label_column, self.transform = image_column, label_column, transform
-        self.label_map, self.decoder = label_map, decoder
-
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        return {"image": [self.transform(_to_pil(v, self.decoder)) for v in batch[self.image_column]],
-                "label": [_map_label(int(v), self.label_map) for v in batch[self.label_column]]}
-
-
-def _map_label(label: int, label_map: Sequence[int] | None) -> int:
-    return label if label_map is None or label < 0 else label_map[label]
-
-
-def _example_seed(seed: int, epoch: int, *key: int) -> int:
-    """The seed of one example's augmentation: a function of (seed, epoch, where the example is), nothing else."""
-    digest = hashlib.blake2b(repr((seed, epoch, *key)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
-
-
-def _seed_draws(value: int) -> None:
-    # the three generators timm's and torchvision's transforms draw from; CUDA's is left alone
-    random.seed(value)
-    np.random.seed(value % 2**32)
-    torch.default_generator.manual_seed(value)
-
-
-@contextlib.contextmanager
-def _restored_draws(restore: bool) -> Iterator[None]:
-    """Put the process's generators back afterwards (in the training process itself, where dropout and mixup draw
-    from them too); a loader worker has no other use for them."""
-    if not restore:
-        yield
-        return
-    state = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
-    try:
-        yield
-    finally:
-        random.setstate(state[0])
-        np.random.set_state(state[1])
-        torch.default_generator.set_state(state[2])
-
-
-class _SeededImages(torch.utils.data.Dataset):
-    """A map-style split whose example ``i`` in epoch ``e`` is augmented with draws seeded by (seed, e, i).
-
-    So an example's augmentation does not depend on which worker transforms it, how many came before it or whether
-    the first batches of the epoch were skipped: a run resumed mid-epoch (``skip_first_batches``) draws what the
-    uninterrupted run drew, with any number of workers, and no worker's generator state needs saving.
-    """
-
-    def __init__(self, rows: datasets.Dataset, image_column: str, label_column: str, transform: Callable,
-                 label_map: Sequence[int] | None, decoder: datasets.Image, seed: int) -> None:
-        self.rows, self.transform, self.label_map, self.decoder, self.seed = rows, transform, label_map, decoder, seed
-        self.image_column, self.label_column, self.epoch = image_column, label_column, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.__getitems__([index])[0]
-
-    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-        batch = self.rows[list(indices)]
-        out = []
-        with _restored_draws(torch.utils.data.get_worker_info() is None):
-            for index, value, label in zip(indices, batch[self.image_column], batch[self.label_column], strict=True):
-                _seed_draws(_example_seed(self.seed, self.epoch, int(index)))
-                out.append({"image": self.transform(_to_pil(value, self.decoder)),
-                            "label": _map_label(int(label), self.label_map)})
-        return out
-
-
-_SKIPPED = {"image": None, "label": -1}
-
-
-class _StreamingImages(torch.utils.data.IterableDataset):
-    """Transforms a streamed ``datasets.IterableDataset`` example by example.
-
-    Iterating the wrapped dataset inside each DataLoader worker lets ``datasets`` give every worker its own shards;
-    ``set_epoch`` is forwarded so Accelerate's per-epoch call reshuffles the stream (seed + epoch). With ``seed``,
-    example ``j`` of worker ``w`` of shard ``shard`` is augmented with draws seeded by (seed, epoch, shard, w, j).
-    ``resume_at(batches, batch_size)`` makes the next pass start after the first ``batches`` batches this process
-    read: every worker reads its part of them again (the stream, and its shuffle buffer, have no other way to reach
-    that position exactly) but decodes nothing, and yields an empty batch in place of each (``_collate``), so the
-    workers take turns exactly as before. Exact when the workers' parts of the stream last at least that far.
-    """
-
-    def __init__(self, stream: datasets.IterableDataset, image_column: str, label_column: str,
-                 transform: Callable, label_map: Sequence[int] | None = None,
-                 decoder: datasets.Image | None = None, seed: int | None = None, shard: int = 0) -> None:
-        super().__init__()
-        self.stream, self.transform, self.label_map, self.decoder = stream, transform, label_map, decoder
-        self.image_column, self.label_column = image_column, label_column
-        self.seed, self.shard, self.epoch, self.skip, self.batch_size = seed, shard, 0, 0, 1
-
-    def set_epoch(self, epoch: int) -> None:
-        self.stream.set_epoch(epoch)
-        self.epoch, self.skip = epoch, 0
-
-    def resume_at(self, batches: int, batch_size: int) -> None:
-        self.skip, self.batch_size = batches, batch_size
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        # datasets gives worker w the shards w, w + workers, ...: with fewer shards than workers some get none, and
-        # the DataLoader takes batches in turn from the others
-        active = max(1, min(workers, self.stream.num_shards))
-        skipped = len(range(worker, self.skip, active)) * self.batch_size
-        for j, example in enumerate(self.stream):
-            if j < skipped:
-                yield _SKIPPED
-                continue
-            with _restored_draws(info is None):
-                if self.seed is not None:
-                    _seed_draws(_example_seed(self.seed, self.epoch, self.shard, worker, j))
-                image = self.transform(_to_pil(example[self.image_column], self.decoder))
-            yield {"image": image, "label": _map_label(int(example[self.label_column]), self.label_map)}
-
-
-def _leave_stopping_to_the_trainer(worker_id: int) -> None:
-    """A DataLoader worker ignores SIGTERM, SIGUSR1 and SIGINT: schedulers and launchers signal a whole process tree,
-    and the training process, which stops on them after a checkpoint, ends its workers itself (they also end when
-    it dies). The disposition is the process's, so no thread of the worker is left to die of it (torch starts
-    threads before ``worker_init_fn`` runs, so a signal mask set here would not cover them)."""
-    for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
-
-
-def _end_workers_at_exit() -> None:
-    """Kill this process's DataLoader workers that are still alive. multiprocessing ends daemonic children at exit
-    with SIGTERM and then waits for them: workers that ignore SIGTERM (a loader nobody closed, e.g. after an error)
-    would hang the exit. Registered after multiprocessing's own exit function, so it runs before it."""
-    for child in multiprocessing.active_children():
-        try:
-            worker = Path(f"/proc/{child.pid}/comm").read_text().strip() == "pt_data_worker"
-        except OSError:
-            worker = child.daemon  # no /proc: every daemonic child (the workers are)
-        if worker:
-            child.kill()
-            child.join(timeout=5)
-
-
-def _collate(rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
-    if rows[0]["image"] is None:  # a batch skipped on resume: nothing to train on, only its place in the turn
-        return torch.empty(0), torch.empty(0, dtype=torch.long)
-    images = torch.stack([r["image"] for r in rows]).float()
-    labels = torch.tensor([r["label"] for r in rows], dtype=torch.long)
-    return images, labels
-
-
-def create_loader(ds: ImageDataset, split: str, transform: Callable, *, batch_size: int, shuffle: bool,
-                  num_workers: int = 0, seed: int = 0, drop_last: bool = False, shuffle_buffer: int = 10_000,
-                  pin_memory: bool = False, num_shards: int = 1, shard_index: int = 0,
-                  label_map: Sequence[int] | None = None, seeded_draws: bool = False) -> torch.utils.data.DataLoader:
-    """DataLoader over one split yielding ``(images float32 [B, C, H, W], labels int64 [B])``.
-
-    Map-style splits decode and transform lazily via ``with_transform`` and shuffle with a ``torch.Generator`` seeded
-    with ``seed``; streaming splits shuffle with a ``shuffle_buffer``-example buffer seeded with ``seed`` (call
-    ``set_epoch`` on the dataset, or Accelerate's ``loader.set_epoch``, to vary the order per epoch). Worker seeds
-    also derive from the generator, so with ``num_workers > 0`` the augmentation is reproducible too; with 0 workers
-    it uses the global torch RNG (seed it, e.g. ``accelerate.utils.set_seed``).
-
-    ``num_shards`` / ``shard_index`` keep one process's part of the split (contiguous rows of a map-style split; for a
-    stream, whole shards when they divide evenly, else every ``num_shards``-th example), so that each of several
-    processes reads and decodes only its own images. ``label_map[i]`` replaces label ``i`` (see :func:`label_mapping`).
-
-    ``seeded_draws`` (training): each example's augmentation draws from generators seeded by (``seed``, the epoch
-    ``set_epoch`` gave, the example's index or place in the stream), whichever worker or process transforms it, so a
-    run resumed mid-epoch draws exactly what the uninterrupted one drew.
-    """
-    split_ds, decoder = _undecoded(ds.splits[_check_split(ds, split)], ds.image_column)
-    if not 0 <= shard_index < num_shards:
-        raise ValueError(f"shard_index {shard_index} is outside 0..{num_shards - 1}")
-    generator = torch.Generator().manual_seed(seed)
-    if num_workers:
-        atexit.unregister(_end_workers_at_exit)  # once per process, whatever the number of loaders
-        atexit.register(_end_workers_at_exit)
-    common = dict(batch_size=batch_size, num_workers=num_workers, collate_fn=_collate, drop_last=drop_last,
-                  generator=generator, pin_memory=pin_memory,
-                  worker_init_fn=_leave_stopping_to_the_trainer if num_workers else None)
-    if isinstance(split_ds, datasets.IterableDataset):
-        if num_shards > 1:
-            from datasets.distributed import split_dataset_by_node
-
-            split_ds = split_dataset_by_node(split_ds, rank=shard_index, world_size=num_shards)
-        stream = split_ds.select_columns([ds.image_column, ds.label_column])
-        if shuffle:
-            stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer)
-        return torch.utils.data.DataLoader(
-            _StreamingImages(stream, ds.image_column, ds.label_column, transform, label_map, decoder,
-                             seed=seed if seeded_draws else None, shard=shard_index), **common)
-    if num_shards > 1:
-        split_ds = split_ds.shard(num_shards=num_shards, index=shard_index, contiguous=True)
-    if seeded_draws:
-        rows = split_ds.select_columns([ds.image_column, ds.label_column])
-        return torch.utils.data.DataLoader(
-            _SeededImages(rows, ds.image_column, ds.label_column, transform, label_map, decoder, seed),
-            shuffle=shuffle, **common)
-    mapped = split_ds.with_transform(_BatchTransform(ds.image_column, ds.label_column, transform, label_map,
-                                                     decoder), columns=[ds.image_column, ds.label_column])
-    return torch.utils.data.DataLoader(mapped, shuffle=shuffle, **common)
 
 
 # ------------------------------------------------------------------------------------------------------ Fashion-MNIST
@@ -1199,7 +703,8 @@ def fashion_mnist_to_disk(out_dir: str | os.PathLike, idx_dir: str | os.PathLike
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m timm_popup.data fashion-mnist OUT_DIR`` / ``python -m timm_popup.data inspect NAME_OR_PATH``."""
-    parser = argparse.ArgumentParser(prog="python -m timm_popup.data", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m timm_popup.data",
+                                     description="Image-classification datasets for timm-popup.")
     commands = parser.add_subparsers(dest="command", required=True)
     fmnist = commands.add_parser("fashion-mnist", help="convert Debian's Fashion-MNIST idx files to save_to_disk")
     fmnist.add_argument("out_dir")
@@ -1222,7 +727,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataError as e:
         parser.exit(2, f"error: {e}\n")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
