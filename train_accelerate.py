@@ -146,6 +146,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--label-column", default=None)
     g.add_argument("--streaming", action="store_true", help="stream the dataset instead of downloading it")
     g.add_argument("--workers", type=int, default=None, help="DataLoader workers per process (default: from the CPUs)")
+    g.add_argument("--decode", default="auto", choices=("auto", "cpu", "gpu"),
+                   help="where training images are decoded and transformed: gpu (the workers read bytes, nvJPEG and "
+                        "the transforms run on the training GPU), cpu (the workers decode; jitter and normalisation on "
+                        "the device), auto (the GPU when training on one); small images, auto-augment and random "
+                        "erasing run Pillow's reference transforms (default auto)")
     g.add_argument("--train-samples", type=int, default=None, help="train on a seeded random subset of this size")
     g.add_argument("--val-samples", type=int, default=None, help="validate on the first N images")
     g.add_argument("--data-cache", default=None, help="cache for downloads and conversions (default: datasets' "
@@ -310,13 +315,17 @@ def _main(args: argparse.Namespace, argv: Sequence[str], run_scope: contextlib.E
             for note in train.check_resume_compatible(resumed, run):
                 say(f"note: resuming with a changed setting ({note})")
         workers = args.workers if args.workers is not None else _default_workers(accelerator.num_processes)
-        train_loader, val_loader = train.build_loaders(
+        train_loader, val_loader, decode = train.build_loaders(
             ds, data_config, batch_size=recipe.batch_size, workers=workers, seed=args.seed,
             num_processes=accelerator.num_processes, process_index=accelerator.process_index,
-            pin_memory=accelerator.device.type == "cuda", augmentation=augmentation)
+            pin_memory=accelerator.device.type == "cuda", augmentation=augmentation, decode=args.decode,
+            device=accelerator.device)
+        run["decode"] = decode.split(" ")[0]
+        say(f"decode: {decode}")
         # a supermask's BatchNorm statistics are re-estimated under its eval mask before each evaluation
         calibration = (train.build_calibration_loader(ds, data_config, batch_size=recipe.batch_size, workers=workers,
-                                                      seed=args.seed) if train.needs_norm_calibration(model) else None)
+                                                      seed=args.seed, decode=args.decode, device=accelerator.device)
+                       if train.needs_norm_calibration(model) else None)
     except ValueError as e:  # TrainError, DataError, MaskError: one-line messages
         return _fail(e)
 
@@ -515,7 +524,8 @@ def _card_recipe(run: dict, recipe, *, lr: float, global_batch: int, args: argpa
                min_lr=recipe.min_lr, label_smoothing=recipe.label_smoothing, clip_grad=recipe.clip_grad,
                k=run["k"], weight_init=run["weight_init"], seed=run["seed"],
                input_size="x".join(map(str, run["input_size"])), mean=run["mean"], std=run["std"],
-               augmentation=run["augmentation"], mixed_precision=run["mixed_precision"], threads=run["threads"])
+               augmentation=run["augmentation"], decode=run["decode"], mixed_precision=run["mixed_precision"],
+               threads=run["threads"])
     if "init_artifact" in run:
         out["init_artifact"] = run["init_artifact"]
     if run["model_kwargs"]:

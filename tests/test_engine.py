@@ -203,7 +203,7 @@ def test_train_accelerate_compile_trains_and_writes_the_mask_eager_evaluation_re
     logged = [line for line in (tmp_path / "run" / train.METRICS_JSONL).read_text().splitlines()]
     model = timm.create_model(f"local-dir:{tmp_path / 'run'}", pretrained=True)  # eager, from the artifact
     ds = train.load_data(str(tmp_path / "data"))
-    _, val_loader = train.build_loaders(ds, timm.data.resolve_data_config({}, model=model), batch_size=16, workers=0,
+    _, val_loader, _ = train.build_loaders(ds, timm.data.resolve_data_config({}, model=model), batch_size=16, workers=0,
                                         seed=0)
     import json
     assert train.evaluate(model, val_loader)["top1"] == pytest.approx(json.loads(logged[-1])["val_top1"], abs=1e-6)

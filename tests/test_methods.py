@@ -97,7 +97,7 @@ def _rows(out: Path) -> list[dict]:
 
 
 def _evaluate(model: torch.nn.Module, data: Path) -> dict[str, float]:
-    _, val_loader = train.build_loaders(train.load_data(str(data)), timm.data.resolve_data_config({}, model=model),
+    _, val_loader, _ = train.build_loaders(train.load_data(str(data)), timm.data.resolve_data_config({}, model=model),
                                         batch_size=16, workers=0, seed=0)
     return train.evaluate(model, val_loader)
 
@@ -286,7 +286,7 @@ def test_a_supermask_run_writes_the_statistics_of_its_eval_mask(run, data, tmp_p
     written = [(m.running_mean.clone(), m.running_var.clone()) for m in norms]
     ds = train.load_data(str(data))
     loader = train.build_calibration_loader(ds, timm.data.resolve_data_config({}, model=model), batch_size=16,
-                                            workers=0, seed=0)
+                                            workers=0, seed=0, decode="auto")  # the run's --decode
     assert train.recalibrate_norms(model, loader) == 96  # the whole (small) train split, in order
     for m, (mean, var) in zip(norms, written, strict=True):  # re-estimating changes nothing: it was done
         assert torch.allclose(m.running_mean, mean, atol=1e-5) and torch.allclose(m.running_var, var, rtol=1e-4)

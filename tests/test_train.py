@@ -199,7 +199,7 @@ def test_artifact_loads_and_reproduces_logged_accuracy(main_run, data):
     model = timm.create_model("popup_conv2", pretrained=True, width=0.125, num_classes=len(CLASSES),
                               pretrained_cfg_overlay=dict(file=str(out / "model.safetensors"), **preprocessing))
     ds = train.load_data(str(data))
-    _, val_loader = train.build_loaders(ds, timm.data.resolve_data_config({}, model=model), batch_size=16, workers=0,
+    _, val_loader, _ = train.build_loaders(ds, timm.data.resolve_data_config({}, model=model), batch_size=16, workers=0,
                                         seed=0)
     measured = train.evaluate(model, val_loader)
     assert measured["top1"] == rows[-1]["val_top1"]
@@ -528,7 +528,7 @@ def test_dense_method_writes_a_dense_checkpoint(in_process, data, tmp_path):
     assert config["timm_popup"]["weight_init"] == "kaiming_normal"
     model = load_dense(out)
     ds = train.load_data(str(data))
-    _, val_loader = train.build_loaders(ds, timm.data.resolve_data_config({}, model=model), batch_size=16, workers=0,
+    _, val_loader, _ = train.build_loaders(ds, timm.data.resolve_data_config({}, model=model), batch_size=16, workers=0,
                                         seed=0)
     assert train.evaluate(model, val_loader)["top1"] == _rows(out)[-1]["val_top1"]
     # the weights moved away from their seeded start
@@ -571,7 +571,7 @@ def test_weight_learning_methods_write_a_checkpoint_of_a_batchnorm_network(in_pr
     assert not any(k.endswith("scores") or k.startswith("__popup__") for k in weights)
     model = load_dense(out)  # loads back, and computes what the run measured
     ds = train.load_data(str(folder), cache_dir=tmp_path / "cache")
-    _, val_loader = train.build_loaders(ds, timm.data.resolve_data_config({}, model=model), batch_size=8, workers=0,
+    _, val_loader, _ = train.build_loaders(ds, timm.data.resolve_data_config({}, model=model), batch_size=8, workers=0,
                                         seed=0)
     assert train.evaluate(model, val_loader)["top1"] == _rows(out)[-1]["val_top1"]
     conv = model.layer1[0].conv1.weight

@@ -169,7 +169,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from timm.utils import accuracy
     from tqdm import tqdm
 
-    from .data import build_transforms, create_loader, label_mapping, open_dataset
+    from .data import (
+        DECODE_CHOICES,
+        build_transforms,
+        choose_decode,
+        create_loader,
+        finish_images,
+        label_mapping,
+        open_dataset,
+    )
 
     if args.limit is not None and args.limit < 1:
         raise _usage("--limit must be a positive number of images")
@@ -192,7 +200,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data_config = timm.data.resolve_data_config({}, model=model)
     # The paper's 32x32 / 28x28 networks were trained on plain ToTensor + Normalize, not resize + center crop.
     transform = build_transforms(data_config, is_training=False, cifar_style=max(data_config["input_size"][1:]) <= 32)
-    loader = create_loader(ds, split, transform, batch_size=args.batch_size, shuffle=False,
+    if args.decode not in DECODE_CHOICES:
+        raise _usage(f"--decode must be one of {', '.join(DECODE_CHOICES)}")
+    try:
+        pipeline, decode = choose_decode(args.decode, transform, device=device, streaming=ds.streaming)
+    except ValueError as e:
+        raise _usage(str(e)) from e
+    print(f"decode: {decode}", file=sys.stderr)
+    loader = create_loader(ds, split, pipeline or transform, batch_size=args.batch_size, shuffle=False,
                            num_workers=args.workers, pin_memory=device.type == "cuda", label_map=label_map)
     model.to(device)
     top_k = min(5, model.num_classes)
@@ -205,7 +220,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             if int(labels.min()) < 0:
                 raise _usage(f"split {split!r} of {args.dataset} holds unlabeled images (label -1): evaluate a "
                              "labeled split")
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            images, labels = finish_images(images, device), labels.to(device, non_blocking=True)
             output = model(images).float()
             acc1, acc5 = accuracy(output, labels, topk=(1, top_k))
             n = labels.numel()
@@ -364,6 +379,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", default=None, help=arch_help)
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
+    ev.add_argument("--decode", default="auto", metavar="{auto,cpu,gpu}",
+                    help="where images are decoded and transformed: gpu (nvJPEG on the evaluating GPU), cpu (the "
+                         "workers), auto (the GPU when evaluating on one); small images and other transforms run "
+                         "Pillow's reference path (default auto)")
     ev.add_argument("--image-column", default=None)
     ev.add_argument("--label-column", default=None)
     ev.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate only the first N images")

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import datasets
 import timm
@@ -52,7 +52,9 @@ from .data import (
     build_transforms,
     channel_stats,
     check_held_out,
+    choose_decode,
     create_loader,
+    finish_images,
     fit_stats,
     has_class_names,
     is_split_slice,
@@ -90,7 +92,8 @@ __all__ = [
     "find_checkpoint", "read_trainer_state", "check_resume_compatible", "load_data", "resolve_input_size",
     "input_stats", "create_model",
     "is_cifar_style", "default_augmentation", "resolve_augmentation", "SHORT_BUDGET_EPOCHS", "build_mixup",
-    "build_loaders", "build_optimizer", "build_scheduler", "seed_epoch", "set_loader_epoch",
+    "build_loaders", "Loaders", "loader_transforms", "build_optimizer", "build_scheduler", "seed_epoch",
+    "set_loader_epoch",
     "train_one_epoch", "evaluate", "sync_batchnorm_stats", "NORM_CALIBRATION_IMAGES", "needs_norm_calibration",
     "build_calibration_loader", "recalibrate_norms", "use_portable_checkpoints", "save_checkpoint",
     "load_checkpoint", "WriteError", "write_error_cause", "list_checkpoints", "MetricsLog", "mask_digest", "dataset_id",
@@ -539,21 +542,27 @@ def build_mixup(augmentation: Augmentation, *, num_classes: int, label_smoothing
                            mode=augmentation.mixup_mode, label_smoothing=label_smoothing, num_classes=num_classes)
 
 
+class Loaders(NamedTuple):
+    train: torch.utils.data.DataLoader
+    val: torch.utils.data.DataLoader
+    decode: str  # which pipeline decodes the training images, where and why (choose_decode's line)
+
+
 def build_loaders(ds: ImageDataset, data_config: Mapping[str, Any], *, batch_size: int, workers: int, seed: int,
                   num_processes: int = 1, process_index: int = 0, pin_memory: bool = False,
-                  augmentation: Augmentation | None = None,
-                  ) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
-    """Train and validation loaders.
+                  augmentation: Augmentation | None = None, decode: str | None = None,
+                  device: torch.device | str = "cpu") -> Loaders:
+    """Train and validation loaders, and which pipeline they run.
 
     The train loader covers the whole split (Accelerate shards it when prepared), except when streaming: each
     process then reads only its own part of the stream. The validation loader always holds this process's
     contiguous part of the split and is used unprepared (no padding duplicates), its sums reduced across processes.
-    ``augmentation`` applies to the train split only (``None``: none).
+    ``augmentation`` applies to the train split only (``None``: none). ``decode`` (``--decode``: auto, cpu, gpu; None:
+    the reference PIL transforms) places the tensor pipeline for a training ``device``
+    (:func:`timm_popup.data.choose_decode`); batches then end on the device with :func:`~timm_popup.data.finish_images`.
     """
-    cifar_style = is_cifar_style(data_config)
-    train_tf = build_transforms(dict(data_config), is_training=True, cifar_style=cifar_style,
-                                augmentation=augmentation)
-    eval_tf = build_transforms(dict(data_config), is_training=False, cifar_style=cifar_style)
+    train_tf, eval_tf, line = loader_transforms(data_config, augmentation=augmentation, decode=decode, device=device,
+                                                streaming=ds.streaming)
     shards = dict(num_shards=num_processes, shard_index=process_index)
     train_loader = create_loader(ds, ds.train_split, train_tf, batch_size=batch_size, shuffle=True,
                                  num_workers=workers, seed=seed, drop_last=True, pin_memory=pin_memory,
@@ -564,7 +573,22 @@ def build_loaders(ds: ImageDataset, data_config: Mapping[str, Any], *, batch_siz
     if rows is not None and rows < batch_size * num_processes:
         raise TrainError(f"the train split has {rows} images, fewer than one batch of {batch_size} per process "
                          f"x {num_processes}; lower --batch-size")
-    return train_loader, val_loader
+    return Loaders(train_loader, val_loader, line)
+
+
+def loader_transforms(data_config: Mapping[str, Any], *, augmentation: Augmentation | None = None,
+                      decode: str | None = None, device: torch.device | str = "cpu", streaming: bool = False
+                      ) -> tuple[Any, Any, str]:
+    """The train and eval transforms (reference PIL transforms or tensor pipelines) and the line saying which."""
+    cifar_style = is_cifar_style(data_config)
+    train_tf = build_transforms(dict(data_config), is_training=True, cifar_style=cifar_style,
+                                augmentation=augmentation)
+    eval_tf = build_transforms(dict(data_config), is_training=False, cifar_style=cifar_style)
+    if decode is None:
+        return train_tf, eval_tf, "pil (the reference transforms)"
+    train_pipe, line = choose_decode(decode, train_tf, device=device, streaming=streaming)
+    eval_pipe, _ = choose_decode(decode, eval_tf, device=device, streaming=streaming)
+    return train_pipe or train_tf, eval_pipe or eval_tf, line
 
 
 # --------------------------------------------------------------------------------------------------------- model
@@ -685,7 +709,7 @@ def _batches(loader: Iterable, accelerator: Accelerator, lockstep: bool) -> Iter
     it = iter(loader)
     while True:
         batch = next(it, None)
-        if batch is not None and batch[0].numel() == 0:  # a stream's batch skipped on resume (data.py)
+        if batch is not None and len(batch[1]) == 0:  # a stream's batch skipped on resume (data.loaders)
             continue
         if lockstep:
             have = torch.tensor([0 if batch is None else 1], device=accelerator.device)
@@ -726,7 +750,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     bar = tqdm(total=total_steps, initial=first - 1, desc=desc or f"epoch {epoch + 1}", unit="batch", leave=False,
                dynamic_ncols=True, disable=not (progress and accelerator.is_main_process), file=sys.stderr)
     for step, (images, targets) in enumerate(_batches(loader, accelerator, lockstep), first):
-        images = images.to(accelerator.device, non_blocking=True)
+        images = finish_images(images, accelerator.device)
         targets = targets.to(accelerator.device, non_blocking=True)
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
@@ -785,7 +809,7 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: torch.device | str =
     show = accelerator is None or accelerator.is_main_process
     for images, targets in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not show, file=sys.stderr,
                                 dynamic_ncols=True):
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        images, targets = finish_images(images, device), targets.to(device, non_blocking=True)
         output = model(images).float()
         acc1, acc5 = accuracy(output, targets, topk=(1, min(5, output.size(1))))
         n = targets.size(0)
@@ -824,7 +848,8 @@ def needs_norm_calibration(model: nn.Module) -> bool:
 
 
 def build_calibration_loader(ds: ImageDataset, data_config: Mapping[str, Any], *, batch_size: int, workers: int,
-                             seed: int, images: int = NORM_CALIBRATION_IMAGES) -> torch.utils.data.DataLoader:
+                             seed: int, images: int = NORM_CALIBRATION_IMAGES, decode: str | None = None,
+                             device: torch.device | str = "cpu") -> torch.utils.data.DataLoader:
     """The first ``images`` of the train split, evaluation transforms, in order: the same batches on every process
     (so the statistics agree without a reduction) and no draw from the training sampler or its augmentation."""
     split = ds.splits[ds.train_split]
@@ -832,7 +857,7 @@ def build_calibration_loader(ds: ImageDataset, data_config: Mapping[str, Any], *
     split = split.take(images) if rows is None else split.select(range(min(images, rows)))
     ds = dataclasses.replace(ds, splits={**ds.splits, ds.train_split: split},
                              num_rows={**ds.num_rows, ds.train_split: min(images, rows) if rows else None})
-    transform = build_transforms(dict(data_config), is_training=False, cifar_style=is_cifar_style(data_config))
+    _, transform, _ = loader_transforms(data_config, decode=decode, device=device, streaming=ds.streaming)
     return create_loader(ds, ds.train_split, transform, batch_size=batch_size, shuffle=False, num_workers=workers,
                          seed=seed)
 
@@ -852,7 +877,7 @@ def recalibrate_norms(model: nn.Module, loader: Iterable, *, device: torch.devic
             m.momentum = None  # a cumulative average: every calibration batch counts the same
             m.train()
         for images, _ in loader:
-            model(images.to(device, non_blocking=True))
+            model(finish_images(images, device))
             seen += len(images)
     finally:
         for m, momentum in zip(norms, momenta, strict=True):

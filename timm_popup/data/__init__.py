@@ -2,8 +2,9 @@
 
 ``errors`` (one-line errors) -> ``decode`` (stored images to pixels) -> ``transforms`` (the reference PIL pipelines
 and the augmentation settings) -> ``sources`` (datasets, splits, columns, class names, Fashion-MNIST) -> ``ops``
-(the same transforms as batched tensor operations, on any device) -> ``draws`` (each example's seeded random
-parameters) -> ``loaders`` (seeded, sharded, resumable DataLoaders, the tensor pipeline's two placements).
+(the same transforms as tensor operations, on any device) -> ``draws`` (each example's seeded random
+parameters, drawn as the reference transform draws them) -> ``pipeline`` (the tensor pipeline, its work split
+between the workers and the training device: ``--decode``) -> ``loaders`` (seeded, sharded, resumable DataLoaders).
 
 ``python -m timm_popup.data fashion-mnist OUT`` converts Debian's ``dataset-fashion-mnist`` idx files into a
 ``save_to_disk`` dataset; ``python -m timm_popup.data inspect NAME`` prints what loading detects.
@@ -11,6 +12,7 @@ parameters) -> ``loaders`` (seeded, sharded, resumable DataLoaders, the tensor p
 
 from .errors import DataError, UnreadableImageError
 from .loaders import create_loader
+from .pipeline import DECODE_CHOICES, TensorBatch, TensorPipeline, choose_decode, finish_images
 from .sources import (
     BUILTIN_DATASETS,
     FASHION_MNIST_APT_DIR,
@@ -38,4 +40,5 @@ __all__ = [
     "FASHION_MNIST_CLASSES", "FASHION_MNIST_APT_DIR", "BUILTIN_DATASETS", "resolve_dataset", "open_dataset",
     "default_cache_dir", "peek_image", "channel_stats", "Augmentation", "label_mapping", "has_class_names",
     "UnreadableImageError", "is_split_slice", "split_rows", "add_split_slice", "check_held_out", "fit_stats", "main",
+    "DECODE_CHOICES", "TensorBatch", "TensorPipeline", "choose_decode", "finish_images",
 ]

@@ -3,16 +3,22 @@
 
 from __future__ import annotations
 
+import io
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import datasets
 import numpy as np
+import torch
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from .errors import UnreadableImageError, one_line
 
-__all__ = ["undecoded", "to_pil"]
+__all__ = ["undecoded", "to_pil", "Encoded", "read_encoded", "reduction", "decode_cpu", "decode_on"]
+
 
 def undecoded(split_ds: Any, column: str) -> tuple[Any, datasets.Image]:
     """``split_ds`` with its image ``column`` left undecoded ({"path", "bytes"}), and the feature that decodes it
@@ -30,8 +36,7 @@ def _decode_image(value: dict[str, Any], decoder: datasets.Image) -> Image.Image
     try:
         return decoder.decode_example(value)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # what PIL raises on bad files
-        where = value.get("path") or "an image stored in the dataset (no file name recorded)"
-        raise UnreadableImageError(f"cannot read image {where} ({one_line(e)}): remove or replace it") from e
+        raise _unreadable(_where(value), e) from e
 
 
 def to_pil(value: Any, decoder: datasets.Image | None = None) -> Image.Image:
@@ -50,3 +55,116 @@ def to_pil(value: Any, decoder: datasets.Image | None = None) -> Image.Image:
         scale = 255.0 if np.issubdtype(arr.dtype, np.floating) and arr.max(initial=0) <= 1.0 else 1.0
         arr = np.clip(arr * scale, 0, 255).astype(np.uint8)
     return Image.fromarray(arr)
+
+
+# ----------------------------------------------------------------------- encoded bytes -> uint8 tensors (C, H, W)
+
+_JPEG = b"\xff\xd8\xff"
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """An image as stored: its file's bytes as a uint8 tensor (shared with the worker that read them, not
+    copied), where it came from (for messages), and its size and mode read from the header."""
+
+    data: torch.Tensor
+    where: str
+    width: int
+    height: int
+    mode: str
+
+    @property
+    def is_jpeg(self) -> bool:
+        return bytes(self.data[:3].tolist()) == _JPEG
+
+
+def _where(value: Any) -> str:
+    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, (str, os.PathLike)) else None
+    return str(path) if path else "an image stored in the dataset (no file name recorded)"
+
+
+def _unreadable(where: str, e: BaseException) -> UnreadableImageError:
+    return UnreadableImageError(f"cannot read image {where} ({one_line(e)}): remove or replace it")
+
+
+def read_encoded(value: Any) -> Encoded | None:
+    """``value`` (an undecoded ``datasets.Image`` value or a local path) as its encoded bytes and header; None for
+    what has no bytes here to read (a decoded image, an array, a remote path: :func:`to_pil` reads those)."""
+    if isinstance(value, dict) and value.get("bytes"):
+        data = value["bytes"]
+    elif isinstance(value, (dict, str, os.PathLike)):
+        path = value.get("path") if isinstance(value, dict) else value
+        if not path or "://" in str(path):
+            return None
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise _unreadable(str(path), e) from e
+    else:
+        return None
+    where = _where(value)
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # the header only: no pixel is decoded
+            width, height, mode = image.width, image.height, image.mode
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise _unreadable(where, e) from e
+    return Encoded(torch.frombuffer(bytearray(data), dtype=torch.uint8), where, width, height, mode)
+
+
+def reduction(box: tuple[int, int, int, int] | None, size: tuple[int, int]) -> int:
+    """The DCT reduction (1, 2, 4 or 8) a JPEG may be decoded at for a crop of ``box`` resized to ``size``: the largest
+    that leaves the decoded crop at least twice the output on both sides, so the antialiased resize still filters
+    over two or more pixels (decoded smaller, the box filter of the DCT scaling would show: 8 levels of 255 on
+    average against a full decode at 1.9x, 0.4 at 3.7x, on tests/test_pipeline.py's high-frequency images)."""
+    if box is None:
+        return 1
+    height, width = box[2:]
+    scale = 1
+    while scale < 8 and height >= 4 * scale * size[0] and width >= 4 * scale * size[1]:
+        scale *= 2
+    return scale
+
+
+def decode_cpu(image: Encoded, channels: int, scale: int = 1) -> tuple[torch.Tensor, tuple[float, float]]:
+    """Decode on the CPU to uint8 (``channels``, H, W); a JPEG with ``scale`` > 1 at reduced DCT size (Pillow's
+    draft mode). Returns the pixels and the (vertical, horizontal) factor by which they are smaller than the source.
+    A full-size RGB or grey JPEG goes through torchvision's decoder (libjpeg-turbo straight into a tensor: 0.6x
+    Pillow's time here, which converts and copies; bench/loader.py), the rest through Pillow."""
+    mode = "L" if channels == 1 else "RGB"
+    if scale == 1 and image.is_jpeg and image.mode in ("RGB", "L"):
+        try:
+            pixels = decode_jpeg(image.data, mode=ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB)
+            return pixels, (1.0, 1.0)
+        except RuntimeError:
+            pass  # Pillow below reads what libjpeg's strict mode refuses, or names the file
+    try:
+        with Image.open(io.BytesIO(image.data.numpy().tobytes())) as pil:
+            if scale > 1 and image.is_jpeg:
+                pil.draft(mode, (-(-image.width // scale), -(-image.height // scale)))
+            pil = pil.convert(mode)
+            pixels = torch.from_numpy(np.array(pil))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise _unreadable(image.where, e) from e
+    pixels = pixels.unsqueeze(0) if pixels.ndim == 2 else pixels.permute(2, 0, 1)
+    return pixels, (image.height / pixels.shape[1], image.width / pixels.shape[2])
+
+
+def decode_on(images: Sequence[Encoded], channels: int, device: torch.device | str) -> list[torch.Tensor]:
+    """Decode a batch where the model runs: the JPEGs in one call of torchvision's batched decoder (nvJPEG on a CUDA
+    device), the rest (PNG, CMYK, what that decoder refuses) on the CPU and moved there; a file neither can read is
+    an :class:`UnreadableImageError` naming it."""
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    out: list[torch.Tensor | None] = [None] * len(images)
+    jpegs = [i for i, image in enumerate(images) if image.is_jpeg and image.mode in ("RGB", "L")]
+    if jpegs:
+        try:
+            decoded = decode_jpeg([images[i].data for i in jpegs], mode=mode, device=device)
+        except RuntimeError:  # one bad file fails the batch: decode those one by one on the CPU below
+            decoded = [None] * len(jpegs)
+        for i, pixels in zip(jpegs, decoded, strict=True):
+            out[i] = pixels
+    for i, pixels in enumerate(out):
+        if pixels is None:
+            out[i] = decode_cpu(images[i], channels)[0].to(device, non_blocking=True)
+    return out  # type: ignore[return-value]

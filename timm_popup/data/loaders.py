@@ -15,6 +15,7 @@ import torch
 
 from .decode import to_pil, undecoded
 from .draws import example_seed, restored_draws, seed_draws
+from .pipeline import TensorBatch, TensorPipeline
 from .sources import ImageDataset, check_split
 
 __all__ = ["create_loader"]
@@ -32,6 +33,29 @@ class _BatchTransform:
                 "label": [_map_label(int(v), self.label_map) for v in batch[self.label_column]]}
 
 
+class _PilExample:
+    """The reference path's half of one example: the PIL image through the reference transform."""
+
+    def __init__(self, transform: Callable, decoder: datasets.Image | None) -> None:
+        self.transform, self.decoder = transform, decoder
+
+    def __call__(self, value: Any) -> dict[str, Any]:
+        return {"image": self.transform(to_pil(value, self.decoder))}
+
+
+class _TensorExample:
+    def __init__(self, pipeline: TensorPipeline, decoder: datasets.Image | None) -> None:
+        self.pipeline, self.decoder = pipeline, decoder
+
+    def __call__(self, value: Any) -> dict[str, Any]:
+        return self.pipeline.example(value, self.decoder)
+
+
+def _example(transform: Callable | TensorPipeline, decoder: datasets.Image | None) -> Callable[[Any], dict]:
+    return _TensorExample(transform, decoder) if isinstance(transform, TensorPipeline) else _PilExample(
+        transform, decoder)
+
+
 def _map_label(label: int, label_map: Sequence[int] | None) -> int:
     return label if label_map is None or label < 0 else label_map[label]
 
@@ -44,9 +68,10 @@ class _SeededImages(torch.utils.data.Dataset):
     uninterrupted run drew, with any number of workers, and no worker's generator state needs saving.
     """
 
-    def __init__(self, rows: datasets.Dataset, image_column: str, label_column: str, transform: Callable,
-                 label_map: Sequence[int] | None, decoder: datasets.Image, seed: int) -> None:
-        self.rows, self.transform, self.label_map, self.decoder, self.seed = rows, transform, label_map, decoder, seed
+    def __init__(self, rows: datasets.Dataset, image_column: str, label_column: str,
+                 transform: Callable | TensorPipeline, label_map: Sequence[int] | None, decoder: datasets.Image,
+                 seed: int | None) -> None:
+        self.rows, self.example, self.label_map, self.seed = rows, _example(transform, decoder), label_map, seed
         self.image_column, self.label_column, self.epoch = image_column, label_column, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -63,9 +88,9 @@ class _SeededImages(torch.utils.data.Dataset):
         out = []
         with restored_draws(torch.utils.data.get_worker_info() is None):
             for index, value, label in zip(indices, batch[self.image_column], batch[self.label_column], strict=True):
-                seed_draws(example_seed(self.seed, self.epoch, int(index)))
-                out.append({"image": self.transform(to_pil(value, self.decoder)),
-                            "label": _map_label(int(label), self.label_map)})
+                if self.seed is not None:
+                    seed_draws(example_seed(self.seed, self.epoch, int(index)))
+                out.append({**self.example(value), "label": _map_label(int(label), self.label_map)})
         return out
 
 
@@ -85,10 +110,10 @@ class _StreamingImages(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, stream: datasets.IterableDataset, image_column: str, label_column: str,
-                 transform: Callable, label_map: Sequence[int] | None = None,
+                 transform: Callable | TensorPipeline, label_map: Sequence[int] | None = None,
                  decoder: datasets.Image | None = None, seed: int | None = None, shard: int = 0) -> None:
         super().__init__()
-        self.stream, self.transform, self.label_map, self.decoder = stream, transform, label_map, decoder
+        self.stream, self.example, self.label_map = stream, _example(transform, decoder), label_map
         self.image_column, self.label_column = image_column, label_column
         self.seed, self.shard, self.epoch, self.skip, self.batch_size = seed, shard, 0, 0, 1
 
@@ -113,8 +138,8 @@ class _StreamingImages(torch.utils.data.IterableDataset):
             with restored_draws(info is None):
                 if self.seed is not None:
                     seed_draws(example_seed(self.seed, self.epoch, self.shard, worker, j))
-                image = self.transform(to_pil(example[self.image_column], self.decoder))
-            yield {"image": image, "label": _map_label(int(example[self.label_column]), self.label_map)}
+                row = self.example(example[self.image_column])
+            yield {**row, "label": _map_label(int(example[self.label_column]), self.label_map)}
 
 
 def _leave_stopping_to_the_trainer(worker_id: int) -> None:
@@ -140,19 +165,30 @@ def _end_workers_at_exit() -> None:
             child.join(timeout=5)
 
 
-def _collate(rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
-    if rows[0]["image"] is None:  # a batch skipped on resume: nothing to train on, only its place in the turn
-        return torch.empty(0), torch.empty(0, dtype=torch.long)
-    images = torch.stack([r["image"] for r in rows]).float()
-    labels = torch.tensor([r["label"] for r in rows], dtype=torch.long)
-    return images, labels
+class _Collate:
+    """Rows -> (images, labels): float images of the reference path, or a :class:`TensorBatch`."""
+
+    def __init__(self, pipeline: TensorPipeline | None) -> None:
+        self.pipeline = pipeline
+
+    def __call__(self, rows: list[dict[str, Any]]) -> tuple[torch.Tensor | TensorBatch, torch.Tensor]:
+        if rows[0]["image"] is None:  # a batch skipped on resume: nothing to train on, only its place in the turn
+            return torch.empty(0), torch.empty(0, dtype=torch.long)
+        labels = torch.tensor([r["label"] for r in rows], dtype=torch.long)
+        if self.pipeline is not None:
+            return self.pipeline.collate(rows), labels
+        return torch.stack([r["image"] for r in rows]).float(), labels
 
 
-def create_loader(ds: ImageDataset, split: str, transform: Callable, *, batch_size: int, shuffle: bool,
+def create_loader(ds: ImageDataset, split: str, transform: Callable | TensorPipeline, *, batch_size: int,
+                  shuffle: bool,
                   num_workers: int = 0, seed: int = 0, drop_last: bool = False, shuffle_buffer: int = 10_000,
                   pin_memory: bool = False, num_shards: int = 1, shard_index: int = 0,
                   label_map: Sequence[int] | None = None, seeded_draws: bool = False) -> torch.utils.data.DataLoader:
-    """DataLoader over one split yielding ``(images float32 [B, C, H, W], labels int64 [B])``.
+    """DataLoader over one split yielding ``(images, labels int64 [B])``: images float32 [B, C, H, W] from a reference
+    ``transform`` (PIL), or a :class:`~timm_popup.data.pipeline.TensorBatch` from a ``TensorPipeline``
+    (:func:`~timm_popup.data.pipeline.choose_decode`), which :func:`~timm_popup.data.pipeline.finish_images` turns
+    into the same float images on the training device.
 
     Map-style splits decode and transform lazily via ``with_transform`` and shuffle with a ``torch.Generator`` seeded
     with ``seed``; streaming splits shuffle with a ``shuffle_buffer``-example buffer seeded with ``seed`` (call
@@ -175,7 +211,8 @@ def create_loader(ds: ImageDataset, split: str, transform: Callable, *, batch_si
     if num_workers:
         atexit.unregister(_end_workers_at_exit)  # once per process, whatever the number of loaders
         atexit.register(_end_workers_at_exit)
-    common = dict(batch_size=batch_size, num_workers=num_workers, collate_fn=_collate, drop_last=drop_last,
+    pipeline = transform if isinstance(transform, TensorPipeline) else None
+    common = dict(batch_size=batch_size, num_workers=num_workers, collate_fn=_Collate(pipeline), drop_last=drop_last,
                   generator=generator, pin_memory=pin_memory,
                   worker_init_fn=_leave_stopping_to_the_trainer if num_workers else None)
     if isinstance(split_ds, datasets.IterableDataset):
@@ -191,11 +228,11 @@ def create_loader(ds: ImageDataset, split: str, transform: Callable, *, batch_si
                              seed=seed if seeded_draws else None, shard=shard_index), **common)
     if num_shards > 1:
         split_ds = split_ds.shard(num_shards=num_shards, index=shard_index, contiguous=True)
-    if seeded_draws:
+    if seeded_draws or isinstance(transform, TensorPipeline):
         rows = split_ds.select_columns([ds.image_column, ds.label_column])
         return torch.utils.data.DataLoader(
-            _SeededImages(rows, ds.image_column, ds.label_column, transform, label_map, decoder, seed),
-            shuffle=shuffle, **common)
+            _SeededImages(rows, ds.image_column, ds.label_column, transform, label_map, decoder,
+                          seed if seeded_draws else None), shuffle=shuffle, **common)
     mapped = split_ds.with_transform(_BatchTransform(ds.image_column, ds.label_column, transform, label_map,
                                                      decoder), columns=[ds.image_column, ds.label_column])
     return torch.utils.data.DataLoader(mapped, shuffle=shuffle, **common)

@@ -1,0 +1,223 @@
+"""Images per second of our loader against timm's, on the same ImageNet-size JPEGs, side by side in one run.
+
+    python bench/loader.py [--images 1536] [--workers 1 2] [--batch-size 64] [--rounds 2]
+
+The images: ``--images`` JPEGs of 500x375 at quality 90 (ImageNet's typical size; generated once, seeded, into
+``--cache``), as an image folder and as its Arrow copy (``save_to_disk`` with the bytes embedded, the layout of
+``ILSVRC/imagenet-1k`` after download). The transforms, for every row: RandomResizedCrop 224 (scale 0.08-1, bilinear),
+horizontal flip 0.5, colour jitter 0.4, normalisation; batch 64. Rows:
+
+* ``timm``: ``timm.data.create_loader`` (``use_prefetcher=False``: it normalises in the workers) over
+  ``timm.data.ImageDataset`` (folder) or over the Arrow rows decoded by ``datasets`` (Arrow);
+* ``ours, pil``: our loader's reference path (Pillow in the workers, timm's transforms: today's default before
+  ``--decode``);
+* ``ours, cpu``: the tensor pipeline, decoding in the workers (``--decode cpu``); its jitter and normalisation run in
+  the consuming process (on a GPU run, on the GPU), and they are timed here, on this CPU, inside the row.
+
+Each row reads every image once per round after one warm-up batch; rows are interleaved over ``--rounds`` and the
+best round is reported, with its ratio to timm's. With a CUDA GPU: ``ours, gpu`` (the training GPU decodes, images/s
+per GPU, CPU cores busy) and the ResNet-50 b256 bf16 step fed by the GPU pipeline against the same step on synthetic
+data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import timm
+import timm.data
+import torch
+from machine import check_idle, load_line
+from PIL import Image
+
+from timm_popup.data import Augmentation, ImageDataset, build_transforms, choose_decode, create_loader, finish_images
+
+SIZE = (500, 375)
+CFG = dict(input_size=(3, 224, 224), interpolation="bilinear", mean=timm.data.IMAGENET_DEFAULT_MEAN,
+           std=timm.data.IMAGENET_DEFAULT_STD, crop_pct=0.875)
+AUG = Augmentation(scale=(0.08, 1.0), hflip=0.5, color_jitter=0.4)
+
+
+def _photo(rng: np.random.Generator) -> np.ndarray:
+    """A photo-like 500x375 image: smooth shapes at several scales plus sensor noise (JPEG sizes near ImageNet's)."""
+    w, h = SIZE
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.zeros((h, w, 3), np.float32)
+    for scale in (80, 25, 7):
+        phase = rng.uniform(0, 2 * np.pi, (3, 2))
+        for c in range(3):
+            img[..., c] += 40 * np.sin(x / scale + phase[c, 0]) * np.cos(y / (scale * 1.3) + phase[c, 1])
+    img += 128 + rng.normal(0, 10, img.shape).astype(np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_images(root: Path, n: int) -> tuple[Path, Path]:
+    """``n`` JPEGs in ``root/folder/class_k/`` and their Arrow copy in ``root/arrow`` (made once)."""
+    folder, arrow = root / "folder", root / "arrow"
+    if not arrow.is_dir():
+        rng = np.random.default_rng(0)
+        rows = {"image": [], "label": []}
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.fromarray(_photo(rng)).save(buf, "JPEG", quality=90)
+            path = folder / f"class_{i % 10}" / f"{i:05d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(buf.getvalue())
+            rows["image"].append({"bytes": buf.getvalue(), "path": path.name})
+            rows["label"].append(i % 10)
+        features = datasets.Features({"image": datasets.Image(),
+                                      "label": datasets.ClassLabel(names=[f"class_{k}" for k in range(10)])})
+        datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(arrow))
+    return folder, arrow
+
+
+class _ArrowForTimm(torch.utils.data.Dataset):
+    """The Arrow rows decoded by ``datasets`` into PIL images, for timm's create_loader (it sets ``transform``)."""
+
+    def __init__(self, rows: datasets.Dataset) -> None:
+        self.rows, self.transform = rows, None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = self.rows[i]
+        return self.transform(row["image"].convert("RGB")), row["label"]
+
+
+def timm_loader(source: str, path: Path, workers: int, batch: int) -> torch.utils.data.DataLoader:
+    dataset = (timm.data.ImageDataset(str(path)) if source == "folder"
+               else _ArrowForTimm(datasets.load_from_disk(str(path))))
+    return timm.data.create_loader(dataset, input_size=CFG["input_size"], batch_size=batch, is_training=True,
+                                   use_prefetcher=False, scale=AUG.scale, ratio=AUG.ratio, hflip=AUG.hflip,
+                                   color_jitter=AUG.color_jitter, interpolation=CFG["interpolation"],
+                                   mean=CFG["mean"], std=CFG["std"], num_workers=workers, persistent_workers=False)
+
+
+def our_loader(source: str, path: Path, workers: int, batch: int, decode: str | None
+               ) -> torch.utils.data.DataLoader:
+    if source == "folder":
+        split = datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
+    else:
+        split = datasets.load_from_disk(str(path))
+    ds = ImageDataset(str(path), {"train": split}, "image", "label", split.features["label"].names, "train", None,
+                      num_rows={"train": len(split)})
+    transform = build_transforms(CFG, is_training=True, cifar_style=False, augmentation=AUG)
+    if decode is not None:
+        transform, _ = choose_decode(decode, transform, device="cpu")
+    return create_loader(ds, "train", transform, batch_size=batch, shuffle=True, num_workers=workers, seed=0,
+                         drop_last=True, seeded_draws=True)
+
+
+def images_per_s(loader: torch.utils.data.DataLoader, device: str = "cpu") -> float:
+    """Images/s delivered as normalised float batches on ``device``, after one warm-up batch."""
+    it = iter(loader)
+    first, _ = next(it)
+    finish_images(first, device)
+    start, seen = time.perf_counter(), 0
+    for images, _ in it:
+        out = finish_images(images, device)
+        seen += out.shape[0]
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - start)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=1536)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+                   / "timm-popup" / "bench-loader")
+    p.add_argument("--allow-busy", action="store_true")
+    args = p.parse_args()
+    check_idle(args.allow_busy)
+    torch.set_num_threads(1)  # the consuming process takes one core, as a training process leaves the rest to workers
+    folder, arrow = make_images(args.cache / str(args.images), args.images)
+    sizes = [f.stat().st_size for f in folder.rglob("*.jpg")]
+    print(f"{len(sizes)} JPEGs {SIZE[0]}x{SIZE[1]} q90, mean {np.mean(sizes) / 1024:.0f} KiB; RandomResizedCrop 224 + "
+          f"flip + jitter 0.4 + normalize, batch {args.batch_size}; torch {torch.__version__}, timm {timm.__version__}")
+    rows = [(src, w, name) for w in args.workers for src in ("arrow", "folder")
+            for name in ("timm", "ours, pil", "ours, cpu")]
+    best: dict[tuple, float] = {}
+    for _ in range(args.rounds):
+        for src, w, name in rows:
+            path = folder if src == "folder" else arrow
+            loader = (timm_loader(src, path, w, args.batch_size) if name == "timm" else
+                      our_loader(src, path, w, args.batch_size, None if name == "ours, pil" else "cpu"))
+            best[src, w, name] = max(best.get((src, w, name), 0.0), images_per_s(loader))
+            del loader
+    print(f"{'source':<7} {'workers':>7}  {'loader':<10} {'images/s':>9} {'vs timm':>8}")
+    for src, w, name in rows:
+        rate = best[src, w, name]
+        print(f"{src:<7} {w:>7}  {name:<10} {rate:>9.1f} {rate / best[src, w, 'timm']:>7.2f}x")
+    if torch.cuda.is_available():
+        gpu_rows(folder, arrow, args)
+    else:
+        print("ours, gpu: not timed: no CUDA device here (the GPU decode and the ResNet-50 step rows need one)")
+    print(f"after: {load_line()}; CPU seconds of this process {resource.getrusage(resource.RUSAGE_SELF).ru_utime:.0f}")
+    return 0
+
+
+def gpu_rows(folder: Path, arrow: Path, args: argparse.Namespace) -> None:
+    """GPU decode images/s per GPU (CPU cores busy meanwhile), and the ResNet-50 b256 bf16 step fed by it against
+    synthetic data."""
+    for w in args.workers:
+        loader = our_loader("arrow", arrow, w, args.batch_size, "gpu")
+        cpu0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+        self0 = resource.getrusage(resource.RUSAGE_SELF)
+        rate = images_per_s(loader, "cuda")
+        wall = time.perf_counter() - t0
+        self1, cpu1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        busy = ((self1.ru_utime + self1.ru_stime - self0.ru_utime - self0.ru_stime)
+                + (cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime)) / wall
+        print(f"arrow   {w:>7}  ours, gpu  {rate:>9.1f}  per GPU ({torch.cuda.get_device_name()}), "
+              f"{busy:.1f} CPU cores busy")
+    model = timm.create_model("resnet50").cuda().to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    synth = torch.randn(256, 3, 224, 224, device="cuda"), torch.randint(0, 10, (256,), device="cuda")
+    for _ in range(5):
+        step(*synth)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        step(*synth)
+    torch.cuda.synchronize()
+    synthetic = 20 * 256 / (time.perf_counter() - t0)
+    loader = our_loader("arrow", arrow, max(args.workers), 256, "gpu")
+    n, t0 = 0, None
+    for _ in range(3):
+        for images, labels in loader:
+            x = finish_images(images, "cuda")
+            step(x, labels.cuda(non_blocking=True))
+            if t0 is None:
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+            else:
+                n += x.shape[0]
+    torch.cuda.synchronize()
+    fed = n / (time.perf_counter() - t0)
+    print(f"ResNet-50 b256 bf16 step: synthetic {synthetic:.0f} img/s, fed by the GPU pipeline {fed:.0f} img/s "
+          f"({fed / synthetic:.2f}x)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
