@@ -40,8 +40,8 @@ def choose_decode(requested: str, transform: Any, *, device: torch.device | str,
         raise ValueError(f"--decode must be one of {', '.join(DECODE_CHOICES)}, got {requested!r}")
     cuda = torch.device(device).type == "cuda"
     if requested == "gpu" and not cuda:
-        raise ValueError("--decode gpu decodes with nvJPEG on the training GPU, and this run trains on the CPU: use "
-                         "--decode cpu or auto")
+        raise ValueError("--decode gpu decodes with nvJPEG on the training GPU, and this run computes on the CPU: "
+                         "use --decode cpu or auto")
     program, why = program_of(transform)
     if program is None or streaming:
         reason = why if program is None else "a streamed split is read example by example"
@@ -49,8 +49,8 @@ def choose_decode(requested: str, transform: Any, *, device: torch.device | str,
     on_device = requested == "gpu" or (requested == "auto" and cuda)
     where = ("gpu (workers read the encoded bytes; torchvision's nvJPEG decoder and the transforms run on the "
              "training GPU)" if on_device else
-             "cpu (workers decode: libjpeg-turbo, at reduced DCT size for crops at least twice the output; they crop, "
-             "resize, flip and jitter; normalisation on the training device)")
+             "cpu (workers decode with libjpeg-turbo, at reduced DCT size where a crop is at least 4x the output, and "
+             "transform; normalisation on the training device)")
     return TensorPipeline(program, on_device), where + ("" if requested != "auto" else ", chosen by auto")
 
 
