@@ -401,6 +401,113 @@ def test_two_processes_accumulating_on_batchnorm_resume_mid_epoch_to_the_same_by
     _same_run(out, reference)
 
 
+def _machines(args: list[str], out: Path, port: int, name: str, *, pause: str | None = None) -> tuple[list, Path]:
+    """Start two "machines" (one `accelerate launch` each, one gloo process per machine) meeting over loopback at
+    ``port``; with ``pause``, the main process stops inside the write of that checkpoint until the returned marker
+    is removed. Logs go to ``out.parent/{name}-{rank}.log``."""
+    marker = out.parent / f"{name}-writing"
+    env = _env(TIMM_POPUP_PAUSE_IN_CHECKPOINT=f"{pause}={marker}") if pause else _env()
+    procs = []
+    for rank in (0, 1):
+        cmd = [_accelerate(), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "2", "--machine_rank",
+               str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--mixed_precision",
+               "no", "--dynamo_backend", "no", str(SCRIPT), *args, "--output-dir", str(out), "--resume", "latest"]
+        with open(out.parent / f"{name}-{rank}.log", "w") as log:
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+    return procs, marker
+
+
+def _trainer(launcher: subprocess.Popen) -> int:
+    """The pid of the training process an `accelerate launch` started (its child)."""
+    import psutil
+
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        for child in psutil.Process(launcher.pid).children(recursive=True):
+            if str(SCRIPT) in " ".join(child.cmdline()):
+                return child.pid
+        time.sleep(0.05)
+    raise AssertionError("no training process")
+
+
+def _wait_for(path: Path, procs: list) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not path.exists() and all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert path.exists(), [p.poll() for p in procs]
+
+
+def _ended(procs: list, timeout: float = TIMEOUT) -> list[int]:
+    try:
+        return [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def test_two_machines_preempted_or_frozen_stop_in_bounded_time_and_resume_to_the_same_bytes(preempt_reference, data,
+                                                                                           tmp_path):
+    """Two machines over loopback, one gloo process each. SIGTERM to one machine's trainer only: both stop after the
+    same update, write a recovery checkpoint, record "retry" and print the resume command of the job that ran. Then
+    one machine frozen (SIGSTOP: no reset is sent, as from a host that lost power): the other gives it up after
+    --dist-timeout, prints one line naming it, records "retry". Relaunched, the run ends with the uninterrupted
+    2-process run's bytes."""
+    out, port = tmp_path / "run", _free_port()
+    # each machine's one process takes the thread count each of the reference's two processes on this one had
+    args = [*PREEMPT_ARGS, "--dataset", str(data), "--checkpointing-steps", "1", "--dist-timeout", "5", "--threads",
+            str(max(1, CPUS // 2))]
+    resume = (rf"accelerate launch --multi_gpu --num_processes 2 --num_machines 2 --machine_rank 0 --main_process_ip "
+              rf"127.0.0.1 --main_process_port {port} \S*train_accelerate\.py .* --resume latest \(exit status 75\)")
+
+    procs, marker = _machines(args, out, port, "term", pause="step_00000001")
+    _wait_for(marker, procs)
+    os.kill(_trainer(procs[1]), signal.SIGTERM)  # a spot machine reclaimed with notice: its trainer only
+    signalled = time.monotonic()
+    marker.unlink()
+    statuses = _ended(procs)
+    term_s = time.monotonic() - signalled
+    log = (tmp_path / "term-0.log").read_text()
+    stop = re.search(rf"(?m)^stopped by a signal on another process after step 2 of epoch 1; saved \S+step_00000002; "
+                     rf"resume with: {resume}$", log)
+    assert stop, log[-4000:]
+    ended = runstate.read_status(out)
+    assert (ended["status"], ended["exit_status"], ended["reason"]) == ("retry", 75, "preempted"), ended
+    assert ended["line"] == stop[0]
+
+    procs, marker = _machines(args, out, port, "stop", pause="step_00000004")
+    _wait_for(marker, procs)
+    frozen = [procs[1].pid, _trainer(procs[1])]  # machine 1 whole: launcher and trainer (its own session)
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    frozen_at = time.monotonic()
+    marker.unlink()
+    try:
+        survivor = procs[0].wait(timeout=TIMEOUT)
+        stop_s = time.monotonic() - frozen_at
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGKILL)
+        _ended(procs)
+    log = (tmp_path / "stop-0.log").read_text()
+    lost = re.findall(rf"(?m)^lost rank 1 on {re.escape(socket.gethostname())}: no answer within --dist-timeout 5s "
+                      rf"\(rank 0 on \S+ gave up waiting\); resume with: {resume}$", log)
+    assert len(lost) == 1 and "Timed out waiting" not in log, log[-4000:]
+    ended = runstate.read_status(out)
+    assert (ended["status"], ended["exit_status"], ended["reason"]) == ("retry", 75, "lost-peer"), ended
+    assert stop_s < 5 + 10, stop_s  # --dist-timeout plus the launcher's teardown
+    print(f"SIGTERM: both machines ended {term_s:.1f}s after the signal, launchers' statuses {statuses}; SIGSTOP: "
+          f"machine 0 ended {stop_s:.1f}s after it, its launcher's status {survivor}")
+
+    procs, _ = _machines(args, out, port, "resume")
+    assert _ended(procs) == [0, 0], (tmp_path / "resume-0.log").read_text()[-4000:]
+    assert "resumed from" in (tmp_path / "resume-0.log").read_text()
+    assert runstate.read_status(out)["status"] == "done"
+    _same_run(out, preempt_reference[2])
+
+
 def _signal_when(path: Path, sig: signal.Signals) -> threading.Thread:
     """Send ``sig`` to this process (an in-process run) once ``path`` exists."""
     def watch() -> None:

@@ -26,6 +26,7 @@ import fcntl
 import json
 import os
 import pickle
+import re
 import shlex
 import shutil
 import signal
@@ -48,7 +49,9 @@ __all__ = [
     "EXIT_PREEMPTED", "DEFAULT_CHECKPOINT_MINUTES", "prepare_output_dir", "hold_output_dir", "list_checkpoints",
     "find_checkpoint", "check_fresh_output_dir", "read_trainer_state", "check_resume_compatible", "check_checkpoint",
     "use_portable_checkpoints", "save_checkpoint", "load_checkpoint", "EpochProgress", "resume_progress",
-    "position_loader", "Preemption", "Preempted", "Recovery", "resume_command",
+    "position_loader", "Preemption", "Preempted", "Recovery", "resume_command", "DEFAULT_DIST_TIMEOUT_S",
+    "PATIENT_TIMEOUT_S", "STATUS_FILE", "EXIT_LOST_PEER", "dist_timeout_kwargs", "Launch", "Cluster", "write_status",
+    "read_status",
 ]
 
 TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: its presence marks a complete one
@@ -595,9 +598,11 @@ class Recovery:
         return Preempted(line, checkpoint)
 
 
-def resume_command(argv: Sequence[str], *, num_processes: int, launched: bool) -> str:
+def resume_command(argv: Sequence[str], *, num_processes: int, launched: bool,
+                   launch: Launch | None = None) -> str:
     """The command that resumes this run: the same arguments with ``--resume latest`` (no ``--overwrite``), under
-    ``accelerate launch`` (with its process count) when it was launched so."""
+    ``accelerate launch`` (with its process count, and on several machines this machine's ``--num_machines``,
+    ``--machine_rank`` and rendezvous address) when it was launched so."""
     args, skip = [], False
     for arg in argv:
         if skip:
@@ -611,7 +616,162 @@ def resume_command(argv: Sequence[str], *, num_processes: int, launched: bool) -
         args.append(arg)
     if launched:
         flags = ["--multi_gpu", "--num_processes", str(num_processes)] if num_processes > 1 else []
+        if launch is not None and launch.num_machines > 1:
+            flags += ["--num_machines", str(launch.num_machines), "--machine_rank", str(launch.machine_rank),
+                      "--main_process_ip", launch.main_address, "--main_process_port", launch.main_port]
         prefix = ["accelerate", "launch", *flags]
     else:
         prefix = ["python"]
     return shlex.join([*prefix, *args, "--resume", "latest"])
+
+
+# ------------------------------------------------------------------------------------ several processes and machines
+
+
+#: How long a process waits inside a collective (all-reduce, barrier, gather) for the others before it gives them up
+#: as lost (``--dist-timeout``). It must cover the longest wait a healthy run has there: the others wait for the main
+#: process's checkpoint write (scores, optimizer state and trainer state: ~0.55 GB for WRN-50-2, 5 minutes is 2 MB/s
+#: on a slow shared disk) and for the slowest process's share of an evaluation or BatchNorm re-estimation (equal
+#: shares: seconds apart). PyTorch's own defaults (30 minutes for gloo, 10 for NCCL) leave the other nodes idle that
+#: long after one is lost. The one-sided waits without a bound (the first download or conversion of a dataset, the
+#: push to the Hub at the end) are given :data:`PATIENT_TIMEOUT_S` instead (:meth:`Cluster.patient`).
+DEFAULT_DIST_TIMEOUT_S = 300.0
+PATIENT_TIMEOUT_S = 24 * 3600.0
+#: What a run records beside its checkpoints about how it ended (``running`` while it runs), for a scheduler whose
+#: launcher reports every ending alike (torchrun exits with 1 for a preemption as for a crash).
+STATUS_FILE = "run_status.json"
+#: The exit status of a run that lost another process (a node lost or frozen): like a preemption, try again.
+EXIT_LOST_PEER = EXIT_PREEMPTED
+# Words that mark an error raised by a collective whose peer is gone (gloo's and NCCL's messages; torch's DistError).
+_PEER_ERRORS = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "broken pipe")
+
+
+def dist_timeout_kwargs(seconds: float):
+    """Accelerate's handler that sets the process group's timeout (``InitProcessGroupKwargs``)."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=seconds))
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """How this process was started, from the environment its launcher gave it (torchrun's variables, which
+    ``accelerate launch --multi_gpu`` sets too): the launcher, this machine's rank among ``num_machines`` and the
+    rendezvous address the machines meet at."""
+
+    launcher: str  # "accelerate" (accelerate launch), "torchrun" (another torch.distributed launcher) or "python"
+    num_machines: int = 1
+    machine_rank: int = 0
+    main_address: str = ""
+    main_port: str = ""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Launch:
+        env = os.environ if env is None else env
+        world, local = int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", "1")))
+        launcher = ("accelerate" if "ACCELERATE_MIXED_PRECISION" in env else
+                    "torchrun" if "TORCHELASTIC_RUN_ID" in env or world > 1 else "python")
+        return cls(launcher, num_machines=max(1, world // max(1, local)), machine_rank=int(env.get("GROUP_RANK", "0")),
+                   main_address=env.get("MASTER_ADDR", ""), main_port=env.get("MASTER_PORT", ""))
+
+
+class Cluster:
+    """The run's processes as a whole: who they are (rank -> host, gathered once at the start), how they were
+    launched (:class:`Launch`), the command that resumes the run, and what a process says and records when another
+    one is lost: a collective gives up after ``--dist-timeout`` (a frozen or powered-off node sends nothing) or at
+    once (a connection reset), and the survivor prints one line naming the lost process and exits with
+    :data:`EXIT_LOST_PEER`."""
+
+    def __init__(self, accelerator: Accelerator, argv: Sequence[str], *, timeout_s: float,
+                 launch: Launch | None = None) -> None:
+        self.accelerator, self.timeout_s = accelerator, timeout_s
+        self.launch = Launch.from_env() if launch is None else launch
+        self.rank = accelerator.process_index
+        self.hosts = [socket.gethostname()]
+        if accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            self.hosts = list(gather_object([socket.gethostname()]))
+        self.command = resume_command(argv, num_processes=accelerator.num_processes,
+                                      launched=self.launch.launcher == "accelerate", launch=self.launch)
+        if self.launch.launcher == "torchrun":
+            self.command = ("relaunch this job's own launcher command (on every machine) with the same arguments and "
+                            "--resume latest")
+
+    @property
+    def speaks(self) -> bool:
+        """Whether this process prints for its machine (local rank 0: one line per surviving machine)."""
+        return self.accelerator.local_process_index == 0
+
+    @contextlib.contextmanager
+    def patient(self) -> Iterator[None]:
+        """Collectives inside wait up to :data:`PATIENT_TIMEOUT_S`: for a wait on one process's unbounded work (a
+        first download or conversion of the dataset, the push to the Hub)."""
+        group = _default_group(self.accelerator)
+        if group is None:
+            yield
+            return
+        _set_group_timeout(group, PATIENT_TIMEOUT_S)
+        try:
+            yield
+        finally:
+            _set_group_timeout(group, self.timeout_s)
+
+    def lost_peer(self, error: BaseException) -> str | None:
+        """The one line for ``error`` if it is a collective that lost another process (``None`` otherwise): which
+        process (rank and host where the error or the process count tells), and how to resume."""
+        if self.accelerator.num_processes == 1 or not _is_peer_error(error):
+            return None
+        message = " ".join(str(error).split())
+        others = [r for r in range(self.accelerator.num_processes) if r != self.rank]
+        address = re.search(r"\[([0-9a-fA-F.:]+)\]:\d+", message)
+        if len(others) == 1:
+            who = f"rank {others[0]} on {self.hosts[others[0]]}"
+        else:  # gloo and NCCL name at most the address of the connection that broke, not the rank
+            where = f"the process at {address[1]}" if address else "another process"
+            hosts = ", ".join(sorted({self.hosts[r] for r in others}))
+            who = f"{where} (one of ranks {others[0]}-{others[-1]} on {hosts})"
+        how = (f"no answer within --dist-timeout {self.timeout_s:g}s" if "timed out" in message.lower() else
+               "its connection closed")
+        return (f"lost {who}: {how} (rank {self.rank} on {self.hosts[self.rank]} gave up waiting); resume with: "
+                f"{self.command} (exit status {EXIT_LOST_PEER})")
+
+
+def _is_peer_error(error: BaseException) -> bool:
+    while error is not None:
+        if isinstance(error, torch.distributed.DistError) or (
+                isinstance(error, RuntimeError) and any(w in str(error).lower() for w in _PEER_ERRORS)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _default_group(accelerator: Accelerator) -> Any:
+    if accelerator.num_processes == 1 or not torch.distributed.is_initialized():
+        return None
+    return torch.distributed.group.WORLD
+
+
+def _set_group_timeout(group: Any, seconds: float) -> None:
+    setter = getattr(torch.distributed, "set_timeout", None)  # torch >= 2.8; before it the group keeps its own
+    if setter is not None:
+        setter(datetime.timedelta(seconds=seconds), group)
+
+
+def write_status(output_dir: Path, status: str, *, exit_status: int, line: str = "", **extra: Any) -> None:
+    """Record how the run ended in ``output_dir/run_status.json`` (atomically): ``running``, ``done``, ``retry``
+    (preempted, or a peer lost: resume with ``--resume latest``) or ``failed`` (do not retry as it is)."""
+    record = dict(status=status, exit_status=exit_status, line=line, host=socket.gethostname(), pid=os.getpid(),
+                  time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **extra)
+    tmp = output_dir / f".{STATUS_FILE}.{socket.gethostname()}.{os.getpid()}"
+    with contextlib.suppress(OSError):  # the status is a convenience: never the reason a run fails
+        tmp.write_text(json.dumps(record) + "\n")
+        os.replace(tmp, output_dir / STATUS_FILE)
+
+
+def read_status(output_dir: str | os.PathLike) -> dict[str, Any]:
+    """``run_status.json`` of a run (``{}`` where none was written)."""
+    try:
+        return json.loads((Path(output_dir) / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
