@@ -402,6 +402,15 @@ def _main(args: argparse.Namespace, argv: Sequence[str], run_scope: contextlib.E
             scheduler.step(start_epoch)
             scheduler.step_update(num_updates)
         inside = "" if progress is None else f", then step {progress.step} of epoch {start_epoch + 1}"
+        if progress is not None and progress.offset:
+            if ds.streaming:
+                return _fail(f"the recovery checkpoint {resume_from} was written by {resumed['run']['num_processes']} "
+                             f"process(es) and a stream's place does not map onto {accelerator.num_processes}; resume "
+                             "it with as many, or delete it to resume from the epoch checkpoint before it")
+            inside = (f", then the rest of epoch {start_epoch + 1} after its first {progress.offset} examples, each "
+                      f"remaining one once, over {accelerator.num_processes} process(es) where "
+                      f"{resumed['run']['num_processes']} wrote it: not the uninterrupted run's bytes, its batches "
+                      "differ")
         if progress is not None and ds.streaming:
             inside += (" (the stream is read again up to there, decoding nothing: the only exact way to refill its "
                        "shuffle buffer)")
@@ -433,13 +442,13 @@ def _main(args: argparse.Namespace, argv: Sequence[str], run_scope: contextlib.E
             train.seed_epoch(args.seed, epoch)
         train.set_loader_epoch(train_loader, args.seed, epoch)
         recovery.epoch_started(epoch, lr_used, dict(num_updates=num_updates, run=run, metrics=metrics,
-                                                    train_time_s=train_time))
-        loader = runstate.position_loader(accelerator, train_loader, resuming.step if resuming else 0,
-                                          recipe.batch_size)
+                                                    train_time_s=train_time), offset=resuming.offset if resuming else 0)
+        loader = runstate.position_loader(accelerator, train_loader, resuming, recipe.batch_size)
+        epoch_steps = len(loader) if resuming and resuming.offset else steps  # the rest of an epoch: its own count
         try:
             train_stats, num_updates = train.train_one_epoch(
                 model, loader, optimizer, loss_fn, accelerator, epoch=epoch, num_updates=num_updates,
-                scheduler=scheduler, clip_grad=recipe.clip_grad, total_steps=steps, mixup_fn=mixup_fn,
+                scheduler=scheduler, clip_grad=recipe.clip_grad, total_steps=epoch_steps, mixup_fn=mixup_fn,
                 lockstep=ds.streaming and accelerator.num_processes > 1, log_every=args.log_every,
                 desc=f"epoch {epoch + 1}/{recipe.epochs}", after_update=after_update, resume=resuming,
                 at_update=recovery.after_update)

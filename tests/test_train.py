@@ -373,7 +373,8 @@ def test_sigkill_inside_a_checkpoint_write_leaves_the_one_before_usable(preempt_
     _same_run(out, preempt_reference[1])
 
 
-def test_two_processes_stop_together_and_resume_to_the_same_bytes(preempt_reference, data, tmp_path):
+def test_two_processes_stop_together_and_resume_to_the_same_bytes(preempt_reference, data, tmp_path, in_process,
+                                                                   capsys, monkeypatch):
     out, args = tmp_path / "run", [*PREEMPT_ARGS, "--dataset", str(data), "--workers", "2", "--checkpointing-steps",
                                    "1"]
     log = _interrupt(args, out, signal.SIGTERM, "", processes=2, pause="step_00000001")
@@ -381,9 +382,40 @@ def test_two_processes_stop_together_and_resume_to_the_same_bytes(preempt_refere
                      r"launch --multi_gpu --num_processes 2 \S*train_accelerate.py", log), log[-4000:]
     newest = train.list_checkpoints(out)[-1]
     assert {p.name for p in newest.glob("progress_*.json")} == {"progress_0.json", "progress_1.json"}
+    _resumed_by_one_process_trains_the_rest_of_the_epoch_once(in_process, capsys, monkeypatch, args, out, tmp_path)
     log = _launch([*args, "--output-dir", str(out), "--resume", "latest"], processes=2)
     assert f"resumed from {newest}" in log
     _same_run(out, preempt_reference[2])
+
+
+def _resumed_by_one_process_trains_the_rest_of_the_epoch_once(in_process, capsys, monkeypatch, args: list[str],
+                                                              out: Path, tmp_path: Path) -> None:
+    """A copy of the 2-process recovery checkpoint written after step 2 of epoch 1 (2 x 2 x 16 of the epoch's 96
+    examples trained) resumed by one process: the rest of epoch 1 is each of the other 32 examples once, read from
+    the dataset's own indices; then epoch 2 is every example once, as usual."""
+    import timm_popup.data as popup_data
+
+    copy = tmp_path / "one-process"
+    shutil.copytree(out, copy)
+    read: list[tuple[int, int]] = []
+    seeded = popup_data._SeededImages.__getitems__
+
+    def recording(self, indices):
+        read.extend((self.epoch, int(i)) for i in indices)
+        return seeded(self, indices)
+
+    monkeypatch.setattr(popup_data._SeededImages, "__getitems__", recording)
+    assert in_process([*args, "--workers", "0", "--output-dir", str(copy), "--resume", "latest"]) == 0
+    said = capsys.readouterr().out
+    assert "then the rest of epoch 1 after its first 64 examples, each remaining one once, over 1 process(es) " \
+        "where 2 wrote it: not the uninterrupted run's bytes" in said, said[-3000:]
+    from accelerate.data_loader import SeedableRandomSampler
+
+    order = list(SeedableRandomSampler(range(96), data_seed=3))  # epoch 0's order, as Accelerate draws it
+    rest = [i for epoch, i in read if epoch == 0]
+    assert sorted(rest) == sorted(order[64:]) and len(set(rest)) == 32  # none skipped, none twice, none done before
+    assert sorted(i for epoch, i in read if epoch == 1) == list(range(96))
+    assert [r["epoch"] for r in _rows(copy)] == [1, 2] and (copy / "model.safetensors").is_file()
 
 
 def test_two_processes_accumulating_on_batchnorm_resume_mid_epoch_to_the_same_bytes(data, tmp_path):
@@ -476,6 +508,7 @@ def test_two_machines_preempted_or_frozen_stop_in_bounded_time_and_resume_to_the
     ended = runstate.read_status(out)
     assert (ended["status"], ended["exit_status"], ended["reason"]) == ("retry", 75, "preempted"), ended
     assert ended["line"] == stop[0]
+    assert runstate.main([str(out)]) == 75  # what a scheduler's restart rule reads: retry
 
     procs, marker = _machines(args, out, port, "stop", pause="step_00000004")
     _wait_for(marker, procs)
@@ -504,7 +537,7 @@ def test_two_machines_preempted_or_frozen_stop_in_bounded_time_and_resume_to_the
     procs, _ = _machines(args, out, port, "resume")
     assert _ended(procs) == [0, 0], (tmp_path / "resume-0.log").read_text()[-4000:]
     assert "resumed from" in (tmp_path / "resume-0.log").read_text()
-    assert runstate.read_status(out)["status"] == "done"
+    assert runstate.read_status(out)["status"] == "done" and runstate.main([str(out)]) == 0
     _same_run(out, preempt_reference[2])
 
 
@@ -918,6 +951,20 @@ def test_metrics_log_keeps_only_checkpointed_epochs_on_resume(tmp_path):
     assert [r["epoch"] for r in resumed.rows()] == [1, 2]
     assert (tmp_path / train.METRICS_CSV).read_text().splitlines() == ["epoch,val_top1", "1,1.0", "2,2.0"]
     assert train.MetricsLog(tmp_path).rows() == []  # a fresh run starts anew
+
+
+@pytest.mark.parametrize("total, done, batch_size, processes", [(37, 5, 4, 3), (96, 64, 16, 1), (20, 2, 3, 4),
+                                                                  (13, 0, 4, 3)])
+def test_the_rest_of_an_epoch_is_each_example_once_in_equal_steps(total, done, batch_size, processes):
+    order = list(np.random.default_rng(total).permutation(total))
+    shares = [runstate.rest_of_epoch(order, done, batch_size=batch_size, num_processes=processes, process_index=p)
+              for p in range(processes)]
+    assert len({len(batches) for batches in shares}) == 1  # every process takes the same number of steps
+    assert all(batch for batches in shares for batch in batches)  # none empty
+    read = [i for batches in shares for batch in batches for i in batch]
+    assert sorted(read) == sorted(order[done:])  # each remaining example once
+    steps = zip(*shares, strict=True)  # in the epoch's order, step after step
+    assert [i for step in steps for batch in step for i in batch] == order[done:]
 
 
 def test_find_checkpoint(tmp_path):
