@@ -280,8 +280,6 @@ def _main(args: argparse.Namespace, argv: Sequence[str], run_scope: contextlib.E
         output_dir = train.prepare_output_dir(args.output_dir or f"output/{model_name}-{method.name}")
         if os.environ.get("RANK", "0") == "0":  # one run per directory: its main process holds the lock
             run_scope.enter_context(runstate.hold_output_dir(output_dir))
-            runstate.write_status(output_dir, "running", exit_status=1)
-        run_record.output_dir = output_dir
         preemption = run_scope.enter_context(runstate.Preemption())
         resume_from = train.find_checkpoint(args.resume, output_dir)
         if resume_from is not None:
@@ -302,6 +300,10 @@ def _main(args: argparse.Namespace, argv: Sequence[str], run_scope: contextlib.E
             check_push_access(args.push_to_hub, private=args.hub_private or None)
     except ValueError as e:  # TrainError and the library's other one-line ValueErrors
         return _fail(e)
+    # checked: from here on the run records how it ends beside its checkpoints (a refused one leaves nothing)
+    if os.environ.get("RANK", "0") == "0":
+        runstate.write_status(output_dir, "running", exit_status=1)
+    run_record.output_dir = output_dir
 
     # 2. Accelerate: processes, device, mixed precision, DDP without the frozen weights, torch.compile.
     accelerator = Accelerator(

@@ -784,7 +784,8 @@ class Cluster:
         try:
             yield
         finally:
-            _set_group_timeout(group, self.timeout_s)
+            if torch.distributed.is_initialized():  # not yet ended with the run
+                _set_group_timeout(group, self.timeout_s)
 
     def lost_peer(self, error: BaseException) -> str | None:
         """The one line for ``error`` if it is a collective that lost another process (``None`` otherwise): which
