@@ -166,6 +166,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--checkpointing-steps", type=int, default=None, metavar="N",
                    help="a recovery checkpoint every N optimizer updates inside an epoch (default: after every 10 "
                         "minutes of training); SIGTERM, SIGUSR1 and SIGINT write one and exit with status 75")
+    g.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                   help="how long a process waits for the others in a collective before it gives a lost (or frozen) "
+                        "node up, prints one line and exits with status 75 (default 300)")
     g.add_argument("--push-to-hub", default=None, metavar="ORG/NAME", help="upload the artifact to this Hub repo")
     g.add_argument("--hub-private", action="store_true", help="create the Hub repo private")
     g.add_argument("--cpu", action="store_true", help="run on CPU even if an accelerator is present")
@@ -197,17 +200,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from timm_popup import runstate
 
+    # what _main learns as it goes (the output directory, the processes), for the ending recorded beside the
+    # checkpoints (runstate.STATUS_FILE): a scheduler reads there whether to requeue the run
+    run = argparse.Namespace(output_dir=None, cluster=None)
+    main_process = os.environ.get("RANK", "0") == "0"
     # the output directory's lock and the signal handlers live as long as the run (timm_popup.runstate)
     with contextlib.ExitStack() as run_scope:
         try:
-            return _main(args, sys.argv if argv is None else ["train_accelerate.py", *argv], run_scope)
+            status = _main(args, sys.argv if argv is None else ["train_accelerate.py", *argv], run_scope, run)
         except runstate.Preempted as stop:
-            if os.environ.get("RANK", "0") == "0":
+            if main_process:
                 print(stop.line, flush=True)
+                _record(run, "retry", runstate.EXIT_PREEMPTED, stop.line, reason="preempted")
             return runstate.EXIT_PREEMPTED
+        except Exception as e:
+            line = run.cluster.lost_peer(e) if run.cluster is not None else None
+            if line is None:
+                if main_process:
+                    _record(run, "failed", 1, f"{type(e).__name__}: {' '.join(str(e).split())[:500]}")
+                raise
+            if run.cluster.speaks:  # one line per surviving machine
+                print(line, flush=True)
+                _record(run, "retry", runstate.EXIT_LOST_PEER, line, reason="lost-peer")
+            return runstate.EXIT_LOST_PEER
+        if main_process:
+            _record(run, "done" if status == 0 else "failed", status)
+        return status
 
 
-def _main(args: argparse.Namespace, argv: Sequence[str], run_scope: contextlib.ExitStack) -> int:
+def _record(run: argparse.Namespace, status: str, exit_status: int, line: str = "", **extra: str) -> None:
+    from timm_popup import runstate
+
+    if run.output_dir is not None:
+        runstate.write_status(run.output_dir, status, exit_status=exit_status, line=line, **extra)
+
+
+def _main(args: argparse.Namespace, argv: Sequence[str], run_scope: contextlib.ExitStack,
+          run_record: argparse.Namespace) -> int:
     started = time.perf_counter()
 
     import timm.data
@@ -249,6 +278,10 @@ def _main(args: argparse.Namespace, argv: Sequence[str], run_scope: contextlib.E
                             ("log_every", 1), ("checkpointing_steps", 1)):
             if getattr(args, flag) is not None and getattr(args, flag) < least:
                 raise train.TrainError(f"--{flag.replace('_', '-')} must be at least {least}")
+        if args.dist_timeout is None:
+            args.dist_timeout = runstate.DEFAULT_DIST_TIMEOUT_S
+        if not args.dist_timeout > 0:
+            raise train.TrainError(f"--dist-timeout must be a positive number of seconds, not {args.dist_timeout}")
         output_dir = train.prepare_output_dir(args.output_dir or f"output/{model_name}-{method.name}")
         if os.environ.get("RANK", "0") == "0":  # one run per directory: its main process holds the lock
             run_scope.enter_context(runstate.hold_output_dir(output_dir))
@@ -272,20 +305,28 @@ def _main(args: argparse.Namespace, argv: Sequence[str], run_scope: contextlib.E
             check_push_access(args.push_to_hub, private=args.hub_private or None)
     except ValueError as e:  # TrainError and the library's other one-line ValueErrors
         return _fail(e)
+    # checked: from here on the run records how it ends beside its checkpoints (a refused one leaves nothing)
+    if os.environ.get("RANK", "0") == "0":
+        runstate.write_status(output_dir, "running", exit_status=1)
+    run_record.output_dir = output_dir
 
     # 2. Accelerate: processes, device, mixed precision, DDP without the frozen weights, torch.compile.
     accelerator = Accelerator(
         cpu=args.cpu, mixed_precision=args.mixed_precision, gradient_accumulation_steps=recipe.grad_accum,
         log_with=trackers, project_dir=str(output_dir), dynamo_plugin=dynamo,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
-        # Frozen weights are buffers, identical on every process by construction: never broadcast them.
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+        # Frozen weights are buffers, identical on every process by construction: never broadcast them. A process
+        # waits --dist-timeout at most in a collective for the others (a lost node is found in bounded time).
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False),
+                         runstate.dist_timeout_kwargs(args.dist_timeout)])
     say = accelerator.print
+    cluster = run_record.cluster = runstate.Cluster(accelerator, argv, timeout_s=args.dist_timeout)
     set_seed(args.seed)
 
     # 3. Data and model (still before any training: a bad dataset, split or column fails here).
     try:
-        with accelerator.main_process_first():  # Hub downloads and the Fashion-MNIST conversion happen once
+        # Hub downloads and the Fashion-MNIST conversion happen once, the others waiting as long as they take
+        with cluster.patient(), accelerator.main_process_first():
             ds = train.load_data(args.dataset, train_split=args.train_split, val_split=args.val_split,
                                  image_column=args.image_column, label_column=args.label_column,
                                  streaming=args.streaming, cache_dir=args.data_cache, train_samples=args.train_samples,
@@ -350,10 +391,8 @@ def _main(args: argparse.Namespace, argv: Sequence[str], run_scope: contextlib.E
     bare = accelerator.unwrap_model(model, keep_torch_compile=False)
     schedule = Schedule(recipe.epochs, updates_per_epoch)
     after_update = functools.partial(method.after_update, bare, schedule=schedule) if method.after_update else None
-    launched = accelerator.num_processes > 1 or "ACCELERATE_MIXED_PRECISION" in os.environ
-    command = runstate.resume_command(argv, num_processes=accelerator.num_processes, launched=launched)
     recovery = runstate.Recovery(accelerator, output_dir, model=bare, every=args.checkpointing_steps,
-                                 keep_last=args.keep_checkpoints, preemption=preemption, command=command)
+                                 keep_last=args.keep_checkpoints, preemption=preemption, command=cluster.command)
 
     # 5. Resume: model, optimizer and update count from the checkpoint (a recovery checkpoint also gives the place
     # inside the epoch); data order and augmentation are a function of (seed, epoch, example), so the run continues
@@ -374,6 +413,15 @@ def _main(args: argparse.Namespace, argv: Sequence[str], run_scope: contextlib.E
             scheduler.step(start_epoch)
             scheduler.step_update(num_updates)
         inside = "" if progress is None else f", then step {progress.step} of epoch {start_epoch + 1}"
+        if progress is not None and progress.offset:
+            if ds.streaming:
+                return _fail(f"the recovery checkpoint {resume_from} was written by {resumed['run']['num_processes']} "
+                             f"process(es) and a stream's place does not map onto {accelerator.num_processes}; resume "
+                             "it with as many, or delete it to resume from the epoch checkpoint before it")
+            inside = (f", then the rest of epoch {start_epoch + 1} after its first {progress.offset} examples, each "
+                      f"remaining one once, over {accelerator.num_processes} process(es) where "
+                      f"{resumed['run']['num_processes']} wrote it: not the uninterrupted run's bytes, its batches "
+                      "differ")
         if progress is not None and ds.streaming:
             inside += (" (the stream is read again up to there, decoding nothing: the only exact way to refill its "
                        "shuffle buffer)")
@@ -405,13 +453,13 @@ def _main(args: argparse.Namespace, argv: Sequence[str], run_scope: contextlib.E
             train.seed_epoch(args.seed, epoch)
         train.set_loader_epoch(train_loader, args.seed, epoch)
         recovery.epoch_started(epoch, lr_used, dict(num_updates=num_updates, run=run, metrics=metrics,
-                                                    train_time_s=train_time))
-        loader = runstate.position_loader(accelerator, train_loader, resuming.step if resuming else 0,
-                                          recipe.batch_size)
+                                                    train_time_s=train_time), offset=resuming.offset if resuming else 0)
+        loader = runstate.position_loader(accelerator, train_loader, resuming, recipe.batch_size)
+        epoch_steps = len(loader) if resuming and resuming.offset else steps  # the rest of an epoch: its own count
         try:
             train_stats, num_updates = train.train_one_epoch(
                 model, loader, optimizer, loss_fn, accelerator, epoch=epoch, num_updates=num_updates,
-                scheduler=scheduler, clip_grad=recipe.clip_grad, total_steps=steps, mixup_fn=mixup_fn,
+                scheduler=scheduler, clip_grad=recipe.clip_grad, total_steps=epoch_steps, mixup_fn=mixup_fn,
                 lockstep=ds.streaming and accelerator.num_processes > 1, log_every=args.log_every,
                 desc=f"epoch {epoch + 1}/{recipe.epochs}", after_update=after_update, resume=resuming,
                 at_update=recovery.after_update)
@@ -450,7 +498,9 @@ def _main(args: argparse.Namespace, argv: Sequence[str], run_scope: contextlib.E
 
     preemption.release()  # trained: a signal now ends the run as it would any program
 
-    # 7. Every process must hold the same result; then write the artifact (and push it).
+    # 7. Every process must hold the same result; then write the artifact (and push it), the others waiting for as
+    # long as the main process takes.
+    run_scope.enter_context(cluster.patient())
     final = bare
     digest = train.mask_digest(final)
     digests = gather_object([digest])

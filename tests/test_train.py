@@ -373,7 +373,8 @@ def test_sigkill_inside_a_checkpoint_write_leaves_the_one_before_usable(preempt_
     _same_run(out, preempt_reference[1])
 
 
-def test_two_processes_stop_together_and_resume_to_the_same_bytes(preempt_reference, data, tmp_path):
+def test_two_processes_stop_together_and_resume_to_the_same_bytes(preempt_reference, data, tmp_path, in_process,
+                                                                   capsys, monkeypatch):
     out, args = tmp_path / "run", [*PREEMPT_ARGS, "--dataset", str(data), "--workers", "2", "--checkpointing-steps",
                                    "1"]
     log = _interrupt(args, out, signal.SIGTERM, "", processes=2, pause="step_00000001")
@@ -381,9 +382,40 @@ def test_two_processes_stop_together_and_resume_to_the_same_bytes(preempt_refere
                      r"launch --multi_gpu --num_processes 2 \S*train_accelerate.py", log), log[-4000:]
     newest = train.list_checkpoints(out)[-1]
     assert {p.name for p in newest.glob("progress_*.json")} == {"progress_0.json", "progress_1.json"}
+    _resumed_by_one_process_trains_the_rest_of_the_epoch_once(in_process, capsys, monkeypatch, args, out, tmp_path)
     log = _launch([*args, "--output-dir", str(out), "--resume", "latest"], processes=2)
     assert f"resumed from {newest}" in log
     _same_run(out, preempt_reference[2])
+
+
+def _resumed_by_one_process_trains_the_rest_of_the_epoch_once(in_process, capsys, monkeypatch, args: list[str],
+                                                              out: Path, tmp_path: Path) -> None:
+    """A copy of the 2-process recovery checkpoint written after step 2 of epoch 1 (2 x 2 x 16 of the epoch's 96
+    examples trained) resumed by one process: the rest of epoch 1 is each of the other 32 examples once, read from
+    the dataset's own indices; then epoch 2 is every example once, as usual."""
+    import timm_popup.data as popup_data
+
+    copy = tmp_path / "one-process"
+    shutil.copytree(out, copy)
+    read: list[tuple[int, int]] = []
+    seeded = popup_data._SeededImages.__getitems__
+
+    def recording(self, indices):
+        read.extend((self.epoch, int(i)) for i in indices)
+        return seeded(self, indices)
+
+    monkeypatch.setattr(popup_data._SeededImages, "__getitems__", recording)
+    assert in_process([*args, "--workers", "0", "--output-dir", str(copy), "--resume", "latest"]) == 0
+    said = capsys.readouterr().out
+    assert "then the rest of epoch 1 after its first 64 examples, each remaining one once, over 1 process(es) " \
+        "where 2 wrote it: not the uninterrupted run's bytes" in said, said[-3000:]
+    from accelerate.data_loader import SeedableRandomSampler
+
+    order = list(SeedableRandomSampler(range(96), data_seed=3))  # epoch 0's order, as Accelerate draws it
+    rest = [i for epoch, i in read if epoch == 0]
+    assert sorted(rest) == sorted(order[64:]) and len(set(rest)) == 32  # none skipped, none twice, none done before
+    assert sorted(i for epoch, i in read if epoch == 1) == list(range(96))
+    assert [r["epoch"] for r in _rows(copy)] == [1, 2] and (copy / "model.safetensors").is_file()
 
 
 def test_two_processes_accumulating_on_batchnorm_resume_mid_epoch_to_the_same_bytes(data, tmp_path):
@@ -399,6 +431,114 @@ def test_two_processes_accumulating_on_batchnorm_resume_mid_epoch_to_the_same_by
     log = _launch([*args, "--output-dir", str(out), "--resume", "latest"], processes=2)
     assert "(epoch 1 done, 5 updates, then step 4 of epoch 2)" in log, log[-4000:]
     _same_run(out, reference)
+
+
+def _machines(args: list[str], out: Path, port: int, name: str, *, pause: str | None = None) -> tuple[list, Path]:
+    """Start two "machines" (one `accelerate launch` each, one gloo process per machine) meeting over loopback at
+    ``port``; with ``pause``, the main process stops inside the write of that checkpoint until the returned marker
+    is removed. Logs go to ``out.parent/{name}-{rank}.log``."""
+    marker = out.parent / f"{name}-writing"
+    env = _env(TIMM_POPUP_PAUSE_IN_CHECKPOINT=f"{pause}={marker}") if pause else _env()
+    procs = []
+    for rank in (0, 1):
+        cmd = [_accelerate(), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "2", "--machine_rank",
+               str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--mixed_precision",
+               "no", "--dynamo_backend", "no", str(SCRIPT), *args, "--output-dir", str(out), "--resume", "latest"]
+        with open(out.parent / f"{name}-{rank}.log", "w") as log:
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+    return procs, marker
+
+
+def _trainer(launcher: subprocess.Popen) -> int:
+    """The pid of the training process an `accelerate launch` started (its child)."""
+    import psutil
+
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        for child in psutil.Process(launcher.pid).children(recursive=True):
+            if str(SCRIPT) in " ".join(child.cmdline()):
+                return child.pid
+        time.sleep(0.05)
+    raise AssertionError("no training process")
+
+
+def _wait_for(path: Path, procs: list) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not path.exists() and all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert path.exists(), [p.poll() for p in procs]
+
+
+def _ended(procs: list, timeout: float = TIMEOUT) -> list[int]:
+    try:
+        return [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def test_two_machines_preempted_or_frozen_stop_in_bounded_time_and_resume_to_the_same_bytes(preempt_reference, data,
+                                                                                           tmp_path):
+    """Two machines over loopback, one gloo process each. SIGTERM to one machine's trainer only: both stop after the
+    same update, write a recovery checkpoint, record "retry" and print the resume command of the job that ran. Then
+    one machine frozen (SIGSTOP: no reset is sent, as from a host that lost power): the other gives it up after
+    --dist-timeout, prints one line naming it, records "retry". Relaunched, the run ends with the uninterrupted
+    2-process run's bytes."""
+    out, port = tmp_path / "run", _free_port()
+    # each machine's one process takes the thread count each of the reference's two processes on this one had
+    args = [*PREEMPT_ARGS, "--dataset", str(data), "--checkpointing-steps", "1", "--dist-timeout", "5", "--threads",
+            str(max(1, CPUS // 2))]
+    resume = (rf"accelerate launch --multi_gpu --num_processes 2 --num_machines 2 --machine_rank 0 --main_process_ip "
+              rf"127.0.0.1 --main_process_port {port} \S*train_accelerate\.py .* --resume latest \(exit status 75\)")
+
+    procs, marker = _machines(args, out, port, "term", pause="step_00000001")
+    _wait_for(marker, procs)
+    os.kill(_trainer(procs[1]), signal.SIGTERM)  # a spot machine reclaimed with notice: its trainer only
+    signalled = time.monotonic()
+    marker.unlink()
+    statuses = _ended(procs)
+    term_s = time.monotonic() - signalled
+    log = (tmp_path / "term-0.log").read_text()
+    stop = re.search(rf"(?m)^stopped by a signal on another process after step 2 of epoch 1; saved \S+step_00000002; "
+                     rf"resume with: {resume}$", log)
+    assert stop, log[-4000:]
+    ended = runstate.read_status(out)
+    assert (ended["status"], ended["exit_status"], ended["reason"]) == ("retry", 75, "preempted"), ended
+    assert ended["line"] == stop[0]
+    assert runstate.main([str(out)]) == 75  # what a scheduler's restart rule reads: retry
+
+    procs, marker = _machines(args, out, port, "stop", pause="step_00000004")
+    _wait_for(marker, procs)
+    frozen = [procs[1].pid, _trainer(procs[1])]  # machine 1 whole: launcher and trainer (its own session)
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    frozen_at = time.monotonic()
+    marker.unlink()
+    try:
+        survivor = procs[0].wait(timeout=TIMEOUT)
+        stop_s = time.monotonic() - frozen_at
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGKILL)
+        _ended(procs)
+    log = (tmp_path / "stop-0.log").read_text()
+    lost = re.findall(rf"(?m)^lost rank 1 on {re.escape(socket.gethostname())}: no answer within --dist-timeout 5s "
+                      rf"\(rank 0 on \S+ gave up waiting\); resume with: {resume}$", log)
+    assert len(lost) == 1 and "Timed out waiting" not in log, log[-4000:]
+    ended = runstate.read_status(out)
+    assert (ended["status"], ended["exit_status"], ended["reason"]) == ("retry", 75, "lost-peer"), ended
+    assert stop_s < 5 + 10, stop_s  # --dist-timeout plus the launcher's teardown
+    print(f"SIGTERM: both machines ended {term_s:.1f}s after the signal, launchers' statuses {statuses}; SIGSTOP: "
+          f"machine 0 ended {stop_s:.1f}s after it, its launcher's status {survivor}")
+
+    procs, _ = _machines(args, out, port, "resume")
+    assert _ended(procs) == [0, 0], (tmp_path / "resume-0.log").read_text()[-4000:]
+    assert "resumed from" in (tmp_path / "resume-0.log").read_text()
+    assert runstate.read_status(out)["status"] == "done" and runstate.main([str(out)]) == 0
+    _same_run(out, preempt_reference[2])
 
 
 def _signal_when(path: Path, sig: signal.Signals) -> threading.Thread:
@@ -811,6 +951,20 @@ def test_metrics_log_keeps_only_checkpointed_epochs_on_resume(tmp_path):
     assert [r["epoch"] for r in resumed.rows()] == [1, 2]
     assert (tmp_path / train.METRICS_CSV).read_text().splitlines() == ["epoch,val_top1", "1,1.0", "2,2.0"]
     assert train.MetricsLog(tmp_path).rows() == []  # a fresh run starts anew
+
+
+@pytest.mark.parametrize("total, done, batch_size, processes", [(37, 5, 4, 3), (96, 64, 16, 1), (20, 2, 3, 4),
+                                                                  (13, 0, 4, 3)])
+def test_the_rest_of_an_epoch_is_each_example_once_in_equal_steps(total, done, batch_size, processes):
+    order = list(np.random.default_rng(total).permutation(total))
+    shares = [runstate.rest_of_epoch(order, done, batch_size=batch_size, num_processes=processes, process_index=p)
+              for p in range(processes)]
+    assert len({len(batches) for batches in shares}) == 1  # every process takes the same number of steps
+    assert all(batch for batches in shares for batch in batches)  # none empty
+    read = [i for batches in shares for batch in batches for i in batch]
+    assert sorted(read) == sorted(order[done:])  # each remaining example once
+    steps = zip(*shares, strict=True)  # in the epoch's order, step after step
+    assert [i for step in steps for batch in step for i in batch] == order[done:]
 
 
 def test_find_checkpoint(tmp_path):

@@ -26,6 +26,7 @@ import fcntl
 import json
 import os
 import pickle
+import re
 import shlex
 import shutil
 import signal
@@ -48,7 +49,9 @@ __all__ = [
     "EXIT_PREEMPTED", "DEFAULT_CHECKPOINT_MINUTES", "prepare_output_dir", "hold_output_dir", "list_checkpoints",
     "find_checkpoint", "check_fresh_output_dir", "read_trainer_state", "check_resume_compatible", "check_checkpoint",
     "use_portable_checkpoints", "save_checkpoint", "load_checkpoint", "EpochProgress", "resume_progress",
-    "position_loader", "Preemption", "Preempted", "Recovery", "resume_command",
+    "position_loader", "Preemption", "Preempted", "Recovery", "resume_command", "DEFAULT_DIST_TIMEOUT_S",
+    "PATIENT_TIMEOUT_S", "STATUS_FILE", "EXIT_LOST_PEER", "dist_timeout_kwargs", "Launch", "Cluster", "write_status",
+    "read_status", "epoch_order", "rest_of_epoch",
 ]
 
 TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: its presence marks a complete one
@@ -230,11 +233,6 @@ def check_resume_compatible(state: Mapping[str, Any], run: Mapping[str, Any]) ->
         if key in saved and _jsonable(saved[key]) != _jsonable(run.get(key)):
             raise TrainError(f"the checkpoint was made with {key}={saved[key]!r} but this run has "
                              f"{key}={run.get(key)!r}; resume with the same setting or start a new --output-dir")
-    if "step" in state and saved.get("num_processes") != run.get("num_processes"):
-        raise TrainError(f"the recovery checkpoint {state.get('name', '')} was written mid-epoch by "
-                         f"{saved.get('num_processes')} process(es), whose places in the epoch do not map onto "
-                         f"{run.get('num_processes')}; resume it with {saved.get('num_processes')}, or delete it to "
-                         "resume from the epoch checkpoint before it")
     return [f"{key}: checkpoint {saved[key]!r} -> now {run.get(key)!r}" for key in sorted(saved)
             if key not in _STRUCTURAL and _jsonable(saved[key]) != _jsonable(run.get(key))]
 
@@ -410,6 +408,9 @@ class EpochProgress:
     count: int
     time_s: float
     lr: float = 0.0
+    #: Examples of the epoch's order trained before this loader started (> 0: the epoch goes on as "the rest of the
+    #: epoch", :func:`rest_of_epoch`, after a resume under another process count)
+    offset: int = 0
 
 
 def _progress_file(index: int) -> str:
@@ -424,33 +425,101 @@ def resume_progress(accelerator: Accelerator, checkpoint: Path, state: Mapping[s
                     model: nn.Module) -> EpochProgress | None:
     """The place inside its epoch a recovery checkpoint was written at (``None`` for an epoch checkpoint), after
     giving ``model`` (unwrapped) this process's own buffers back (BatchNorm statistics are per process until the
-    epoch ends)."""
+    epoch ends).
+
+    Under another process count than the one that wrote it (or after such a resume), the epoch goes on as its rest:
+    :attr:`EpochProgress.offset` examples of the epoch's order are done, the metric sums of all the processes that
+    wrote the checkpoint go to process 0, and every process takes the mean of their buffers."""
     if "step" not in state:
         return None
-    index = accelerator.process_index
+    saved = int(state.get("run", {}).get("num_processes", accelerator.num_processes))
+    if saved == accelerator.num_processes and not state.get("offset"):
+        sums, buffers = _read_part(checkpoint, accelerator.process_index)
+        offset, step = 0, state["step"]
+    else:
+        parts = [_read_part(checkpoint, index) for index in range(saved)]
+        sums = {key: sum(part[0][key] for part in parts) if accelerator.is_main_process else 0
+                for key in ("loss_sum", "top1_sum", "count")}
+        buffers = {name: _mean([part[1][name] for part in parts]) for name in parts[0][1]}
+        offset = state.get("offset", 0) + state["step"] * saved * int(state["run"]["batch_size"])
+        step = 0
+    named = dict(model.named_buffers())
+    with torch.no_grad():
+        for name, value in buffers.items():
+            named[name].copy_(value)
+    return EpochProgress(epoch=state["epoch"], step=step, num_updates=state["num_updates"],
+                         loss_sum=sums["loss_sum"], top1_sum=sums["top1_sum"], count=sums["count"],
+                         time_s=state["epoch_time_s"], lr=state["lr"], offset=offset)
+
+
+def _read_part(checkpoint: Path, index: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     try:
         sums = json.loads((checkpoint / _progress_file(index)).read_text())
         buffers = safetensors.torch.load_file(str(checkpoint / _buffers_file(index)))
     except (OSError, ValueError, safetensors.SafetensorError) as e:
         raise _damaged(checkpoint, f"cannot be loaded (process {index}'s part)", e) from e
-    named = dict(model.named_buffers())
-    with torch.no_grad():
-        for name, value in buffers.items():
-            named[name].copy_(value)
-    return EpochProgress(epoch=state["epoch"], step=state["step"], num_updates=state["num_updates"],
-                         loss_sum=sums["loss_sum"], top1_sum=sums["top1_sum"], count=sums["count"],
-                         time_s=state["epoch_time_s"], lr=state["lr"])
+    return sums, buffers
 
 
-def position_loader(accelerator: Accelerator, loader: Any, step: int, batch_size: int) -> Any:
-    """``loader`` (its epoch set) continued after its first ``step`` batches: Accelerate's ``skip_first_batches``
-    for a map-style split (the sampler skips them, nothing is read), the stream's own re-read for ``--streaming``."""
-    if step == 0:
+def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The processes' mean of a buffer (BatchNorm's running statistics); counters are equal on all: the first."""
+    if not tensors[0].is_floating_point():
+        return tensors[0]
+    return (torch.stack([t.double() for t in tensors]).mean(0)).to(tensors[0].dtype)
+
+
+def position_loader(accelerator: Accelerator, loader: Any, resume: EpochProgress | None, batch_size: int) -> Any:
+    """``loader`` (its epoch set) continued where ``resume`` left the epoch: after its first ``resume.step`` batches
+    (Accelerate's ``skip_first_batches`` for a map-style split: the sampler skips them, nothing is read; the stream's
+    own re-read for ``--streaming``), or, with an :attr:`EpochProgress.offset`, a loader of this process's batches of
+    the epoch's rest (:func:`rest_of_epoch`)."""
+    if resume is None or (resume.step == 0 and not resume.offset):
         return loader
+    if resume.offset:
+        batches = rest_of_epoch(epoch_order(loader), resume.offset, batch_size=batch_size,
+                                num_processes=accelerator.num_processes, process_index=accelerator.process_index)
+        rest = torch.utils.data.DataLoader(
+            loader.dataset, batch_sampler=batches, num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+            pin_memory=loader.pin_memory, worker_init_fn=loader.worker_init_fn, generator=loader.generator)
+        from accelerate.data_loader import prepare_data_loader
+
+        # unsharded (its batches are this process's already), and marking its end for gradient accumulation
+        return prepare_data_loader(rest, num_processes=1, process_index=0, put_on_device=False)
     if hasattr(loader.dataset, "resume_at"):
-        loader.dataset.resume_at(step, batch_size)
+        loader.dataset.resume_at(resume.step, batch_size)
         return loader
-    return accelerator.skip_first_batches(loader, step)
+    return accelerator.skip_first_batches(loader, resume.step)
+
+
+def epoch_order(loader: Any) -> list[int]:
+    """The order of the whole split in the loader's current epoch (every process's examples: Accelerate's seedable
+    sampler is a function of seed and epoch alone; each process reads every N-th batch of it)."""
+    sampler = loader.get_sampler()
+    epoch = sampler.epoch
+    order = [int(i) for i in sampler]
+    sampler.set_epoch(epoch)  # iterating it moved it on to the next epoch
+    return order
+
+
+def rest_of_epoch(order: Sequence[int], done: int, *, batch_size: int, num_processes: int,
+                  process_index: int) -> list[list[int]]:
+    """This process's batches of ``order[done:]``, the examples an epoch has not trained yet: steps of
+    ``num_processes`` x ``batch_size`` examples in order, each split into equal contiguous shares (the last step's
+    smaller; one too small to give every process an example joins the step before), so every process takes the
+    same number of steps and every example is trained exactly once."""
+    rest = list(order[done:])
+    size = batch_size * num_processes
+    steps = [rest[i:i + size] for i in range(0, len(rest), size)]
+    if len(steps) > 1 and len(steps[-1]) < num_processes:
+        steps[-2:] = [steps[-2] + steps[-1]]
+    if steps and len(steps[-1]) < num_processes:  # fewer examples left than processes: nothing to split
+        steps.pop()
+    batches = []
+    for chunk in steps:
+        share, extra = divmod(len(chunk), num_processes)
+        start = process_index * share + min(process_index, extra)
+        batches.append(chunk[start:start + share + (process_index < extra)])
+    return batches
 
 
 # ---------------------------------------------------------------------------------------------- signals, recovery
@@ -513,11 +582,12 @@ class Recovery:
         self.last_save = time.monotonic()
         self.stop_agreed = False
         self._pending: tuple[Any, torch.Tensor] | None = None
-        self._epoch, self._lr, self._state = 0, 0.0, {}
+        self._epoch, self._lr, self._state, self._offset = 0, 0.0, {}, 0
 
-    def epoch_started(self, epoch: int, lr: float, state: Mapping[str, Any]) -> None:
-        """The epoch now trained, the lr it started with and what its checkpoints record besides (run, metrics)."""
-        self._epoch, self._lr, self._state = epoch, lr, dict(state)
+    def epoch_started(self, epoch: int, lr: float, state: Mapping[str, Any], offset: int = 0) -> None:
+        """The epoch now trained, the lr it started with, what its checkpoints record besides (run, metrics) and
+        the examples of its order done before its loader started (:attr:`EpochProgress.offset`)."""
+        self._epoch, self._lr, self._state, self._offset = epoch, lr, dict(state), offset
 
     def after_update(self, step: int, num_updates: int, total_steps: int | None,
                      progress: Callable[[], EpochProgress]) -> None:
@@ -582,6 +652,8 @@ class Recovery:
 
         state = dict(self._state, epoch=self._epoch, step=step, num_updates=progress.num_updates, lr=progress.lr,
                      epoch_time_s=progress.time_s, name=f"{_STEP_PREFIX}{progress.num_updates:08d}")
+        if self._offset:
+            state["offset"] = self._offset
         checkpoint = _write_checkpoint(self.accelerator, self.output_dir, state["name"], state,
                                        keep_last=self.keep_last, each_process=own_part)
         self.last_save = time.monotonic()
@@ -595,9 +667,11 @@ class Recovery:
         return Preempted(line, checkpoint)
 
 
-def resume_command(argv: Sequence[str], *, num_processes: int, launched: bool) -> str:
+def resume_command(argv: Sequence[str], *, num_processes: int, launched: bool,
+                   launch: Launch | None = None) -> str:
     """The command that resumes this run: the same arguments with ``--resume latest`` (no ``--overwrite``), under
-    ``accelerate launch`` (with its process count) when it was launched so."""
+    ``accelerate launch`` (with its process count, and on several machines this machine's ``--num_machines``,
+    ``--machine_rank`` and rendezvous address) when it was launched so."""
     args, skip = [], False
     for arg in argv:
         if skip:
@@ -611,7 +685,188 @@ def resume_command(argv: Sequence[str], *, num_processes: int, launched: bool) -
         args.append(arg)
     if launched:
         flags = ["--multi_gpu", "--num_processes", str(num_processes)] if num_processes > 1 else []
+        if launch is not None and launch.num_machines > 1:
+            flags += ["--num_machines", str(launch.num_machines), "--machine_rank", str(launch.machine_rank),
+                      "--main_process_ip", launch.main_address, "--main_process_port", launch.main_port]
         prefix = ["accelerate", "launch", *flags]
     else:
         prefix = ["python"]
     return shlex.join([*prefix, *args, "--resume", "latest"])
+
+
+# ------------------------------------------------------------------------------------ several processes and machines
+
+
+#: How long a process waits inside a collective (all-reduce, barrier, gather) for the others before it gives them up
+#: as lost (``--dist-timeout``). It must cover the longest wait a healthy run has there: the others wait for the main
+#: process's checkpoint write (scores, optimizer state and trainer state: ~0.55 GB for WRN-50-2, 5 minutes is 2 MB/s
+#: on a slow shared disk) and for the slowest process's share of an evaluation or BatchNorm re-estimation (equal
+#: shares: seconds apart). PyTorch's own defaults (30 minutes for gloo, 10 for NCCL) leave the other nodes idle that
+#: long after one is lost. The one-sided waits without a bound (the first download or conversion of a dataset, the
+#: push to the Hub at the end) are given :data:`PATIENT_TIMEOUT_S` instead (:meth:`Cluster.patient`).
+DEFAULT_DIST_TIMEOUT_S = 300.0
+PATIENT_TIMEOUT_S = 24 * 3600.0
+#: What a run records beside its checkpoints about how it ended (``running`` while it runs), for a scheduler whose
+#: launcher reports every ending alike (torchrun exits with 1 for a preemption as for a crash).
+STATUS_FILE = "run_status.json"
+#: The exit status of a run that lost another process (a node lost or frozen): like a preemption, try again.
+EXIT_LOST_PEER = EXIT_PREEMPTED
+# Words that mark an error raised by a collective whose peer is gone (gloo's and NCCL's messages; torch's DistError).
+_PEER_ERRORS = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "broken pipe")
+
+
+def dist_timeout_kwargs(seconds: float):
+    """Accelerate's handler that sets the process group's timeout (``InitProcessGroupKwargs``)."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=seconds))
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """How this process was started, from the environment its launcher gave it (torchrun's variables, which
+    ``accelerate launch --multi_gpu`` sets too): the launcher, this machine's rank among ``num_machines`` and the
+    rendezvous address the machines meet at."""
+
+    launcher: str  # "accelerate" (accelerate launch), "torchrun" (another torch.distributed launcher) or "python"
+    num_machines: int = 1
+    machine_rank: int = 0
+    main_address: str = ""
+    main_port: str = ""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Launch:
+        env = os.environ if env is None else env
+        world, local = int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", "1")))
+        launcher = ("accelerate" if "ACCELERATE_MIXED_PRECISION" in env else
+                    "torchrun" if "TORCHELASTIC_RUN_ID" in env or world > 1 else "python")
+        return cls(launcher, num_machines=max(1, world // max(1, local)), machine_rank=int(env.get("GROUP_RANK", "0")),
+                   main_address=env.get("MASTER_ADDR", ""), main_port=env.get("MASTER_PORT", ""))
+
+
+class Cluster:
+    """The run's processes as a whole: who they are (rank -> host, gathered once at the start), how they were
+    launched (:class:`Launch`), the command that resumes the run, and what a process says and records when another
+    one is lost: a collective gives up after ``--dist-timeout`` (a frozen or powered-off node sends nothing) or at
+    once (a connection reset), and the survivor prints one line naming the lost process and exits with
+    :data:`EXIT_LOST_PEER`."""
+
+    def __init__(self, accelerator: Accelerator, argv: Sequence[str], *, timeout_s: float,
+                 launch: Launch | None = None) -> None:
+        self.accelerator, self.timeout_s = accelerator, timeout_s
+        self.launch = Launch.from_env() if launch is None else launch
+        self.rank = accelerator.process_index
+        self.hosts = [socket.gethostname()]
+        if accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            self.hosts = list(gather_object([socket.gethostname()]))
+        self.command = resume_command(argv, num_processes=accelerator.num_processes,
+                                      launched=self.launch.launcher == "accelerate", launch=self.launch)
+        if self.launch.launcher == "torchrun":
+            self.command = ("relaunch this job's own launcher command (on every machine) with the same arguments and "
+                            "--resume latest")
+
+    @property
+    def speaks(self) -> bool:
+        """Whether this process prints for its machine (local rank 0: one line per surviving machine)."""
+        return self.accelerator.local_process_index == 0
+
+    @contextlib.contextmanager
+    def patient(self) -> Iterator[None]:
+        """Collectives inside wait up to :data:`PATIENT_TIMEOUT_S`: for a wait on one process's unbounded work (a
+        first download or conversion of the dataset, the push to the Hub)."""
+        group = _default_group(self.accelerator)
+        if group is None:
+            yield
+            return
+        _set_group_timeout(group, PATIENT_TIMEOUT_S)
+        try:
+            yield
+        finally:
+            if torch.distributed.is_initialized():  # not yet ended with the run
+                _set_group_timeout(group, self.timeout_s)
+
+    def lost_peer(self, error: BaseException) -> str | None:
+        """The one line for ``error`` if it is a collective that lost another process (``None`` otherwise): which
+        process (rank and host where the error or the process count tells), and how to resume."""
+        if self.accelerator.num_processes == 1 or not _is_peer_error(error):
+            return None
+        message = " ".join(str(error).split())
+        others = [r for r in range(self.accelerator.num_processes) if r != self.rank]
+        address = re.search(r"\[([0-9a-fA-F.:]+)\]:\d+", message)
+        if len(others) == 1:
+            who = f"rank {others[0]} on {self.hosts[others[0]]}"
+        else:  # gloo and NCCL name at most the address of the connection that broke, not the rank
+            where = f"the process at {address[1]}" if address else "another process"
+            hosts = ", ".join(sorted({self.hosts[r] for r in others}))
+            who = f"{where} (one of ranks {others[0]}-{others[-1]} on {hosts})"
+        how = (f"no answer within --dist-timeout {self.timeout_s:g}s" if "timed out" in message.lower() else
+               "its connection closed")
+        return (f"lost {who}: {how} (rank {self.rank} on {self.hosts[self.rank]} gave up waiting); resume with: "
+                f"{self.command} (exit status {EXIT_LOST_PEER})")
+
+
+def _is_peer_error(error: BaseException) -> bool:
+    while error is not None:
+        if isinstance(error, torch.distributed.DistError) or (
+                isinstance(error, RuntimeError) and any(w in str(error).lower() for w in _PEER_ERRORS)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _default_group(accelerator: Accelerator) -> Any:
+    if accelerator.num_processes == 1 or not torch.distributed.is_initialized():
+        return None
+    return torch.distributed.group.WORLD
+
+
+def _set_group_timeout(group: Any, seconds: float) -> None:
+    setter = getattr(torch.distributed, "set_timeout", None)  # torch >= 2.8; before it the group keeps its own
+    if setter is not None:
+        setter(datetime.timedelta(seconds=seconds), group)
+
+
+def write_status(output_dir: Path, status: str, *, exit_status: int, line: str = "", **extra: Any) -> None:
+    """Record how the run ended in ``output_dir/run_status.json`` (atomically): ``running``, ``done``, ``retry``
+    (preempted, or a peer lost: resume with ``--resume latest``) or ``failed`` (do not retry as it is)."""
+    record = dict(status=status, exit_status=exit_status, line=line, host=socket.gethostname(), pid=os.getpid(),
+                  time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **extra)
+    tmp = output_dir / f".{STATUS_FILE}.{socket.gethostname()}.{os.getpid()}"
+    try:
+        tmp.write_text(json.dumps(record) + "\n")
+        os.replace(tmp, output_dir / STATUS_FILE)
+    except OSError:  # the status is a convenience: never the reason a run fails (nor a temp file left behind)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def read_status(output_dir: str | os.PathLike) -> dict[str, Any]:
+    """``run_status.json`` of a run (``{}`` where none was written)."""
+    try:
+        return json.loads((Path(output_dir) / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m timm_popup.runstate OUTPUT_DIR``: say how the run in OUTPUT_DIR ended and exit with its status, for a
+    scheduler's restart rule: 0 done, 75 retry (resume with ``--resume latest``), else failed or no ending recorded."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print("usage: python -m timm_popup.runstate OUTPUT_DIR (exit status 0 done, 75 retry, 1 failed)",
+              file=sys.stderr)
+        return 2
+    record = read_status(argv[0])
+    if record.get("status") in (None, "running"):
+        what = f"no {STATUS_FILE}" if not record else f"no ending recorded since {record.get('time')}"
+        print(f"{argv[0]}: {what}: the run was killed or crashed before it could say (or still runs); see its log",
+              file=sys.stderr)
+        return 1
+    print(f"{record['status']}: {record.get('line') or 'exit status ' + str(record.get('exit_status'))}")
+    return int(record.get("exit_status", 1))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

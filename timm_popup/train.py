@@ -749,40 +749,45 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         start, first = start - resume.time_s, resume.step + 1
     bar = tqdm(total=total_steps, initial=first - 1, desc=desc or f"epoch {epoch + 1}", unit="batch", leave=False,
                dynamic_ncols=True, disable=not (progress and accelerator.is_main_process), file=sys.stderr)
-    for step, (images, targets) in enumerate(_batches(loader, accelerator, lockstep), first):
-        images = finish_images(images, accelerator.device)
-        targets = targets.to(accelerator.device, non_blocking=True)
-        if mixup_fn is not None:
-            images, targets = mixup_fn(images, targets)
-        with accelerator.accumulate(model):
-            output = model(images)
-            loss = loss_fn(output, targets)
-            accelerator.backward(loss)
-            if clip_grad is not None and accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if accelerator.sync_gradients:
-            num_updates += 1
-            if scheduler is not None:
-                scheduler.step_update(num_updates=num_updates)
-            if after_update is not None:
-                after_update(num_updates)
-        n = targets.size(0)
-        losses.update(loss.detach().float(), n)
-        hard = targets.argmax(-1) if targets.ndim > 1 else targets
-        top1.update(accuracy(output.detach(), hard, topk=(1,))[0], n)
-        seen += n
-        if at_update is not None and accelerator.sync_gradients:
-            at_update(step, num_updates, total_steps, lambda step=step, updates=num_updates: EpochProgress(
-                epoch=epoch, step=step, num_updates=updates, loss_sum=float(losses.sum), top1_sum=float(top1.sum),
-                count=losses.count, time_s=time.perf_counter() - start))
-        bar.update()
-        if step % log_every == 0 and not bar.disable:
-            rate = seen * world / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{losses.avg.item():.4f}", acc=f"{top1.avg.item():.2f}",
-                            lr=f"{optimizer.param_groups[0]['lr']:.4g}", img_s=f"{rate:.0f}")
-    bar.close()
+    try:
+        for step, (images, targets) in enumerate(_batches(loader, accelerator, lockstep), first):
+            images = finish_images(images, accelerator.device)
+            targets = targets.to(accelerator.device, non_blocking=True)
+            if mixup_fn is not None:
+                images, targets = mixup_fn(images, targets)
+            with accelerator.accumulate(model):
+                output = model(images)
+                loss = loss_fn(output, targets)
+                accelerator.backward(loss)
+                if clip_grad is not None and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if accelerator.sync_gradients:
+                num_updates += 1
+                if scheduler is not None:
+                    scheduler.step_update(num_updates=num_updates)
+                if after_update is not None:
+                    after_update(num_updates)
+            n = targets.size(0)
+            losses.update(loss.detach().float(), n)
+            hard = targets.argmax(-1) if targets.ndim > 1 else targets
+            top1.update(accuracy(output.detach(), hard, topk=(1,))[0], n)
+            seen += n
+            if at_update is not None and accelerator.sync_gradients:
+                at_update(step, num_updates, total_steps, lambda step=step, updates=num_updates: EpochProgress(
+                    epoch=epoch, step=step, num_updates=updates, loss_sum=float(losses.sum), top1_sum=float(top1.sum),
+                    count=losses.count, time_s=time.perf_counter() - start))
+            bar.update()
+            if step % log_every == 0 and not bar.disable:
+                rate = seen * world / (time.perf_counter() - start)
+                bar.set_postfix(loss=f"{losses.avg.item():.4f}", acc=f"{top1.avg.item():.2f}",
+                                lr=f"{optimizer.param_groups[0]['lr']:.4g}", img_s=f"{rate:.0f}")
+    except BaseException:  # a stop (preemption, a lost peer): what is printed next starts a line of its own
+        bar.leave = not bar.disable
+        raise
+    finally:
+        bar.close()
     sums = torch.tensor([float(losses.sum), float(top1.sum), float(losses.count)], dtype=torch.float64,
                         device=accelerator.device)
     if world > 1:
