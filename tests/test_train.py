@@ -393,7 +393,7 @@ def _resumed_by_one_process_trains_the_rest_of_the_epoch_once(in_process, capsys
     """A copy of the 2-process recovery checkpoint written after step 2 of epoch 1 (2 x 2 x 16 of the epoch's 96
     examples trained) resumed by one process: the rest of epoch 1 is each of the other 32 examples once, read from
     the dataset's own indices; then epoch 2 is every example once, as usual."""
-    import timm_popup.data as popup_data
+    import timm_popup.data.loaders as popup_data
 
     copy = tmp_path / "one-process"
     shutil.copytree(out, copy)
