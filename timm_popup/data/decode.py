@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.functional import pil_to_tensor
 
 from .errors import UnreadableImageError, one_line
 
@@ -59,9 +60,6 @@ def to_pil(value: Any, decoder: datasets.Image | None = None) -> Image.Image:
 
 # ----------------------------------------------------------------------- encoded bytes -> uint8 tensors (C, H, W)
 
-_JPEG = b"\xff\xd8\xff"
-
-
 @dataclass(frozen=True)
 class Encoded:
     """An image as stored: its file's bytes as a uint8 tensor (shared with the worker that read them, not
@@ -72,10 +70,11 @@ class Encoded:
     width: int
     height: int
     mode: str
+    format: str | None  # as Pillow names it from the header ("JPEG", "PNG", ...)
 
     @property
     def is_jpeg(self) -> bool:
-        return bytes(self.data[:3].tolist()) == _JPEG
+        return self.format == "JPEG"
 
 
 def _where(value: Any) -> str:
@@ -106,10 +105,10 @@ def read_encoded(value: Any) -> Encoded | None:
     where = _where(value)
     try:
         with Image.open(io.BytesIO(data)) as image:  # the header only: no pixel is decoded
-            width, height, mode = image.width, image.height, image.mode
+            width, height, mode, fmt = image.width, image.height, image.mode, image.format
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise _unreadable(where, e) from e
-    return Encoded(torch.frombuffer(bytearray(data), dtype=torch.uint8), where, width, height, mode)
+    return Encoded(torch.frombuffer(bytearray(data), dtype=torch.uint8), where, width, height, mode, fmt)
 
 
 def reduction(box: tuple[int, int, int, int] | None, size: tuple[int, int]) -> int:
@@ -142,11 +141,9 @@ def decode_cpu(image: Encoded, channels: int, scale: int = 1) -> tuple[torch.Ten
         with Image.open(io.BytesIO(image.data.numpy().tobytes())) as pil:
             if scale > 1 and image.is_jpeg:
                 pil.draft(mode, (-(-image.width // scale), -(-image.height // scale)))
-            pil = pil.convert(mode)
-            pixels = torch.from_numpy(np.array(pil))
+            pixels = pil_to_tensor(pil.convert(mode))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise _unreadable(image.where, e) from e
-    pixels = pixels.unsqueeze(0) if pixels.ndim == 2 else pixels.permute(2, 0, 1)
     return pixels, (image.height / pixels.shape[1], image.width / pixels.shape[2])
 
 

@@ -14,14 +14,13 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-__all__ = ["INTERPOLATIONS", "resized_crop", "resize_center_crop", "flip", "color_jitter", "normalize",
+__all__ = ["resized_crop", "resize_center_crop", "flip", "color_jitter", "normalize",
            "JITTER_COLUMNS"]
 
-#: interpolation names (timm's) -> torchvision's modes; an index into this tuple travels with each example
-INTERPOLATIONS = (("bilinear", InterpolationMode.BILINEAR), ("bicubic", InterpolationMode.BICUBIC),
-                  ("nearest", InterpolationMode.NEAREST), ("lanczos", InterpolationMode.LANCZOS),
-                  ("box", InterpolationMode.BOX), ("hamming", InterpolationMode.HAMMING))
-_MODES = dict(INTERPOLATIONS)
+#: interpolation names (timm's, as a Draw carries them) -> torchvision's modes
+_MODES = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
+          "nearest": InterpolationMode.NEAREST, "lanczos": InterpolationMode.LANCZOS, "box": InterpolationMode.BOX,
+          "hamming": InterpolationMode.HAMMING}
 #: one example's jitter as a row: the order of the four operations (torchvision's fn_idx; 3, hue, never applies
 #: here), then the brightness, contrast and saturation factors (1.0: unchanged)
 JITTER_COLUMNS = ("op0", "op1", "op2", "op3", "brightness", "contrast", "saturation")
@@ -31,8 +30,7 @@ def _resize(image: torch.Tensor, size: Sequence[int], interpolation: str) -> tor
     mode = _MODES[interpolation]
     if mode in (InterpolationMode.LANCZOS, InterpolationMode.BOX, InterpolationMode.HAMMING):
         mode = InterpolationMode.BICUBIC  # PIL-only filters: the nearest tensor one
-    resized = F.resize(image, list(size), interpolation=mode, antialias=True)
-    return resized.round_().clamp_(0, 255).to(torch.uint8) if resized.dtype != torch.uint8 else resized
+    return F.resize(image, list(size), interpolation=mode, antialias=True)  # uint8 in, uint8 out
 
 
 def resized_crop(image: torch.Tensor, box: Sequence[int], size: Sequence[int], interpolation: str,

@@ -16,8 +16,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import datasets
-import numpy as np
 import torch
+from torchvision.transforms.functional import pil_to_tensor
 
 from .decode import Encoded, decode_cpu, decode_on, read_encoded, reduction, to_pil
 from .draws import Draw, Program, program_of
@@ -82,8 +82,7 @@ class TensorPipeline:
         program, encoded = self.program, read_encoded(value)
         if encoded is None:
             pil = ConvertMode("L" if program.channels == 1 else "RGB")(to_pil(value, decoder))
-            array = torch.from_numpy(np.asarray(pil).copy())
-            pixels = array.unsqueeze(0) if array.ndim == 2 else array.permute(2, 0, 1)
+            pixels = pil_to_tensor(pil)
             draw = program.draw(pil.width, pil.height)
             return {"image": self._worker_pixels(_geometry(program, pixels, draw), draw), "draw": draw}
         draw = program.draw(encoded.width, encoded.height)
