@@ -12,6 +12,7 @@ import pytest
 import torch
 from accelerate import skip_first_batches
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from timm_popup.data import (
     Augmentation,
@@ -23,7 +24,7 @@ from timm_popup.data import (
     create_loader,
     finish_images,
 )
-from timm_popup.data.decode import read_encoded, reduction
+from timm_popup.data.decode import decode_cpu, read_encoded, reduction, region_decoder
 from timm_popup.data.pipeline import TensorPipeline
 
 CFG = dict(input_size=(3, 48, 48), interpolation="bilinear", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
@@ -112,6 +113,81 @@ def test_draws_follow_seed_epoch_and_example_not_workers_or_resume(jpegs):
     # another epoch draws other crops
     cpu0.dataset.set_epoch(2)
     assert [b.draws for b, _ in cpu0] != [b.draws for b, _ in batches0]
+
+
+def _encoded(data: bytes):
+    return read_encoded({"bytes": data, "path": None})
+
+
+def _boxes(rng: np.random.Generator, height: int, width: int) -> list[tuple[int, int, int, int]]:
+    """Boxes at every edge, of one pixel, of the whole image, and random ones."""
+    edges = [(0, 0, height, width), (0, 0, 1, 1), (height - 1, width - 1, 1, 1), (0, width - 7, 5, 7),
+             (height - 9, 0, 9, 13), (3, 17, height - 3, width - 17)]
+    rand = []
+    for _ in range(40):
+        h, w = int(rng.integers(1, height + 1)), int(rng.integers(1, width + 1))
+        rand.append((int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w))
+    return edges + rand
+
+
+@pytest.mark.parametrize("kind", ["420", "444", "grey", "progressive"])
+def test_a_crops_region_decodes_to_exactly_the_full_decodes_pixels(kind):
+    # the region decoder compiles wherever the tests run (gcc, libjpeg-turbo's headers): a broken build fails here
+    assert region_decoder()[0] is not None, region_decoder()[1]
+    rng = np.random.default_rng(4)
+    y, x = np.mgrid[0:101, 0:157]
+    img = np.stack([128 + 90 * np.sin(x / (3 + c)) * np.cos(y / (4 + c)) for c in range(3)], -1)
+    img = Image.fromarray(np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8))
+    buf = io.BytesIO()
+    options = {"420": dict(subsampling=2), "444": dict(subsampling=0), "progressive": dict(progressive=True),
+               "grey": {}}[kind]
+    (img.convert("L") if kind == "grey" else img).save(buf, "JPEG", quality=90, **options)
+    encoded = _encoded(buf.getvalue())
+    for channels in (1, 3):
+        full = decode_jpeg(encoded.data, mode=ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB)
+        for box in _boxes(rng, 101, 157):
+            pixels, where = decode_cpu(encoded, channels, box)
+            top, left, h, w = box
+            assert where == (0, 0, h, w) and pixels.shape == (channels, h, w)  # the region alone came back
+            assert torch.equal(pixels, full[:, top:top + h, left:left + w]), (kind, channels, box)
+
+
+def test_reduced_regions_equal_pillows_draft_and_the_decoder_off_changes_no_pixel(monkeypatch):
+    rng = np.random.default_rng(5)
+    jpeg, cmyk = _encoded(_jpeg(rng, 333, 250, period=30)), _encoded(_jpeg(rng, 64, 48, mode="CMYK"))
+    cases = [(jpeg, box, scale) for scale in (1, 2, 4, 8) for box in _boxes(rng, 250, 333)[::4]]
+    regions = [decode_cpu(image, 3, box, scale) for image, box, scale in cases]
+    assert all(where[:2] == (0, 0) for _, where in regions)
+    cmyk_box = (4, 5, 20, 30)
+    assert decode_cpu(cmyk, 3, cmyk_box)[1] == cmyk_box  # left to the full decoders (Pillow)
+    monkeypatch.setenv("TIMM_POPUP_NATIVE", "0")
+    region_decoder.cache_clear()
+    try:
+        assert region_decoder() == (None, "TIMM_POPUP_NATIVE=0")
+        for (image, box, scale), (pixels, (_, _, h, w)) in zip(cases, regions, strict=True):
+            # whole, by torchvision's decoder (scale 1) or Pillow's draft mode (reduced): the box is where it said
+            full, (top, left, height, width) = decode_cpu(image, 3, box, scale)
+            assert (height, width) == (h, w) and torch.equal(pixels, full[:, top:top + h, left:left + w]), (
+                scale, box)
+    finally:
+        monkeypatch.delenv("TIMM_POPUP_NATIVE")
+        region_decoder.cache_clear()
+
+
+def test_without_a_compiler_whole_jpegs_are_decoded_and_the_line_says_why(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", "false")  # answers --version with an error: no compiler
+    monkeypatch.setenv("TIMM_POPUP_CACHE", str(tmp_path / "cache"))
+    region_decoder.cache_clear()
+    try:
+        train = build_transforms(CFG, is_training=True, cifar_style=False, augmentation=AUG)
+        pipe, line = choose_decode("cpu", train, device="cpu")
+        assert pipe is not None and line.startswith("cpu (workers decode whole JPEGs with torchvision's decoder (the "
+                                                     "region decoder is unavailable: false --version failed)")
+        jpeg = _encoded(_jpeg(np.random.default_rng(6), 64, 48))
+        assert decode_cpu(jpeg, 3, (2, 3, 20, 30))[1] == (2, 3, 20, 30)  # the whole image, the box inside it
+        assert not any((tmp_path / "cache").glob("*.tmp"))
+    finally:
+        region_decoder.cache_clear()
 
 
 def test_reduced_dct_decoding_for_crops_twice_the_output(tmp_path):

@@ -3,8 +3,8 @@
 The profile of a popup training step shows ~13 extra passes over every weight tensor (abs, bracket
 comparisons, count, band gather, final comparison, ``weight * mask``, and three in backward) plus host syncs.
 ``csrc/popup_kernels.c`` does the same work in two passes (select and mask together, backward) and regenerates
-seeded weights at a few ns per weight in parallel. It is plain C + OpenMP, compiled here on first use with the
-system C compiler into a per-user cache, and loaded with ctypes, so the package needs no build step.
+seeded weights at a few ns per weight in parallel. It is plain C + OpenMP, compiled on first use with the system C
+compiler into a per-user cache and loaded with ctypes (``timm_popup.clib``), so the package needs no build step.
 
 Everything here is exact: masks, masked weights, gradients and generated weights are bit-identical to
 ``timm_popup.layers`` / ``timm_popup.init`` (tests/test_native.py). Where the kernels cannot run (no
@@ -26,23 +26,17 @@ costs time.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
 import os
-import platform
-import shlex
-import shutil
-import subprocess
 import sys
-import tempfile
 import threading
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import clib
 from .reference import draw_reference, splitmix64
 
 __all__ = ["available", "new_hint", "Selection", "topk_threshold", "topk_mask", "masked_weight",
@@ -53,7 +47,6 @@ __all__ = ["available", "new_hint", "Selection", "topk_threshold", "topk_mask", 
 #: generator families of ``timm_popup.init.draw_reference`` and their codes in the C kernel
 FAMILIES = {"normal": 0, "signed": 1, "uniform": 2}
 
-_SOURCE = Path(__file__).with_name("csrc") / "popup_kernels.c"
 # -O3 vectorises the kernels (-O2 in gcc 12 does not); no -ffast-math and -ffp-contract=off (no fused
 # multiply-add) keep every float64 operation rounding exactly as numpy's does.
 _FLAGS = ["-O3", "-fPIC", "-shared", "-std=c99", "-fno-fast-math", "-ffp-contract=off"]
@@ -62,35 +55,6 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
 _loading = False
-
-
-def _cache_dir() -> Path:
-    if os.environ.get("TIMM_POPUP_CACHE"):
-        return Path(os.environ["TIMM_POPUP_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "timm_popup"
-
-
-def _compiler() -> list[str]:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not cc:
-        raise RuntimeError("no C compiler found (set CC)")
-    return shlex.split(cc)
-
-
-def _compile(cc: list[str], target: Path, openmp: bool) -> None:
-    """Compile the kernels into ``target`` atomically: a temp file in the same directory, renamed on success."""
-    fd, tmp = tempfile.mkstemp(prefix=".popup_kernels-", suffix=".so.tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        cmd = [*cc, *_FLAGS, *(["-fopenmp"] if openmp else []), str(_SOURCE), "-o", tmp, "-lm"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-500:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -128,22 +92,10 @@ def _self_check(lib: ctypes.CDLL) -> None:
 
 
 def _load() -> ctypes.CDLL:
-    cc = _compiler()
-    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30)
-    if version.returncode != 0:
-        raise RuntimeError(f"{' '.join(cc)} --version failed")
-    tag = hashlib.sha256("\0".join([_SOURCE.read_text(), " ".join(cc), version.stdout, " ".join(_FLAGS),
-                                    sys.platform, platform.machine()]).encode()).hexdigest()[:16]
-    cache = _cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    target = cache / f"popup_kernels-{tag}.so"
-    if not target.exists():
-        try:
-            _compile(cc, target, openmp=True)
-        except RuntimeError as err:  # e.g. Apple clang without libomp: serial kernels are still exact and fast
-            _compile(cc, target, openmp=False)
-            warnings.warn(f"timm_popup.native: compiled without OpenMP (serial kernels): {err}", stacklevel=3)
-    lib = ctypes.CDLL(str(target))
+    # Apple clang without libomp: serial kernels are still exact and fast
+    lib, failures = clib.load("popup_kernels.c", [([*_FLAGS, "-fopenmp"], ["-lm"]), (_FLAGS, ["-lm"])])
+    if failures:
+        warnings.warn(f"timm_popup.native: compiled without OpenMP (serial kernels): {failures[0]}", stacklevel=3)
     _declare(lib)
     _self_check(lib)
     return lib

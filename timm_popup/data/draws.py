@@ -84,6 +84,10 @@ class Program:
     def training(self) -> bool:
         return self.resize is None
 
+    @property
+    def jitters(self) -> bool:
+        return any(isinstance(step, T.ColorJitter) for step in self.steps)
+
     def draw(self, width: int, height: int) -> Draw:
         """Draw an example's parameters for a ``width`` x ``height`` source, from the process's generators (seeded
         for the example by :func:`seed_draws`), in the order and with the calls of the reference transform."""

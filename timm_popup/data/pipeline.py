@@ -2,11 +2,12 @@
 device.
 
 Each example's parameters are drawn in the worker, from its seeded generators, exactly as the reference (PIL) path
-draws them (:class:`~timm_popup.data.draws.Program`). Then, with ``decode="cpu"``, the worker decodes (Pillow; a JPEG
-whose crop is at least twice the output at reduced DCT size), crops, resizes and flips, and hands on uint8 pixels;
-with ``decode="gpu"`` it hands on the encoded bytes and the draws, and the training process decodes the batch on its
-device (torchvision's batched decoder: nvJPEG on a GPU) and crops, resizes, flips and jitters there. Normalisation
-always runs on the training device, batched (:func:`finish_images`), as timm's prefetcher normalises.
+draws them (:class:`~timm_popup.data.draws.Program`). Then, with ``decode="cpu"``, the worker decodes (a JPEG: only
+its crop's region; at reduced DCT size where the crop is at least 4x the output), crops, resizes and flips, and hands
+on uint8 pixels; with ``decode="gpu"`` it hands on the encoded bytes and the draws, and the training process decodes
+the batch on its device (torchvision's batched decoder: nvJPEG on a GPU) and crops, resizes and flips there. Colour
+jitter and normalisation always run on the training device, one batched pass (:func:`finish_images`), as timm's
+prefetcher normalises: on a GPU they cost nothing a worker's core would notice.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from typing import Any
 
 import datasets
 import torch
+from torch.utils.data import default_collate
 from torchvision.transforms.functional import pil_to_tensor
 
-from .decode import Encoded, decode_cpu, decode_on, read_encoded, reduction, to_pil
+from .decode import Box, Encoded, decode_cpu, decode_on, read_encoded, reduction, region_decoder, to_pil
 from .draws import Draw, Program, program_of
-from .ops import color_jitter, flip, normalize, resize_center_crop, resized_crop
+from .ops import flip, normalize, resize_center_crop, resized_crop
 from .transforms import ConvertMode
 
 __all__ = ["DECODE_CHOICES", "TensorPipeline", "TensorBatch", "choose_decode", "finish_images"]
@@ -47,25 +49,29 @@ def choose_decode(requested: str, transform: Any, *, device: torch.device | str,
         reason = why if program is None else "a streamed split is read example by example"
         return None, f"pil (Pillow in the workers, the reference transforms: {reason})"
     on_device = requested == "gpu" or (requested == "auto" and cuda)
-    where = ("gpu (workers read the encoded bytes; torchvision's nvJPEG decoder and the transforms run on the "
-             "training GPU)" if on_device else
-             "cpu (workers decode with libjpeg-turbo, at reduced DCT size where a crop is at least 4x the output, and "
-             "transform; normalisation on the training device)")
+    if on_device:
+        where = ("gpu (workers read the encoded bytes; torchvision's nvJPEG decoder and the transforms run on the "
+                 "training GPU)")
+    elif program.training:
+        region, why = region_decoder()  # loaded here, before the workers start, so that they inherit it
+        decoder = ("only each crop's region of a JPEG, with " + why if region is not None else
+                   f"whole JPEGs with torchvision's decoder (the region decoder is unavailable: {why})")
+        where = (f"cpu (workers decode {decoder}, at reduced DCT size where a crop is at least 4x the output, crop, "
+                 "resize and flip; colour jitter and normalisation on the training device)")
+    else:
+        where = ("cpu (workers decode whole JPEGs with torchvision's decoder, resize and centre-crop; normalisation on "
+                 "the training device)")
     return TensorPipeline(program, on_device), where + ("" if requested != "auto" else ", chosen by auto")
 
 
-def _geometry(program: Program, pixels: torch.Tensor, draw: Draw,
-              scale: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+def _geometry(program: Program, pixels: torch.Tensor, draw: Draw, box: Box | None = None) -> torch.Tensor:
+    """An example's crop, resize and flips; ``box``: its crop box in ``pixels`` (default: the draw's, in source
+    pixels)."""
     if program.training:
-        pixels = resized_crop(pixels, draw.box, program.size, draw.interpolation, scale)
+        pixels = resized_crop(pixels, draw.box if box is None else box, program.size, draw.interpolation)
     else:
         pixels = resize_center_crop(pixels, program.resize, program.size, program.interpolation)
     return flip(pixels, draw.hflip, draw.vflip)
-
-
-def _jittered(pixels: torch.Tensor, draws: Sequence[Draw]) -> torch.Tensor:
-    """Float pixels (B, C, H, W) after each example's colour jitter."""
-    return color_jitter(pixels.float(), torch.tensor([d.jitter for d in draws], dtype=torch.float64))
 
 
 @dataclass(frozen=True)
@@ -82,62 +88,74 @@ class TensorPipeline:
         program, encoded = self.program, read_encoded(value)
         if encoded is None:
             pil = ConvertMode("L" if program.channels == 1 else "RGB")(to_pil(value, decoder))
-            pixels = pil_to_tensor(pil)
             draw = program.draw(pil.width, pil.height)
-            return {"image": self._worker_pixels(_geometry(program, pixels, draw), draw), "draw": draw}
-        draw = program.draw(encoded.width, encoded.height)
-        if self.on_device:
-            return {"image": encoded, "draw": draw}
-        scale = reduction(draw.box, program.size) if encoded.is_jpeg and program.training else 1
-        pixels, factors = decode_cpu(encoded, program.channels, scale)
-        return {"image": self._worker_pixels(_geometry(program, pixels, draw, factors), draw), "draw": draw}
-
-    def _worker_pixels(self, pixels: torch.Tensor, draw: Draw) -> torch.Tensor:
-        """uint8 pixels the worker hands on: jittered here when it decodes (a few passes over one small image on
-        a worker's core cost less than over the batch in the training process), left for the device otherwise."""
-        if self.on_device or not self.program.training:
-            return pixels
-        return _jittered(pixels.unsqueeze(0), (draw,))[0].round_().to(torch.uint8)
+            pixels = _geometry(program, pil_to_tensor(pil), draw)
+        else:
+            draw = program.draw(encoded.width, encoded.height)
+            if self.on_device:
+                return {"image": encoded, "draw": draw}
+            box = draw.box if program.training else None
+            pixels, box = decode_cpu(encoded, program.channels, box,
+                                     reduction(box, program.size) if encoded.is_jpeg else 1)
+            pixels = _geometry(program, pixels, draw, box)
+        if self.on_device or not program.jitters:
+            return {"image": pixels, "draw": draw}
+        # contrast's blend target: the channel means, taken here, where the pixels are still in the worker's cache
+        means = pixels.permute(1, 2, 0).reshape(-1, pixels.shape[0]).float().mean(dim=0)
+        return {"image": pixels, "draw": draw, "means": means}
 
     def collate(self, rows: Sequence[dict[str, Any]]) -> TensorBatch:
-        images = [r["image"] for r in rows]
-        stacked = not any(isinstance(i, Encoded) for i in images)
-        return TensorBatch(torch.stack(images) if stacked else images, tuple(r["draw"] for r in rows), self.program)
+        """The batch: pixels stacked (by ``default_collate``: straight into shared memory in a worker), or the
+        examples as they are where the device decodes some."""
+        images, draws = [r["image"] for r in rows], tuple(r["draw"] for r in rows)
+        if any(isinstance(i, Encoded) for i in images):
+            return TensorBatch(images, draws, self.program)
+        means = default_collate([r["means"] for r in rows]) if "means" in rows[0] else None
+        # pixels as the resize leaves them, channels last: the device makes them planar as it converts to float
+        pixels = default_collate([i.permute(1, 2, 0) for i in images]).permute(0, 3, 1, 2)
+        return TensorBatch(pixels, draws, self.program, means)
 
 
 @dataclass(frozen=True)
 class TensorBatch:
     """A batch on its way to the model: uint8 pixels (B, C, H, W), or per example encoded bytes or pixels (the
-    device decodes), with each example's draws. ``.to`` moves it (Accelerate calls it), :func:`finish_images` ends
-    the pipeline on the device."""
+    device decodes), with each example's draws (and, for colour jitter, the pixels' channel means). ``.to`` moves
+    it (Accelerate calls it), :func:`finish_images` ends the pipeline on the device."""
 
     images: torch.Tensor | list[Encoded | torch.Tensor]
     draws: tuple[Draw, ...]
     program: Program
+    means: torch.Tensor | None = None  # (B, C) channel means of the pixels, where the workers took them
 
     def __len__(self) -> int:
         return len(self.draws)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TensorBatch:
         if isinstance(self.images, torch.Tensor):
-            return replace(self, images=self.images.to(device, non_blocking=non_blocking))
+            means = None if self.means is None else self.means.to(device, non_blocking=non_blocking)
+            return replace(self, images=self.images.to(device, non_blocking=non_blocking), means=means)
         return self  # decoded where the model runs (decode_on moves what the CPU decodes)
 
     def pin_memory(self) -> TensorBatch:
-        return replace(self, images=self.images.pin_memory()) if isinstance(self.images, torch.Tensor) else self
+        if not isinstance(self.images, torch.Tensor):
+            return self
+        return replace(self, images=self.images.pin_memory(),
+                       means=None if self.means is None else self.means.pin_memory())
 
     def finish(self, device: torch.device | str) -> torch.Tensor:
-        """Float images (B, C, H, W) on ``device``, normalised: decoded and cropped there first if they came
-        encoded, then colour jitter and normalisation batched."""
+        """Float images (B, C, H, W) on ``device``, normalised: decoded, cropped and resized there first if they came
+        encoded, then each example's colour jitter and the normalisation in one batched pass."""
         program = self.program
-        if isinstance(self.images, torch.Tensor):  # the workers decoded and jittered
-            return normalize(self.images.to(device, non_blocking=True), program.mean, program.std)
-        encoded = [i for i in self.images if isinstance(i, Encoded)]
-        decoded = iter(decode_on(encoded, program.channels, device))
-        pixels = torch.stack([
-            _geometry(program, next(decoded), draw) if isinstance(image, Encoded) else image.to(device)
-            for image, draw in zip(self.images, self.draws, strict=True)])
-        return normalize(_jittered(pixels, self.draws) if program.training else pixels, program.mean, program.std)
+        if isinstance(self.images, torch.Tensor):  # the workers decoded them
+            pixels = self.images.to(device, non_blocking=True)
+        else:
+            encoded = [i for i in self.images if isinstance(i, Encoded)]
+            decoded = iter(decode_on(encoded, program.channels, device))
+            pixels = torch.stack([
+                _geometry(program, next(decoded), draw) if isinstance(image, Encoded) else image.to(device)
+                for image, draw in zip(self.images, self.draws, strict=True)])
+        jitter = torch.tensor([d.jitter for d in self.draws]) if program.jitters else None
+        return normalize(pixels, program.mean, program.std, jitter, self.means)
 
 
 def finish_images(images: torch.Tensor | TensorBatch, device: torch.device | str) -> torch.Tensor:
