@@ -352,6 +352,8 @@ def _main(args: argparse.Namespace, argv: Sequence[str], run_scope: contextlib.E
                    threads=threads)
         if init_artifact is not None:
             run["init_artifact"] = str(init_artifact)
+        if ds.prepared is not None:  # timm-popup prepare changed the images: the card says how
+            run["prepared"] = ds.prepared
         if resumed is not None:
             for note in train.check_resume_compatible(resumed, run):
                 say(f"note: resuming with a changed setting ({note})")
@@ -576,8 +578,9 @@ def _card_recipe(run: dict, recipe, *, lr: float, global_batch: int, args: argpa
                input_size="x".join(map(str, run["input_size"])), mean=run["mean"], std=run["std"],
                augmentation=run["augmentation"], decode=run["decode"], mixed_precision=run["mixed_precision"],
                threads=run["threads"])
-    if "init_artifact" in run:
-        out["init_artifact"] = run["init_artifact"]
+    for name in ("init_artifact", "prepared"):
+        if name in run:
+            out[name] = run[name]
     if run["model_kwargs"]:
         out["model_kwargs"] = json.dumps(run["model_kwargs"], sort_keys=True)
     for name in ("train_samples", "val_samples"):

@@ -14,7 +14,9 @@ horizontal flip 0.5, colour jitter 0.4, normalisation; batch 64. Rows:
 * ``ours, pil``: our loader's reference path (Pillow in the workers, timm's transforms: the default before
   ``--decode``);
 * ``ours, cpu``: the tensor pipeline, decoding in the workers (``--decode cpu``); colour jitter and normalisation run
-  in the consuming process (on a GPU run, on the GPU), and they are timed here, on this CPU, inside the row.
+  in the consuming process (on a GPU run, on the GPU), and they are timed here, on this CPU, inside the row;
+* ``ours, prep``: the same on the Arrow copy after ``timm-popup prepare --max-side`` ``--prepared-side`` (other
+  data: the images made smaller once; what the command buys).
 
 Each row reads every image once per round after one warm-up batch; rows are interleaved over ``--rounds`` and the
 best round is reported, with its ratio to the faster of timm's two rows. With a CUDA GPU: ``ours, gpu`` (the
@@ -40,7 +42,17 @@ import torch
 from machine import check_idle, load_line
 from PIL import Image
 
-from timm_popup.data import Augmentation, ImageDataset, build_transforms, choose_decode, create_loader, finish_images
+from timm_popup.data import (
+    Augmentation,
+    ImageDataset,
+    PrepareOptions,
+    build_transforms,
+    choose_decode,
+    create_loader,
+    finish_images,
+    load_image_dataset,
+    prepare_dataset,
+)
 
 SIZE = (500, 375)
 CFG = dict(input_size=(3, 224, 224), interpolation="bilinear", mean=timm.data.IMAGENET_DEFAULT_MEAN,
@@ -107,12 +119,13 @@ def timm_loader(source: str, path: Path, workers: int, batch: int, prefetcher: b
 
 def our_loader(source: str, path: Path, workers: int, batch: int, decode: str | None
                ) -> torch.utils.data.DataLoader:
-    if source == "folder":
-        split = datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
+    if source == "prepared":
+        ds = load_image_dataset(path)
     else:
-        split = datasets.load_from_disk(str(path))
-    ds = ImageDataset(str(path), {"train": split}, "image", "label", split.features["label"].names, "train", None,
-                      num_rows={"train": len(split)})
+        split = (datasets.load_dataset("imagefolder", data_dir=str(path), split="train") if source == "folder" else
+                 datasets.load_from_disk(str(path)))
+        ds = ImageDataset(str(path), {"train": split}, "image", "label", split.features["label"].names, "train",
+                          None, num_rows={"train": len(split)})
     transform = build_transforms(CFG, is_training=True, cifar_style=False, augmentation=AUG)
     if decode is not None:
         transform, _ = choose_decode(decode, transform, device="cpu")
@@ -142,21 +155,28 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
                    / "timm-popup" / "bench-loader")
+    p.add_argument("--prepared-side", type=int, default=320,
+                   help="also time our loader on the Arrow copy after `timm-popup prepare --max-side N` (0: not)")
     p.add_argument("--allow-busy", action="store_true")
     args = p.parse_args()
     check_idle(args.allow_busy)
     torch.set_num_threads(1)  # the consuming process takes one core, as a training process leaves the rest to workers
     folder, arrow = make_images(args.cache / str(args.images), args.images)
+    prepared = args.cache / str(args.images) / f"prepared-{args.prepared_side}"
+    if args.prepared_side and not prepared.is_dir():
+        prepare_dataset(load_image_dataset(arrow), prepared, PrepareOptions(args.prepared_side), progress=False)
     sizes = [f.stat().st_size for f in folder.rglob("*.jpg")]
     print(f"{len(sizes)} JPEGs {SIZE[0]}x{SIZE[1]} q90, mean {np.mean(sizes) / 1024:.0f} KiB; RandomResizedCrop 224 + "
           f"flip + jitter 0.4 + normalize, batch {args.batch_size}; torch {torch.__version__}, timm {timm.__version__}")
     rows = [(src, w, name) for w in args.workers for src in ("arrow", "folder")
-            for name in ("timm", "timm, no pf", "ours, pil", "ours, cpu")]
+            for name in ("timm", "timm, no pf", "ours, pil", "ours, cpu")
+            + (("ours, prep",) if args.prepared_side and src == "arrow" else ())]
     best: dict[tuple, float] = {}
     for _ in range(args.rounds):
         for src, w, name in rows:
             path = folder if src == "folder" else arrow
             loader = (timm_loader(src, path, w, args.batch_size, name == "timm") if name.startswith("timm") else
+                      our_loader("prepared", prepared, w, args.batch_size, "cpu") if name == "ours, prep" else
                       our_loader(src, path, w, args.batch_size, None if name == "ours, pil" else "cpu"))
             best[src, w, name] = max(best.get((src, w, name), 0.0), images_per_s(loader))
             del loader

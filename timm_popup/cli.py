@@ -1,10 +1,11 @@
-"""``timm-popup``: inspect, evaluate, export and publish edge-popup mask artifacts.
+"""``timm-popup``: inspect, evaluate, export and publish edge-popup mask artifacts; prepare datasets.
 
     timm-popup info ARTIFACT                         what a mask holds, its size, and whether it verifies
     timm-popup eval MODEL_OR_ARTIFACT --dataset D    top-1/top-5, loss and images/s; a JSON result line
     timm-popup export ARTIFACT OUTPUT_DIR            fold the mask into a plain timm checkpoint
     timm-popup export ARTIFACT --onnx OUT.onnx       the folded network as ONNX, checked with ONNX Runtime
     timm-popup push ARTIFACT_DIR REPO_ID             upload an artifact directory to the Hub in one commit
+    timm-popup prepare SRC DST --max-side N          a dataset re-encoded once at a maximum side (faster decoding)
 
 ARTIFACT is a directory written by ``timm_popup.save_pretrained`` (config.json + model.safetensors), a
 ``model.safetensors`` mask file (``--model ARCH`` when no config.json lies beside it) or ``hf-hub:org/name``.
@@ -352,6 +353,24 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------------------------- prepare
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .data import PrepareOptions, open_dataset, prepare_dataset
+
+    if args.workers < 0:
+        raise _usage("--workers must be 0 (this process) or more")
+    options = PrepareOptions(max_side=args.max_side, quality=args.quality, shard_size=args.shard_size)
+    options.check()
+    ds = open_dataset(args.source, split=args.split, image_column=args.image_column, label_column=args.label_column,
+                      notify=lambda message: print(message, file=sys.stderr))
+    out = prepare_dataset(ds, args.destination, options, workers=args.workers)
+    print(f"prepared {args.source} at a maximum side of {args.max_side} px in {out}: train on it with --dataset "
+          f"{out} (its runs record the preparation)")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------------- main
 
 
@@ -415,6 +434,21 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the saved login)")
     push.add_argument("--commit-message", default=None)
     push.set_defaults(handler=cmd_push)
+
+    prep = commands.add_parser("prepare", help="re-encode a dataset once at a maximum side into Parquet shards "
+                                                "(FFCV's max_resolution: faster decoding; resumable)")
+    prep.add_argument("source", metavar="SRC",
+                      help="Hub dataset id, save_to_disk directory, image folder or a built-in name (fashion-mnist)")
+    prep.add_argument("destination", metavar="DST", help="a new directory (or the one a stopped run left to finish)")
+    prep.add_argument("--max-side", type=int, required=True, help="the longest side an image keeps, in pixels")
+    prep.add_argument("--quality", type=int, default=90, help="JPEG quality of resized JPEGs (default 90)")
+    prep.add_argument("--shard-size", type=int, default=5000, help="images per Parquet shard (default 5000)")
+    prep.add_argument("--workers", type=int, default=0, help="processes encoding shards side by side (default 0: "
+                                                             "this one)")
+    prep.add_argument("--split", default=None, help="only these splits (comma-separated; default all)")
+    prep.add_argument("--image-column", default=None)
+    prep.add_argument("--label-column", default=None)
+    prep.set_defaults(handler=cmd_prepare)
     return parser
 
 

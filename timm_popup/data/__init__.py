@@ -1,7 +1,8 @@
 """Image-classification data from Hugging Face ``datasets`` for the training scripts, in layers that import one way:
 
 ``errors`` (one-line errors) -> ``decode`` (stored images to pixels) -> ``transforms`` (the reference PIL pipelines
-and the augmentation settings) -> ``sources`` (datasets, splits, columns, class names, Fashion-MNIST) -> ``ops``
+and the augmentation settings) -> ``sources`` (datasets, splits, columns, class names, Fashion-MNIST) -> ``prepare``
+(``timm-popup prepare``: a dataset re-encoded at a maximum side) -> ``ops``
 (the same transforms as tensor operations, on any device) -> ``draws`` (each example's seeded random
 parameters, drawn as the reference transform draws them) -> ``pipeline`` (the tensor pipeline, its work split
 between the workers and the training device: ``--decode``) -> ``loaders`` (seeded, sharded, resumable DataLoaders).
@@ -13,6 +14,7 @@ between the workers and the training device: ``--decode``) -> ``loaders`` (seede
 from .errors import DataError, UnreadableImageError
 from .loaders import create_loader
 from .pipeline import DECODE_CHOICES, TensorBatch, TensorPipeline, choose_decode, finish_images
+from .prepare import PrepareOptions, prepare_dataset
 from .sources import (
     BUILTIN_DATASETS,
     FASHION_MNIST_APT_DIR,
@@ -40,5 +42,6 @@ __all__ = [
     "FASHION_MNIST_CLASSES", "FASHION_MNIST_APT_DIR", "BUILTIN_DATASETS", "resolve_dataset", "open_dataset",
     "default_cache_dir", "peek_image", "channel_stats", "Augmentation", "label_mapping", "has_class_names",
     "UnreadableImageError", "is_split_slice", "split_rows", "add_split_slice", "check_held_out", "fit_stats", "main",
-    "DECODE_CHOICES", "TensorBatch", "TensorPipeline", "choose_decode", "finish_images",
+    "DECODE_CHOICES", "TensorBatch", "TensorPipeline", "choose_decode", "finish_images", "PrepareOptions",
+    "prepare_dataset",
 ]

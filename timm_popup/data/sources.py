@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import io
+import json
 import logging
 import os
 import shutil
@@ -32,7 +33,7 @@ __all__ = [
     "ImageDataset", "load_image_dataset", "check_split", "fashion_mnist_to_disk", "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_APT_DIR", "BUILTIN_DATASETS", "resolve_dataset", "open_dataset", "default_cache_dir", "peek_image",
     "channel_stats", "label_mapping", "has_class_names", "is_split_slice", "split_rows", "add_split_slice",
-    "check_held_out", "main",
+    "check_held_out", "main", "PREPARED_MANIFEST", "PREPARED_VERSION", "prepared",
 ]
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class ImageDataset:
     eval_split: str | None
     streaming: bool = False
     num_rows: dict[str, int | None] = field(default_factory=dict)
+    prepared: str | None = None  # how ``timm-popup prepare`` changed the images, for a dataset it wrote
 
     @property
     def num_classes(self) -> int:
@@ -91,7 +93,7 @@ class ImageDataset:
         sizes = ", ".join(f"{s}={'?' if n is None else n}" for s, n in self.num_rows.items())
         return (f"{self.source}: splits [{sizes}], train={self.train_split!r}, eval={self.eval_split!r}, "
                 f"image={self.image_column!r}, label={self.label_column!r}, {self.num_classes} classes"
-                f"{' (streaming)' if self.streaming else ''}")
+                f"{' (streaming)' if self.streaming else ''}{'; ' + self.prepared if self.prepared else ''}")
 
 
 # ----------------------------------------------------------------------------------------------------------- loading
@@ -128,6 +130,31 @@ def _hub_error(name: str, exc: BaseException) -> DataError:
             f"could not load dataset {name!r}: no local directory of that name exists and the Hugging Face Hub "
             f"cannot be reached ({one_line(exc)}); check the id and your network/HF_HUB_OFFLINE, or pass a local path")
     return DataError(f"could not load dataset {name!r}: {one_line(exc)}")
+
+
+#: the file ``timm-popup prepare`` (:mod:`timm_popup.data.prepare`) writes beside its shards, and its format
+PREPARED_MANIFEST, PREPARED_VERSION = "timm_popup_prepare.json", "timm-popup prepare 1"
+
+
+def prepared(path: Path) -> str | None:
+    """How ``timm-popup prepare`` made the dataset at ``path`` (one line for the run's config and card), None where
+    it did not; an unfinished preparation is an error (its missing shards would be missing data)."""
+    manifest = path / PREPARED_MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        info = json.loads(manifest.read_text())
+        line = (f"images re-encoded by timm-popup prepare at a maximum side of {int(info['max_side'])} px "
+                f"(JPEG quality {int(info['quality'])}) from {info['source']}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{manifest} cannot be read ({one_line(e)}): prepare the dataset again") from e
+    if info.get("format") != PREPARED_VERSION:
+        raise DataError(f"{manifest} is of format {info.get('format')!r}, not {PREPARED_VERSION!r}: prepare the "
+                        "dataset again with this timm-popup")
+    if info.get("complete") is not True:
+        raise DataError(f"{path} is an unfinished timm-popup prepare: run the same `timm-popup prepare` command "
+                        "again to finish it")
+    return line
 
 
 def _load_local(path: Path, streaming: bool, cache_dir: str | None) -> dict[str, Any]:
@@ -406,8 +433,9 @@ def load_image_dataset(name_or_path: str | os.PathLike, *, split: str | Sequence
     source = os.fspath(name_or_path)
     requested = _parse_split_arg(split)
     cache = os.fspath(cache_dir) if cache_dir is not None else None
-    local = Path(source).expanduser()
+    local, how = Path(source).expanduser(), None
     if local.exists():
+        how = prepared(local) if local.is_dir() else None
         splits = _load_local(local, streaming, cache)
     elif _looks_like_path(source):
         raise DataError(f"dataset path {source!r} does not exist; pass an existing save_to_disk directory or image "
@@ -448,7 +476,7 @@ def load_image_dataset(name_or_path: str | os.PathLike, *, split: str | Sequence
     train_split, eval_split = _detect_roles(list(splits), requested)
     return ImageDataset(source=source, splits=splits, image_column=image_col, label_column=label_col,
                         class_names=class_names, train_split=train_split, eval_split=eval_split, streaming=streaming,
-                        num_rows={s: sliced.get(s, _num_rows(s, d)) for s, d in splits.items()})
+                        num_rows={s: sliced.get(s, _num_rows(s, d)) for s, d in splits.items()}, prepared=how)
 
 
 def _num_rows(split: str, split_ds: Any) -> int | None:
