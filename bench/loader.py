@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import random
 import resource
 import sys
 import time
@@ -41,6 +42,7 @@ import timm.data
 import torch
 from machine import check_idle, load_line
 from PIL import Image
+from torchvision import transforms as T
 
 from timm_popup.data import (
     Augmentation,
@@ -53,6 +55,8 @@ from timm_popup.data import (
     load_image_dataset,
     prepare_dataset,
 )
+from timm_popup.data.decode import decode_cpu, read_encoded
+from timm_popup.data.ops import normalize, resized_crop
 
 SIZE = (500, 375)
 CFG = dict(input_size=(3, 224, 224), interpolation="bilinear", mean=timm.data.IMAGENET_DEFAULT_MEAN,
@@ -184,12 +188,63 @@ def main() -> int:
     for src, w, name in rows:
         rate, timm_rate = best[src, w, name], max(best[src, w, "timm"], best[src, w, "timm, no pf"])
         print(f"{src:<7} {w:>7}  {name:<11} {rate:>9.1f} {rate / timm_rate:>7.2f}x")
+    stages(folder, args.batch_size)
     if torch.cuda.is_available():
         gpu_rows(folder, arrow, args)
     else:
         print("ours, gpu: not timed: no CUDA device here (the GPU decode and the ResNet-50 step rows need one)")
     print(f"after: {load_line()}; CPU seconds of this process {resource.getrusage(resource.RUSAGE_SELF).ru_utime:.0f}")
     return 0
+
+
+def stages(folder: Path, batch: int, n: int = 512) -> None:
+    """What gave what: each stage of one example, timm's way against ours, on the same images and crop boxes in
+    this process (one core), then the device's per-batch finishing on this CPU."""
+    files = sorted(folder.rglob("*.jpg"))[:n]
+    raw = [f.read_bytes() for f in files]
+    encoded = [read_encoded(str(f)) for f in files]
+    crop = timm.data.transforms.RandomResizedCropAndInterpolation(224, scale=AUG.scale)
+    random.seed(0)
+    boxes = [crop.get_params(Image.new("RGB", SIZE), crop.scale, crop.ratio) for _ in files]
+    pils = [Image.open(io.BytesIO(b)).convert("RGB") for b in raw]
+    full = [decode_cpu(e, 3)[0] for e in encoded]
+    jitter = T.ColorJitter(*(AUG.color_jitter,) * 3)
+    small = [p.resize((224, 224)) for p in pils]
+
+    def per_image(fn) -> float:
+        start = time.perf_counter()
+        for i in range(len(files)):
+            fn(i)
+        return (time.perf_counter() - start) / len(files) * 1e3
+
+    rows = [
+        ("decode", "Pillow, whole image", per_image(lambda i: Image.open(io.BytesIO(raw[i])).convert("RGB")),
+         "region of the crop", per_image(lambda i: decode_cpu(encoded[i], 3, tuple(boxes[i]))[0])),
+        ("", "", 0.0, "torchvision, whole image", per_image(lambda i: decode_cpu(encoded[i], 3)[0])),
+        ("crop + resize", "Pillow", per_image(lambda i: crop_resize_pil(pils[i], boxes[i])),
+         "uint8 tensor", per_image(lambda i: resized_crop(full[i], boxes[i], (224, 224), "bilinear"))),
+        ("jitter + to float", "Pillow + ToTensor + Normalize", per_image(lambda i: TIMM_TAIL(jitter(small[i]))),
+         "device, per image of a batch", 0.0),
+    ]
+    pixels = torch.stack([resized_crop(f, b, (224, 224), "bilinear")
+                          for f, b in zip(full[:batch], boxes[:batch], strict=True)])
+    draws = torch.tensor([[0, 1, 2, 3, 1.2, 0.8, 1.1]] * batch, dtype=torch.float64)
+    start = time.perf_counter()
+    for _ in range(8):
+        normalize(pixels, CFG["mean"], CFG["std"], draws)
+    rows[-1] = (*rows[-1][:4], (time.perf_counter() - start) / 8 / batch * 1e3)
+    print(f"per image, one core, ms ({len(files)} images, the same crop boxes): {'stage':<17} timm's way  ours")
+    for stage, theirs, t_theirs, ours, t_ours in rows:
+        left = f"{theirs} {t_theirs:.3f}" if theirs else ""
+        print(f"  {stage:<17} {left:<34} {ours} {t_ours:.3f}")
+
+
+def crop_resize_pil(image: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+    top, left, height, width = box
+    return image.resize((224, 224), Image.BILINEAR, box=(left, top, left + width, top + height))
+
+
+TIMM_TAIL = T.Compose([T.ToTensor(), T.Normalize(CFG["mean"], CFG["std"])])
 
 
 def gpu_rows(folder: Path, arrow: Path, args: argparse.Namespace) -> None:
