@@ -11,6 +11,9 @@ horizontal flip 0.5, colour jitter 0.4, normalisation; batch 64. Rows:
   uint8, its ``PrefetchLoader`` normalises in the consuming process, here on the CPU device) over
   ``timm.data.ImageDataset`` (folder) or over the Arrow rows decoded by ``datasets`` (Arrow);
 * ``timm, no pf``: the same with ``use_prefetcher=False`` (the workers normalise);
+* ``timm, uint8`` and ``ours, uint8``: the batches the workers hand over (timm's: the DataLoader inside its
+  PrefetchLoader), counted as they arrive: what a GPU run's CPUs supply; its GPU then finishes them (normalises;
+  ours also jitters), work the GPU does in a fraction of a step;
 * ``ours, pil``: our loader's reference path (Pillow in the workers, timm's transforms: the default before
   ``--decode``);
 * ``ours, cpu``: the tensor pipeline, decoding in the workers (``--decode cpu``); colour jitter and normalisation run
@@ -19,9 +22,9 @@ horizontal flip 0.5, colour jitter 0.4, normalisation; batch 64. Rows:
   data: the images made smaller once; what the command buys).
 
 Each row reads every image once per round after one warm-up batch; rows are interleaved over ``--rounds`` and the
-best round is reported, with its ratio to the faster of timm's two rows. With a CUDA GPU: ``ours, gpu`` (the
-training GPU decodes, images/s per GPU, CPU cores busy) and the ResNet-50 b256 bf16 step fed by the GPU pipeline
-against the same step on synthetic data.
+best round is reported, with its ratio to the faster of timm's two finished rows (a ``uint8`` row: to timm's). With
+a CUDA GPU: ``ours, gpu`` (the training GPU decodes, images/s per GPU, CPU cores busy) and the ResNet-50 b256 bf16
+step fed by the GPU pipeline against the same step on synthetic data.
 """
 
 from __future__ import annotations
@@ -137,18 +140,28 @@ def our_loader(source: str, path: Path, workers: int, batch: int, decode: str | 
                          drop_last=True, seeded_draws=True)
 
 
-def images_per_s(loader: torch.utils.data.DataLoader, device: str = "cpu") -> float:
-    """Images/s delivered as normalised float batches on ``device``, after one warm-up batch."""
+def images_per_s(loader, device: str = "cpu", finish: bool = True) -> float:
+    """Images/s after one warm-up batch: delivered as normalised float batches on ``device``, or (``finish``
+    False) as the batches the workers hand over, before any work of the device's."""
     it = iter(loader)
-    first, _ = next(it)
-    finish_images(first, device)
+    next(it)
     start, seen = time.perf_counter(), 0
-    for images, _ in it:
-        out = finish_images(images, device)
-        seen += out.shape[0]
+    for images, labels in it:
+        if finish:
+            finish_images(images, device)
+        seen += len(labels)
     if device != "cpu":
         torch.cuda.synchronize()
     return seen / (time.perf_counter() - start)
+
+
+def _loader(name: str, src: str, path: Path, prepared: Path, workers: int, batch: int):
+    if name.startswith("timm"):  # "timm, uint8": the DataLoader inside timm's PrefetchLoader (uint8 batches)
+        loader = timm_loader(src, path, workers, batch, name != "timm, no pf")
+        return loader.loader if name == "timm, uint8" else loader
+    if name == "ours, prep":
+        return our_loader("prepared", prepared, workers, batch, "cpu")
+    return our_loader(src, path, workers, batch, None if name == "ours, pil" else "cpu")
 
 
 def main() -> int:
@@ -172,22 +185,24 @@ def main() -> int:
     sizes = [f.stat().st_size for f in folder.rglob("*.jpg")]
     print(f"{len(sizes)} JPEGs {SIZE[0]}x{SIZE[1]} q90, mean {np.mean(sizes) / 1024:.0f} KiB; RandomResizedCrop 224 + "
           f"flip + jitter 0.4 + normalize, batch {args.batch_size}; torch {torch.__version__}, timm {timm.__version__}")
+    finished = ("timm", "timm, no pf", "ours, pil", "ours, cpu")
+    handed = ("timm, uint8", "ours, uint8")
     rows = [(src, w, name) for w in args.workers for src in ("arrow", "folder")
-            for name in ("timm", "timm, no pf", "ours, pil", "ours, cpu")
-            + (("ours, prep",) if args.prepared_side and src == "arrow" else ())]
+            for name in finished + (("ours, prep",) if args.prepared_side and src == "arrow" else ()) + handed]
     best: dict[tuple, float] = {}
     for _ in range(args.rounds):
         for src, w, name in rows:
-            path = folder if src == "folder" else arrow
-            loader = (timm_loader(src, path, w, args.batch_size, name == "timm") if name.startswith("timm") else
-                      our_loader("prepared", prepared, w, args.batch_size, "cpu") if name == "ours, prep" else
-                      our_loader(src, path, w, args.batch_size, None if name == "ours, pil" else "cpu"))
-            best[src, w, name] = max(best.get((src, w, name), 0.0), images_per_s(loader))
+            loader = _loader(name, src, folder if src == "folder" else arrow, prepared, w, args.batch_size)
+            rate = images_per_s(loader, finish=name not in handed)
+            best[src, w, name] = max(best.get((src, w, name), 0.0), rate)
             del loader
+    print("finished: normalised float batches made in the consuming process (ours jitters there too; the device is "
+          "this CPU)\nuint8: the batches the workers hand over, what a GPU run moves to its GPU and finishes there")
     print(f"{'source':<7} {'workers':>7}  {'loader':<11} {'images/s':>9} {'vs timm':>8}")
     for src, w, name in rows:
-        rate, timm_rate = best[src, w, name], max(best[src, w, "timm"], best[src, w, "timm, no pf"])
-        print(f"{src:<7} {w:>7}  {name:<11} {rate:>9.1f} {rate / timm_rate:>7.2f}x")
+        timm_rate = (best[src, w, "timm, uint8"] if name in handed else
+                     max(best[src, w, "timm"], best[src, w, "timm, no pf"]))
+        print(f"{src:<7} {w:>7}  {name:<11} {best[src, w, name]:>9.1f} {best[src, w, name] / timm_rate:>7.2f}x")
     stages(folder, args.batch_size)
     if torch.cuda.is_available():
         gpu_rows(folder, arrow, args)
