@@ -124,7 +124,7 @@ def timm_loader(source: str, path: Path, workers: int, batch: int, prefetcher: b
                                    num_workers=workers, persistent_workers=False)
 
 
-def our_loader(source: str, path: Path, workers: int, batch: int, decode: str | None
+def our_loader(source: str, path: Path, workers: int, batch: int, decode: str | None, device: str = "cpu"
                ) -> torch.utils.data.DataLoader:
     if source == "prepared":
         ds = load_image_dataset(path)
@@ -135,7 +135,7 @@ def our_loader(source: str, path: Path, workers: int, batch: int, decode: str | 
                           None, num_rows={"train": len(split)})
     transform = build_transforms(CFG, is_training=True, cifar_style=False, augmentation=AUG)
     if decode is not None:
-        transform, _ = choose_decode(decode, transform, device="cpu")
+        transform, _ = choose_decode(decode, transform, device=device)
     return create_loader(ds, "train", transform, batch_size=batch, shuffle=True, num_workers=workers, seed=0,
                          drop_last=True, seeded_draws=True)
 
@@ -161,6 +161,8 @@ def _loader(name: str, src: str, path: Path, prepared: Path, workers: int, batch
         return loader.loader if name == "timm, uint8" else loader
     if name == "ours, prep":
         return our_loader("prepared", prepared, workers, batch, "cpu")
+    if name == "ours, uint8":  # the workers of a GPU run, which leave the channel means to the GPU
+        return our_loader(src, path, workers, batch, "cpu", device="cuda")
     return our_loader(src, path, workers, batch, None if name == "ours, pil" else "cpu")
 
 

@@ -93,6 +93,8 @@ def test_geometry_matches_the_reference_and_the_gpu_placement_matches_the_cpu_on
 def test_jitter_matches_the_reference_within_the_stated_tolerance(jpegs):
     for (ref, _), (cpu, _), (dev, _) in zip(*_loaders(jpegs, AUG), strict=True):
         assert cpu.draws == dev.draws and any(d.jitter[4:] != (1.0, 1.0, 1.0) for d in cpu.draws)
+        assert cpu.means is not None and dev.means is None  # the workers took them / the device takes them
+        torch.testing.assert_close(cpu.means, cpu.images.float().mean(dim=(2, 3)))
         got_cpu, got_dev = finish_images(cpu, "cpu"), finish_images(dev, "cpu")
         assert _levels(got_cpu, ref).mean() <= JITTER_MEAN
         assert _levels(got_dev, got_cpu).max() <= 0.5 + 1e-3  # the workers round to uint8 once, the device does not
@@ -230,6 +232,7 @@ def test_which_pipeline_runs_is_said_and_checked():
     train = build_transforms(CFG, is_training=True, cifar_style=False, augmentation=AUG)
     pipe, line = choose_decode("auto", train, device="cpu")
     assert not pipe.on_device and line.startswith("cpu (") and line.endswith("chosen by auto")
+    assert pipe.means_in_workers and not choose_decode("cpu", train, device="cuda")[0].means_in_workers
     with pytest.raises(ValueError, match="--decode gpu decodes with nvJPEG on the training GPU"):
         choose_decode("gpu", train, device="cpu")
     small = build_transforms(dict(CFG, input_size=(3, 32, 32)), is_training=True, cifar_style=True,

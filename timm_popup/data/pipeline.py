@@ -61,7 +61,8 @@ def choose_decode(requested: str, transform: Any, *, device: torch.device | str,
     else:
         where = ("cpu (workers decode whole JPEGs with torchvision's decoder, resize and centre-crop; normalisation on "
                  "the training device)")
-    return TensorPipeline(program, on_device), where + ("" if requested != "auto" else ", chosen by auto")
+    return TensorPipeline(program, on_device, means_in_workers=not cuda), where + (
+        "" if requested != "auto" else ", chosen by auto")
 
 
 def _geometry(program: Program, pixels: torch.Tensor, draw: Draw, box: Box | None = None) -> torch.Tensor:
@@ -80,6 +81,9 @@ class TensorPipeline:
 
     program: Program
     on_device: bool
+    # the channel means colour jitter needs: taken by the workers for a CPU device (there the image is in cache; a
+    # second pass over the batch would cost the training process more), by the device itself on a GPU (free there)
+    means_in_workers: bool = True
 
     def example(self, value: Any, decoder: datasets.Image | None) -> dict[str, Any]:
         """The worker's half for one example (its generators already seeded for it): its draws, and its pixels
@@ -98,7 +102,7 @@ class TensorPipeline:
             pixels, box = decode_cpu(encoded, program.channels, box,
                                      reduction(box, program.size) if encoded.is_jpeg else 1)
             pixels = _geometry(program, pixels, draw, box)
-        if self.on_device or not program.jitters:
+        if self.on_device or not program.jitters or not self.means_in_workers:
             return {"image": pixels, "draw": draw}
         # contrast's blend target: the channel means, taken here, where the pixels are still in the worker's cache
         means = pixels.permute(1, 2, 0).reshape(-1, pixels.shape[0]).float().mean(dim=0)
