@@ -84,6 +84,12 @@ class Encoded:
     def is_jpeg(self) -> bool:
         return self.format == "JPEG"
 
+    @property
+    def libjpeg_reads(self) -> bool:
+        """An RGB or grey JPEG: what libjpeg's decoders (torchvision's, nvJPEG, the region decoder) take; CMYK and
+        the rest go to Pillow."""
+        return self.is_jpeg and self.mode in ("RGB", "L")
+
 
 def _where(value: Any) -> str:
     path = value.get("path") if isinstance(value, dict) else value if isinstance(value, (str, os.PathLike)) else None
@@ -133,7 +139,7 @@ def reduction(box: Box | None, size: tuple[int, int]) -> int:
     return scale
 
 
-_REGION_OK, _REGION_UNSUPPORTED = 0, 1
+_REGION_OK = 0  # jpeg_region_decode's status for a decoded region
 
 
 @functools.cache
@@ -160,7 +166,7 @@ def _decode_region(image: Encoded, channels: int, box: Box, scale: int) -> torch
     pixels a full decode has there; None where the region decoder is not loaded or leaves the file to others
     (CMYK, data it cannot read: the full decoders name the file or read what they can)."""
     lib = region_decoder()[0]
-    if lib is None or not image.is_jpeg or image.mode not in ("RGB", "L"):
+    if lib is None or not image.libjpeg_reads:
         return None
     top, left, height, width = box
     out = torch.empty((height * width + 64) * channels, dtype=torch.uint8)
@@ -185,10 +191,10 @@ def decode_cpu(image: Encoded, channels: int, box: Box | None = None, scale: int
     """Decode on the CPU to uint8 (``channels``, H, W), and say where ``box`` (a crop in source pixels, if any) lies
     in the pixels returned. ``scale`` > 1: a JPEG at reduced DCT size (:func:`reduction`).
 
-    Fastest first: with a box, a JPEG's region alone (:func:`region_decoder`: 0.65-0.75x of a full decode on
-    ImageNet-size images and RandomResizedCrop's boxes, bench/loader.py); else a full-size RGB or grey JPEG through
-    torchvision's decoder (libjpeg-turbo straight into a tensor: 0.6x Pillow's time, which converts and copies);
-    the rest through Pillow (its draft mode for a reduced JPEG)."""
+    Fastest first: with a box, a JPEG's region alone (:func:`region_decoder`: 0.8-0.9x of a full decode on
+    ImageNet-size images and RandomResizedCrop's boxes, bench/loader.py's stages); else a full-size RGB or grey
+    JPEG through torchvision's decoder (libjpeg-turbo straight into a tensor: 0.6-0.8x Pillow's time, which
+    converts and copies); the rest through Pillow (its draft mode for a reduced JPEG)."""
     mode = "L" if channels == 1 else "RGB"
     if box is not None:
         decoded = (-(-image.height // scale), -(-image.width // scale))  # libjpeg rounds a scaled size up
@@ -196,7 +202,7 @@ def decode_cpu(image: Encoded, channels: int, box: Box | None = None, scale: int
         pixels = _decode_region(image, channels, region, scale)
         if pixels is not None:
             return pixels, (0, 0, region[2], region[3])
-    if scale == 1 and image.is_jpeg and image.mode in ("RGB", "L"):
+    if scale == 1 and image.libjpeg_reads:
         try:
             return decode_jpeg(image.data, mode=ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB), box
         except RuntimeError:
@@ -217,7 +223,7 @@ def decode_on(images: Sequence[Encoded], channels: int, device: torch.device | s
     an :class:`UnreadableImageError` naming it."""
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     out: list[torch.Tensor | None] = [None] * len(images)
-    jpegs = [i for i, image in enumerate(images) if image.is_jpeg and image.mode in ("RGB", "L")]
+    jpegs = [i for i, image in enumerate(images) if image.libjpeg_reads]
     if jpegs:
         try:
             decoded = decode_jpeg([images[i].data for i in jpegs], mode=mode, device=device)

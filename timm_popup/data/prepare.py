@@ -22,7 +22,6 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import datasets
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .._io import atomic_write
 from .decode import read_encoded, to_pil, undecoded
 from .errors import DataError
 from .sources import PREPARED_MANIFEST, PREPARED_VERSION, ImageDataset
@@ -58,14 +58,9 @@ def _shard_name(split: str, k: int, n: int) -> str:
     return f"{split}-{k:05d}-of-{n:05d}.parquet"
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+def _write_manifest(destination: Path, manifest: dict[str, Any], complete: bool) -> None:
+    atomic_write(destination / PREPARED_MANIFEST,
+                 lambda tmp: Path(tmp).write_text(json.dumps({**manifest, "complete": complete}, indent=1)))
 
 
 def _reencoded(value: Any, decoder: datasets.Image, max_side: int, quality: int) -> dict[str, Any]:
@@ -109,7 +104,7 @@ class _Shard:
         quiet = datasets.is_progress_bar_enabled()  # one bar per shard would bury the command's own
         datasets.disable_progress_bars()
         try:
-            _atomic_write(self.target, lambda tmp: shard.to_parquet(tmp))
+            atomic_write(self.target, shard.to_parquet)
         finally:
             if quiet:
                 datasets.enable_progress_bars()
@@ -137,7 +132,7 @@ def _manifest(ds: ImageDataset, options: PrepareOptions) -> dict[str, Any]:
 
 def _start(destination: Path, manifest: dict[str, Any], needed: int | None) -> None:
     """Check ``destination`` before any image is read: a fresh directory, or this same preparation to finish; the
-    disk can hold what is left. Writes the manifest (``complete: false``) in a fresh one."""
+    disk has room for the source's size. Writes the manifest (``complete: false``) in a fresh one."""
     path = destination / PREPARED_MANIFEST
     if path.is_file():
         before = json.loads(path.read_text())
@@ -155,7 +150,7 @@ def _start(destination: Path, manifest: dict[str, Any], needed: int | None) -> N
         raise DataError(f"{destination} has {free / 2**30:.1f} GiB free and the preparation may need up to "
                         f"{needed / 2**30:.1f} GiB (the source's size): free space or pick another disk")
     if not path.is_file():
-        _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps({**manifest, "complete": False}, indent=1)))
+        _write_manifest(destination, manifest, complete=False)
 
 
 def prepare_dataset(ds: ImageDataset, destination: str | os.PathLike, options: PrepareOptions, *,
@@ -189,6 +184,5 @@ def prepare_dataset(ds: ImageDataset, destination: str | os.PathLike, options: P
         else:
             for job in todo:
                 bar.update(job.write())
-    path = destination / PREPARED_MANIFEST
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps({**manifest, "complete": True}, indent=1)))
+    _write_manifest(destination, manifest, complete=True)
     return destination
