@@ -31,6 +31,11 @@ from timm_popup import train  # noqa: E402
 from timm_popup.masks import unpack_mask  # noqa: E402
 from timm_popup.methods import get_method, load_dense, make_supermask, random_subnet_mask  # noqa: E402
 
+try:
+    from in_process import train_main
+except ImportError:  # tests/ turned into a package
+    from tests.in_process import train_main
+
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["red", "green", "blue", "square"]
 TINY = ["--model", "popup_conv2", "--model-kwargs", "width=0.125", "--batch-size", "16", "--workers", "0",
@@ -63,25 +68,9 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def run():
-    """``main(argv)`` of train_accelerate.py in this process: a fresh Accelerate state each time, the global RNG
-    left as it was."""
-    from accelerate.state import AcceleratorState
-
-    spec = importlib.util.spec_from_file_location("train_accelerate", ROOT / "train_accelerate.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    """``main(argv)`` of train_accelerate.py in this process (tests/in_process.py)."""
     datasets.config.HF_HUB_OFFLINE = True
-
-    def main(argv: list[str]) -> int:
-        rng = torch.get_rng_state()
-        AcceleratorState._reset_state(True)
-        try:
-            return script.main(argv)
-        finally:
-            AcceleratorState._reset_state(True)
-            torch.set_rng_state(rng)
-
-    return main
+    return train_main()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import importlib.util  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -18,14 +17,17 @@ from pathlib import Path  # noqa: E402
 import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from timm_popup import cli  # noqa: E402
 from timm_popup.data import DataError, load_image_dataset  # noqa: E402
 from timm_popup.data import prepare as prepare_module  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+try:
+    from in_process import train_main
+except ImportError:  # tests/ turned into a package
+    from tests.in_process import train_main
+
 CLASSES = ["a", "b", "c"]
 
 
@@ -133,8 +135,6 @@ def test_another_preparation_or_a_foreign_directory_is_refused_in_one_line(sourc
 
 
 def test_a_run_trained_on_a_prepared_dataset_records_it_on_its_card(tmp_path):
-    from accelerate.state import AcceleratorState
-
     rng = np.random.default_rng(2)
     big = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)})
     rows = {"image": [{"bytes": _encoded(rng, 48, 48, "JPEG"), "path": None} for _ in range(24)],
@@ -144,18 +144,9 @@ def test_a_run_trained_on_a_prepared_dataset_records_it_on_its_card(tmp_path):
                           "test": datasets.Dataset.from_dict(rows, features=big)}).save_to_disk(str(src))
     dst = tmp_path / "prepared"
     assert cli.main(["prepare", str(src), str(dst), "--max-side", "32"]) == 0
-    spec = importlib.util.spec_from_file_location("train_accelerate", ROOT / "train_accelerate.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    AcceleratorState._reset_state(True)
-    rng_state = torch.get_rng_state()
-    try:
-        assert script.main(["--model", "popup_conv2", "--model-kwargs", "width=0.125", "--dataset", str(dst),
-                            "--epochs", "1", "--batch-size", "8", "--workers", "0", "--log-with", "none",
-                            "--output-dir", str(tmp_path / "out")]) == 0
-    finally:
-        torch.set_rng_state(rng_state)
-        AcceleratorState._reset_state(True)
+    assert train_main()(["--model", "popup_conv2", "--model-kwargs", "width=0.125", "--dataset", str(dst),
+                         "--epochs", "1", "--batch-size", "8", "--workers", "0", "--log-with", "none",
+                         "--output-dir", str(tmp_path / "out")]) == 0
     line = f"images re-encoded by timm-popup prepare at a maximum side of 32 px (JPEG quality 90) from {src}"
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert line in json.dumps(config)
